@@ -218,9 +218,7 @@ def mutual_distillation_reference(
     excluded = inbatch_exclusion_mask(
         rows_target, candidate_ids, None if exclude_ids is None else exclude_ids[valid], pad_id
     )
-    logits = {
-        m: debiased_logits(queries[m][valid], candidates[m], excluded, log_q) for m in BRANCHES
-    }
+    logits = {m: debiased_logits(queries[m][valid], candidates[m], excluded, log_q) for m in BRANCHES}
     ensemble = (logits["id"] + logits["text"] + logits["image"]) / 3.0
 
     def cross_entropy(z: torch.Tensor) -> torch.Tensor:
