@@ -14,6 +14,7 @@ arguments, so a distributed wrapper can reuse them with its own sampler and mode
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -173,7 +174,7 @@ def fit(
     *,
     weight_schedule: Callable[[int], float] | None = None,
     description: str = "",
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``split.train``, select the epoch by validation, test it.
 
@@ -185,6 +186,8 @@ def fit(
     if len(split.train) == 0:
         raise ValueError("split.train holds no training sequence")
     from .losses import RampUpSchedule
+
+    log = log or functools.partial(print, flush=True)
 
     device = _model_device(model)
     torch.manual_seed(config.seed)
