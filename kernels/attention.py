@@ -1,0 +1,679 @@
+"""ID-masked fused attention (forward and backward) in Triton.
+
+Math
+----
+For one item ``b`` and head ``h`` with queries ``Q``, keys ``K``, values ``V`` of shape
+``(L, D)`` and ``scale`` (default ``D ** -0.5``)::
+
+    S = scale * Q K^T                         (L x L, never stored)
+    A[i, j] = key j is not padding  and  (j != id  or  i == id)
+    P = softmax over j of S[i, j] restricted to A[i, :]   (P[i, :] = 0 if A[i, :] is empty)
+    O = (P * Z) V,  Z[i, j] = keep[i, j] / (1 - p)         (Z = 1 without dropout)
+
+``key_padding_mask`` ``(B, L)`` (True = padding) and ``id_index`` (``-1`` = no ID rule) are
+the only mask inputs: the rule ``A`` is evaluated in the kernel from a row of ``L`` flags and
+two integer comparisons, so no ``L x L`` tensor exists anywhere. The ID key is attended by the
+ID query alone; the ID query attends every non-padding key. A query with no attendable key
+(all keys padded) outputs zeros and receives zero gradient.
+
+Dropout draws ``keep[i, j] = rand >= p`` from Philox (``tl.rand``) keyed by ``(seed, b*H+h)``
+with counter ``i*L + j``: the backward regenerates exactly the same mask, and
+:func:`dropout_keep_mask` materialises it for tests.
+
+Tiling
+------
+``D`` is split into a power-of-two part ``BD0`` (largest power of two <= D) and, when
+needed, a second power-of-two part ``BD1`` (384 = 256 + 128, 80 = 64 + 16), so head dims that
+are not powers of two waste little; columns past ``D`` are masked loads. Every matmul over
+``D`` is the sum of the two parts. Rows past ``L`` are masked too, so any ``L`` works.
+
+    forward  (one program per (b, h, query block of BM rows))     backward (FlashAttention-2)
+    ------------------------------------------------------------  ---------------------------------------
+    load Q_blk (BM x D)                                            dq kernel, per (b, h, query block):
+    for each key block (BN keys):                                    delta = rowsum(dO * O)   (stored)
+        S = scale Q_blk K_blk^T, masked by A                         for each key block:
+        online softmax: m, l (log2 domain, exp2)                        P = exp2(S - lse), dP = dO V^T (*Z)
+        acc += (P * keep) V_blk                                         dS = P (dP - delta);  dQ += dS K
+    O = acc / l / (1 - p);  lse = m + log2 l   (+inf if l = 0)     dkdv kernel, per (b, h, key block):
+                                                                     for each query block:
+                                                                        P, dP, dS as above (same keep)
+                                                                        dV += (P Z)^T dO;  dK += dS^T Q
+
+The programs of one ``(b, h)`` are adjacent in the 1-D launch grid, so the K/V (forward, dq)
+or Q/dO (dkdv) blocks that several programs re-read are served from L2. No atomics: each
+output block is owned by exactly one program. The log-sum-exp (float32, ``(B, H, L)``) is
+the only extra tensor the forward saves for the backward.
+
+Block sizes come from a small deterministic rule (:func:`_blocks`): blocks of 32 rows cover
+the typical ODMT ``L = 81`` with 15 rows of waste (64 would waste 47), and above ``D = 128``
+the register-resident accumulators (``BM x D`` float32 in the forward and dq, two ``BN x D``
+in dkdv) decide: 32-row query blocks and 16-row key blocks with 8 warps at ``D = 384``. If a
+configuration does not fit the card's shared memory, the launch falls back to fewer pipeline
+stages, then to smaller blocks (a deterministic list, not an autotuner).
+
+Registered as the custom op ``odmt::id_masked_attention`` (returns the output and the
+log-sum-exp) with a fake implementation and an autograd formula that calls the custom op
+``odmt::id_masked_attention_backward``; the public entry point is
+:func:`id_masked_attention`. CPU tensors work under ``TRITON_INTERPRET=1`` (tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+__all__ = ["dropout_keep_mask", "id_masked_attention"]
+
+_LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------
+# Shared device helpers
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(base, rows, row_stride, cols, col_stride, L, HEAD_DIM: tl.constexpr):
+    """Load a ``(rows, cols)`` tile, zero outside ``L`` rows and ``HEAD_DIM`` columns."""
+    mask = (rows[:, None] < L) & (cols[None, :] < HEAD_DIM)
+    return tl.load(base + rows[:, None] * row_stride + cols[None, :] * col_stride, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, value, rows, row_stride, cols, col_stride, L, HEAD_DIM: tl.constexpr):
+    mask = (rows[:, None] < L) & (cols[None, :] < HEAD_DIM)
+    tl.store(base + rows[:, None] * row_stride + cols[None, :] * col_stride, value, mask=mask)
+
+
+@triton.jit
+def _key_ok(pad_row, offs_n, L, HAS_PAD: tl.constexpr):
+    """``(BN,)`` bool: key exists (``< L``) and is not padding."""
+    ok = offs_n < L
+    if HAS_PAD:
+        pad = tl.load(pad_row + offs_n, mask=ok, other=1)
+        ok = ok & (pad == 0)
+    return ok
+
+
+@triton.jit
+def _allowed(key_ok, offs_m, offs_n, ID):
+    """``(BM, BN)`` bool: query ``i`` may attend key ``j`` (padding rule and ID rule)."""
+    return key_ok[None, :] & ((offs_n[None, :] != ID) | (offs_m[:, None] == ID))
+
+
+@triton.jit
+def _dropout_keep(seed, bh, offs_m, offs_n, L, dropout_p):
+    """``(BM, BN)`` bool keep-mask; Philox key ``(seed, bh)``, counter ``i * L + j``."""
+    key = tl.to_tensor(seed).to(tl.int64) + bh.to(tl.int64) * 4294967296
+    counter = offs_m[:, None] * L + offs_n[None, :]
+    return tl.rand(key, counter) >= dropout_p
+
+
+# --------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["ID", "seed"])
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, PAD,
+    sqb, sqh, sql, sqd,
+    skb, skh, skl, skd,
+    svb, svh, svl, svd,
+    sob, soh, sol, sod,
+    spb, spl,
+    H, L, N_QBLK, ID, qk_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+    HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = pid // N_QBLK
+    qblk = pid % N_QBLK
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    o_base = O + b * sob + h * soh
+    pad_row = PAD + b * spb
+
+    offs_m = qblk * BM + tl.arange(0, BM)
+    d0 = tl.arange(0, BD0)
+    q0 = _load_tile(q_base, offs_m, sql, d0, sqd, L, HEAD_DIM)
+    acc0 = tl.zeros([BM, BD0], dtype=tl.float32)
+    if BD1 > 0:
+        d1 = BD0 + tl.arange(0, BD1)
+        q1 = _load_tile(q_base, offs_m, sql, d1, sqd, L, HEAD_DIM)
+        acc1 = tl.zeros([BM, BD1], dtype=tl.float32)
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+
+    for start_n in range(0, L, BN):
+        offs_n = start_n + tl.arange(0, BN)
+        k0 = _load_tile(k_base, offs_n, skl, d0, skd, L, HEAD_DIM)
+        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+        if BD1 > 0:
+            k1 = _load_tile(k_base, offs_n, skl, d1, skd, L, HEAD_DIM)
+            s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
+        allowed = _allowed(_key_ok(pad_row, offs_n, L, HAS_PAD), offs_m, offs_n, ID)
+        s = tl.where(allowed, s * qk_scale, float("-inf"))
+        # online softmax in the log2 domain; m_safe keeps fully masked rows NaN-free
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, bh, offs_m, offs_n, L, dropout_p), p, 0.0)
+        v0 = _load_tile(v_base, offs_n, svl, d0, svd, L, HEAD_DIM)
+        acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=PREC)
+        if BD1 > 0:
+            v1 = _load_tile(v_base, offs_n, svl, d1, svd, L, HEAD_DIM)
+            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=PREC)
+        m_i = m_new
+
+    has_key = l_i > 0.0
+    inv_l = 1.0 / tl.where(has_key, l_i, 1.0)
+    if DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    _store_tile(o_base, (acc0 * inv_l[:, None]).to(O.dtype.element_ty), offs_m, sol, d0, sod, L, HEAD_DIM)
+    if BD1 > 0:
+        _store_tile(o_base, (acc1 * inv_l[:, None]).to(O.dtype.element_ty), offs_m, sol, d1, sod, L, HEAD_DIM)
+    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
+    tl.store(LSE + bh.to(tl.int64) * L + offs_m, lse, mask=offs_m < L)
+
+
+# --------------------------------------------------------------------------------------
+# Backward: dQ (and delta = rowsum(dO * O)), then dK / dV
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["ID", "seed"])
+def _attn_bwd_dq_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQ, PAD,
+    sqb, sqh, sql, sqd,
+    skb, skh, skl, skd,
+    svb, svh, svl, svd,
+    sob, soh, sol, sod,
+    sdob, sdoh, sdol, sdod,
+    sdqb, sdqh, sdql, sdqd,
+    spb, spl,
+    H, L, N_QBLK, ID, qk_scale, sm_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+    HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = pid // N_QBLK
+    qblk = pid % N_QBLK
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    o_base = O + b * sob + h * soh
+    do_base = DO + b * sdob + h * sdoh
+    dq_base = DQ + b * sdqb + h * sdqh
+    pad_row = PAD + b * spb
+    row_base = bh.to(tl.int64) * L
+
+    offs_m = qblk * BM + tl.arange(0, BM)
+    d0 = tl.arange(0, BD0)
+    q0 = _load_tile(q_base, offs_m, sql, d0, sqd, L, HEAD_DIM)
+    do0 = _load_tile(do_base, offs_m, sdol, d0, sdod, L, HEAD_DIM)
+    o0 = _load_tile(o_base, offs_m, sol, d0, sod, L, HEAD_DIM)
+    delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
+    dq0 = tl.zeros([BM, BD0], dtype=tl.float32)
+    if BD1 > 0:
+        d1 = BD0 + tl.arange(0, BD1)
+        q1 = _load_tile(q_base, offs_m, sql, d1, sqd, L, HEAD_DIM)
+        do1 = _load_tile(do_base, offs_m, sdol, d1, sdod, L, HEAD_DIM)
+        o1 = _load_tile(o_base, offs_m, sol, d1, sod, L, HEAD_DIM)
+        delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
+        dq1 = tl.zeros([BM, BD1], dtype=tl.float32)
+    tl.store(DELTA + row_base + offs_m, delta, mask=offs_m < L)
+    lse = tl.load(LSE + row_base + offs_m, mask=offs_m < L, other=float("inf"))
+    if DROPOUT:
+        inv_keep = 1.0 / (1.0 - dropout_p)
+
+    for start_n in range(0, L, BN):
+        offs_n = start_n + tl.arange(0, BN)
+        k0 = _load_tile(k_base, offs_n, skl, d0, skd, L, HEAD_DIM)
+        v0 = _load_tile(v_base, offs_n, svl, d0, svd, L, HEAD_DIM)
+        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+        dp = tl.dot(do0, tl.trans(v0), input_precision=PREC)
+        if BD1 > 0:
+            k1 = _load_tile(k_base, offs_n, skl, d1, skd, L, HEAD_DIM)
+            v1 = _load_tile(v_base, offs_n, svl, d1, svd, L, HEAD_DIM)
+            s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
+            dp += tl.dot(do1, tl.trans(v1), input_precision=PREC)
+        allowed = _allowed(_key_ok(pad_row, offs_n, L, HAS_PAD), offs_m, offs_n, ID)
+        p = tl.where(allowed, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, L, dropout_p)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        ds = (p * (dp - delta[:, None])).to(k0.dtype)
+        dq0 += tl.dot(ds, k0, input_precision=PREC)
+        if BD1 > 0:
+            dq1 += tl.dot(ds, k1, input_precision=PREC)
+
+    _store_tile(dq_base, (dq0 * sm_scale).to(DQ.dtype.element_ty), offs_m, sdql, d0, sdqd, L, HEAD_DIM)
+    if BD1 > 0:
+        _store_tile(dq_base, (dq1 * sm_scale).to(DQ.dtype.element_ty), offs_m, sdql, d1, sdqd, L, HEAD_DIM)
+
+
+@triton.jit(do_not_specialize=["ID", "seed"])
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, PAD,
+    sqb, sqh, sql, sqd,
+    skb, skh, skl, skd,
+    svb, svh, svl, svd,
+    sdob, sdoh, sdol, sdod,
+    sdkb, sdkh, sdkl, sdkd,
+    sdvb, sdvh, sdvl, sdvd,
+    spb, spl,
+    H, L, N_KBLK, ID, qk_scale, sm_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+    HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = pid // N_KBLK
+    kblk = pid % N_KBLK
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    do_base = DO + b * sdob + h * sdoh
+    dk_base = DK + b * sdkb + h * sdkh
+    dv_base = DV + b * sdvb + h * sdvh
+    pad_row = PAD + b * spb
+    row_base = bh.to(tl.int64) * L
+
+    offs_n = kblk * BN + tl.arange(0, BN)
+    key_ok = _key_ok(pad_row, offs_n, L, HAS_PAD)
+    d0 = tl.arange(0, BD0)
+    k0 = _load_tile(k_base, offs_n, skl, d0, skd, L, HEAD_DIM)
+    v0 = _load_tile(v_base, offs_n, svl, d0, svd, L, HEAD_DIM)
+    dk0 = tl.zeros([BN, BD0], dtype=tl.float32)
+    dv0 = tl.zeros([BN, BD0], dtype=tl.float32)
+    if BD1 > 0:
+        d1 = BD0 + tl.arange(0, BD1)
+        k1 = _load_tile(k_base, offs_n, skl, d1, skd, L, HEAD_DIM)
+        v1 = _load_tile(v_base, offs_n, svl, d1, svd, L, HEAD_DIM)
+        dk1 = tl.zeros([BN, BD1], dtype=tl.float32)
+        dv1 = tl.zeros([BN, BD1], dtype=tl.float32)
+    if DROPOUT:
+        inv_keep = 1.0 / (1.0 - dropout_p)
+
+    for start_m in range(0, L, BM):
+        offs_m = start_m + tl.arange(0, BM)
+        q0 = _load_tile(q_base, offs_m, sql, d0, sqd, L, HEAD_DIM)
+        do0 = _load_tile(do_base, offs_m, sdol, d0, sdod, L, HEAD_DIM)
+        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+        dp = tl.dot(do0, tl.trans(v0), input_precision=PREC)
+        if BD1 > 0:
+            q1 = _load_tile(q_base, offs_m, sql, d1, sqd, L, HEAD_DIM)
+            do1 = _load_tile(do_base, offs_m, sdol, d1, sdod, L, HEAD_DIM)
+            s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
+            dp += tl.dot(do1, tl.trans(v1), input_precision=PREC)
+        lse = tl.load(LSE + row_base + offs_m, mask=offs_m < L, other=float("inf"))
+        delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < L, other=0.0)
+        allowed = _allowed(key_ok, offs_m, offs_n, ID)
+        p = tl.where(allowed, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, L, dropout_p)
+            p_drop = tl.where(keep, p * inv_keep, 0.0)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        else:
+            p_drop = p
+        p_t = tl.trans(p_drop.to(v0.dtype))
+        ds_t = tl.trans((p * (dp - delta[:, None])).to(q0.dtype))
+        dv0 += tl.dot(p_t, do0, input_precision=PREC)
+        dk0 += tl.dot(ds_t, q0, input_precision=PREC)
+        if BD1 > 0:
+            dv1 += tl.dot(p_t, do1, input_precision=PREC)
+            dk1 += tl.dot(ds_t, q1, input_precision=PREC)
+
+    _store_tile(dk_base, (dk0 * sm_scale).to(DK.dtype.element_ty), offs_n, sdkl, d0, sdkd, L, HEAD_DIM)
+    _store_tile(dv_base, dv0.to(DV.dtype.element_ty), offs_n, sdvl, d0, sdvd, L, HEAD_DIM)
+    if BD1 > 0:
+        _store_tile(dk_base, (dk1 * sm_scale).to(DK.dtype.element_ty), offs_n, sdkl, d1, sdkd, L, HEAD_DIM)
+        _store_tile(dv_base, dv1.to(DV.dtype.element_ty), offs_n, sdvl, d1, sdvd, L, HEAD_DIM)
+
+
+# --------------------------------------------------------------------------------------
+# Dropout keep-mask, materialised (tests only)
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _keep_mask_kernel(OUT, L, dropout_p, seed, BM: tl.constexpr, BN: tl.constexpr):
+    bh = tl.program_id(0)
+    out_base = OUT + bh.to(tl.int64) * L * L
+    for start_m in range(0, L, BM):
+        offs_m = start_m + tl.arange(0, BM)
+        for start_n in range(0, L, BN):
+            offs_n = start_n + tl.arange(0, BN)
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, L, dropout_p)
+            mask = (offs_m[:, None] < L) & (offs_n[None, :] < L)
+            tl.store(out_base + offs_m[:, None] * L + offs_n[None, :], keep.to(tl.int8), mask=mask)
+
+
+# --------------------------------------------------------------------------------------
+# Launch wrappers
+# --------------------------------------------------------------------------------------
+
+
+def _split_head_dim(head_dim: int) -> tuple[int, int]:
+    """``(BD0, BD1)``: powers of two (>= 16, BD1 may be 0) with ``BD0 + BD1 >= head_dim``."""
+    if head_dim <= 16:
+        return 16, 0
+    bd0 = 1 << (head_dim.bit_length() - 1)
+    rest = head_dim - bd0
+    bd1 = 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
+    if bd1 == bd0:  # e.g. 24 -> 16 + 16: one 32-wide part is simpler and no bigger
+        return 2 * bd0, 0
+    return bd0, bd1
+
+
+def _blocks(kind: str, length: int, width: int) -> list[tuple[int, int, int, int]]:
+    """Candidate ``(BM, BN, num_warps, num_stages)`` in order of preference.
+
+    ``width`` = BD0 + BD1. The first entry is the heuristic; the rest are the fallbacks used
+    only when a launch raises ``OutOfResources`` (fewer stages, then smaller blocks).
+    """
+    tiny = length <= 16
+    warps = 4 if width <= 128 else 8
+    if kind == "fwd" or kind == "dq":
+        # BM = query rows owned by the program, BN = key rows streamed per iteration.
+        bm = 16 if tiny else (64 if (width <= 128 and length > 192) else 32)
+        bn = 16 if tiny else (64 if (width <= 128 and length > 96) else 32)
+    else:  # dkdv: BN = key rows owned (two float32 accumulators), BM = query rows streamed
+        bn = 16 if (tiny or width > 256) else 32
+        bm = 16 if tiny else 32
+    first = (bm, bn, warps, 2)
+    out = [first, (bm, bn, warps, 1)]
+    small = (min(bm, 32), 16, warps, 1)
+    if small not in out:
+        out.append(small)
+    if (16, 16, warps, 1) not in out:
+        out.append((16, 16, warps, 1))
+    return out
+
+
+_CHOSEN: dict[tuple, tuple[int, int, int, int]] = {}
+
+
+def _launch(kind: str, kernel, bh: int, length: int, width: int, dtype, args, meta) -> None:
+    """Launch ``kernel`` with the first block configuration that fits the device."""
+    cache_key = (kind, length > 16, length > 96, length > 192, width, dtype, meta["HEAD_DIM"])
+    candidates = _blocks(kind, length, width)
+    if cache_key in _CHOSEN:
+        candidates = [_CHOSEN[cache_key]]
+    last_error: Exception | None = None
+    for bm, bn, warps, stages in candidates:
+        own = bm if kind in ("fwd", "dq") else bn
+        n_blk = triton.cdiv(length, own)
+        try:
+            kernel[(bh * n_blk,)](*args(n_blk), BM=bm, BN=bn, num_warps=warps, num_stages=stages, **meta)
+        except OutOfResources as err:  # shared memory / registers: try the next, smaller config
+            last_error = err
+            continue
+        _CHOSEN[cache_key] = (bm, bn, warps, stages)
+        return
+    raise RuntimeError(f"id_masked_attention: no block configuration fits this device ({last_error})")
+
+
+def _check_device(q: torch.Tensor) -> None:
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise RuntimeError(
+            "the Triton attention kernel needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
+            f"set before triton is imported; got a tensor on {q.device}"
+        )
+
+
+def _strides(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.stride())
+
+
+def _pad_arg(key_padding_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    if key_padding_mask is None:
+        return q, 0, 0  # never read (HAS_PAD=False)
+    pad = key_padding_mask.to(torch.uint8)
+    return pad, pad.stride(0), pad.stride(1)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    id_index: int,
+    dropout_p: float,
+    scale: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_device(q)
+    batch, heads, length, head_dim = q.shape
+    out = torch.empty((batch, heads, length, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("inf"))
+    bd0, bd1 = _split_head_dim(head_dim)
+    pad, spb, spl = _pad_arg(key_padding_mask, q)
+    dropout = dropout_p > 0.0
+    meta = dict(
+        HEAD_DIM=head_dim, BD0=bd0, BD1=bd1, HAS_PAD=key_padding_mask is not None,
+        DROPOUT=dropout, PREC=_precision(q.dtype),
+    )
+
+    def args(n_blk: int) -> tuple:
+        return (
+            q, k, v, out, lse, pad,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), spb, spl,
+            heads, length, n_blk, id_index, scale * _LOG2E, dropout_p, seed,
+        )
+
+    _launch("fwd", _attn_fwd_kernel, batch * heads, length, bd0 + bd1, q.dtype, args, meta)
+    return out, lse
+
+
+def _attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    id_index: int,
+    dropout_p: float,
+    scale: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_device(q)
+    batch, heads, length, head_dim = q.shape
+    dq = torch.empty((batch, heads, length, head_dim), dtype=q.dtype, device=q.device)
+    dk = torch.empty((batch, heads, length, head_dim), dtype=k.dtype, device=q.device)
+    dv = torch.empty((batch, heads, length, head_dim), dtype=v.dtype, device=q.device)
+    if q.numel() == 0:
+        return dq, dk, dv
+    grad_out = grad_out.to(q.dtype)
+    delta = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
+    lse = lse.contiguous()
+    bd0, bd1 = _split_head_dim(head_dim)
+    pad, spb, spl = _pad_arg(key_padding_mask, q)
+    meta = dict(
+        HEAD_DIM=head_dim, BD0=bd0, BD1=bd1, HAS_PAD=key_padding_mask is not None,
+        DROPOUT=dropout_p > 0.0, PREC=_precision(q.dtype),
+    )
+    common = (heads, length)
+    tail = (id_index, scale * _LOG2E, scale, dropout_p, seed)
+
+    def dq_args(n_blk: int) -> tuple:
+        return (
+            q, k, v, out, grad_out, lse, delta, dq, pad,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out),
+            *_strides(dq), spb, spl, *common, n_blk, *tail,
+        )
+
+    def dkdv_args(n_blk: int) -> tuple:
+        return (
+            q, k, v, grad_out, lse, delta, dk, dv, pad,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
+            *_strides(dk), *_strides(dv), spb, spl, *common, n_blk, *tail,
+        )
+
+    width = bd0 + bd1
+    _launch("dq", _attn_bwd_dq_kernel, batch * heads, length, width, q.dtype, dq_args, meta)
+    _launch("dkdv", _attn_bwd_dkdv_kernel, batch * heads, length, width, q.dtype, dkdv_args, meta)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------
+# Custom ops and autograd
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("odmt::id_masked_attention", mutates_args=())
+def _id_masked_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    id_index: int,
+    dropout_p: float,
+    scale: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output ``(B, H, L, D)`` and log2-domain log-sum-exp ``(B, H, L)`` float32."""
+    return _attention_forward(q, k, v, key_padding_mask, id_index, dropout_p, scale, seed)
+
+
+@_id_masked_attention_op.register_fake
+def _(q, k, v, key_padding_mask, id_index, dropout_p, scale, seed):
+    batch, heads, length, head_dim = q.shape
+    return q.new_empty((batch, heads, length, head_dim)), q.new_empty((batch, heads, length), dtype=torch.float32)
+
+
+@torch.library.custom_op("odmt::id_masked_attention_backward", mutates_args=())
+def _id_masked_attention_backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    id_index: int,
+    dropout_p: float,
+    scale: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of :func:`_id_masked_attention_op`'s output."""
+    return _attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, id_index, dropout_p, scale, seed)
+
+
+@_id_masked_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, key_padding_mask, id_index, dropout_p, scale, seed):
+    shape = q.shape
+    return q.new_empty(shape), k.new_empty(shape), v.new_empty(shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, key_padding_mask, id_index, dropout_p, scale, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.attrs = (id_index, dropout_p, scale, seed)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    id_index, dropout_p, scale, seed = ctx.attrs
+    dq, dk, dv = _id_masked_attention_backward_op(
+        grad_out, q, k, v, out, lse, key_padding_mask, id_index, dropout_p, scale, seed
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+_id_masked_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+
+def id_masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    id_index: int | None,
+    dropout_p: float,
+    scale: float | None,
+    seed: int,
+) -> torch.Tensor:
+    """Fused ``softmax(q k^T * scale + mask) v`` with the ID rule, differentiable in q, k, v.
+
+    Args:
+        q, k, v: ``(B, H, L, D)``, same dtype (float32, float16 or bfloat16) and device; any
+            strides. ``16 <= D <= 512`` is the tested range.
+        key_padding_mask: ``(B, L)`` bool, True = padding key, or None.
+        id_index: position of the ID token (only the ID query attends the ID key), or None.
+        dropout_p: dropout probability on the attention probabilities (0 = none).
+        scale: score scale; None means ``D ** -0.5``.
+        seed: seed of the dropout mask (only used when ``dropout_p > 0``).
+
+    Returns ``(B, H, L, D)`` in the input dtype; rows with no attendable key are zero. Inputs
+    are assumed validated (``odmt_components.ops`` does it); only the basics are checked here.
+    """
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k, v must all be (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q, k, v must share one dtype among float16/bfloat16/float32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, _, length, head_dim = q.shape
+    if key_padding_mask is not None and (key_padding_mask.shape != (batch, length) or key_padding_mask.dtype != torch.bool):
+        raise ValueError(f"key_padding_mask must be a ({batch}, {length}) bool tensor, got {tuple(key_padding_mask.shape)} {key_padding_mask.dtype}")
+    if id_index is None:
+        id_index = -1
+    elif not 0 <= int(id_index) < length:
+        raise ValueError(f"id_index must be in [0, {length}), got {id_index}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    seed = int(seed) % (2**31) if dropout_p > 0.0 else 0
+    out, _ = _id_masked_attention_op(q, k, v, key_padding_mask, int(id_index), float(dropout_p), scale, seed)
+    return out
+
+
+def dropout_keep_mask(
+    batch: int, heads: int, length: int, dropout_p: float, seed: int, device: torch.device | str
+) -> torch.Tensor:
+    """The ``(B, H, L, L)`` bool keep-mask the kernels draw for ``(dropout_p, seed)``.
+
+    Built by a small Triton kernel calling the same random-number function as the attention
+    kernels, so ``id_masked_attention_reference(..., dropout_p=p, dropout_keep=mask)`` replays
+    the kernel's dropout exactly. For tests; the attention kernels never materialise it.
+    """
+    seed = int(seed) % (2**31)
+    out = torch.zeros((batch, heads, length, length), dtype=torch.int8, device=device)
+    if out.numel() == 0:
+        return out.bool()
+    _check_device(out)
+    _keep_mask_kernel[(batch * heads,)](out, length, float(dropout_p), seed, BM=16, BN=16)
+    return out.bool()

@@ -1,0 +1,293 @@
+"""Tests of the Triton ID-masked attention kernel (``odmt_components.kernels.attention``).
+
+Run on the CPU under ``TRITON_INTERPRET=1`` (set by tests/conftest.py) with tiny shapes; the
+ground truth is ``id_masked_attention_reference`` in float64. bf16 is not tested here (the
+interpreter is wrong in bf16); benchmarks/bench_attention.py checks bf16 on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+from triton.runtime.errors import OutOfResources
+
+from odmt_components.kernels import attention as attn
+from odmt_components.kernels.reference import id_masked_attention_reference
+
+# Tolerances, per dtype, for outputs and gradients against the float64 reference.
+TOL = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=5e-3, rtol=1e-2),
+}
+
+
+def _inputs(batch, heads, length, dim, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, length, dim, generator=g).to(dtype) for _ in range(3)]
+
+
+def _kernel(q, k, v, pad, id_index, grad_out, dropout_p=0.0, seed=0, scale=None):
+    """Kernel output and (dq, dk, dv) for the upstream gradient ``grad_out``."""
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = attn.id_masked_attention(q, k, v, pad, id_index, dropout_p, scale, seed)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    return out.detach(), grads
+
+
+def _reference(q, k, v, pad, id_index, grad_out, dropout_p=0.0, keep=None, scale=None):
+    """float64 reference output and gradients."""
+    q, k, v = (x.detach().double().requires_grad_() for x in (q, k, v))
+    out = id_masked_attention_reference(q, k, v, pad, id_index, dropout_p=dropout_p, scale=scale, dropout_keep=keep)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.double())
+    return out.detach(), grads
+
+
+def _assert_close(got, want, dtype, what):
+    torch.testing.assert_close(got.double(), want, **TOL[dtype], msg=lambda m: f"{what}: {m}")
+
+
+def _assert_matches_reference(q, k, v, pad, id_index, dtype, **kw):
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out, grads = _kernel(q, k, v, pad, id_index, grad_out, **{k_: kw[k_] for k_ in kw if k_ != "keep"})
+    ref_kw = {k_: kw[k_] for k_ in kw if k_ != "seed"}
+    ref_out, ref_grads = _reference(q, k, v, pad, id_index, grad_out, **ref_kw)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    _assert_close(out, ref_out, dtype, "output")
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        _assert_close(got, want, dtype, name)
+    return out, grads
+
+
+def _padding(pattern: str, batch: int, length: int, seed: int) -> torch.Tensor | None:
+    if pattern == "none":
+        return None
+    g = torch.Generator().manual_seed(seed)
+    pad = torch.zeros(batch, length, dtype=torch.bool)
+    if pattern == "random":
+        pad = torch.rand(batch, length, generator=g) < 0.4
+    elif pattern == "suffix":  # text padding: every item keeps a random prefix of 1..L tokens
+        kept = torch.randint(1, length + 1, (batch,), generator=g)
+        pad = torch.arange(length)[None, :] >= kept[:, None]
+    elif pattern == "one_item_all_padded":
+        pad[0] = True
+    return pad
+
+
+# Hypothesis starts from the first element of each strategy: those are the interesting ones.
+@given(
+    batch=st.sampled_from([2, 1]),
+    heads=st.sampled_from([2, 1]),
+    length=st.sampled_from([17, 33, 7, 16, 1]),
+    dim=st.sampled_from([24, 16, 64]),
+    pattern=st.sampled_from(["suffix", "random", "one_item_all_padded", "none"]),
+    id_pos=st.sampled_from(["middle", "first", "last", None]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    pad_seed=st.integers(0, 2**16),
+)
+@example(2, 1, 33, 64, "random", "first", torch.float16, 3).via("ODMT-like, fp16")
+@example(1, 2, 16, 16, "none", None, torch.float32, 0).via("no mask at all")
+def test_matches_reference(batch, heads, length, dim, pattern, id_pos, dtype, pad_seed):
+    q, k, v = _inputs(batch, heads, length, dim, dtype, seed=length * dim)
+    pad = _padding(pattern, batch, length, pad_seed)
+    id_index = {"first": 0, "middle": length // 2, "last": length - 1, None: None}[id_pos]
+    _assert_matches_reference(q, k, v, pad, id_index, dtype)
+
+
+@pytest.mark.parametrize("dim", [80, 384])
+def test_head_dims_not_power_of_two(dim):
+    """Split head dims (80 = 64 + 16, 384 = 256 + 128: the reference ODMT width)."""
+    q, k, v = _inputs(1, 2, 11, dim, torch.float32)
+    pad = torch.tensor([[False] * 8 + [True] * 3])
+    _assert_matches_reference(q, k, v, pad, 4, torch.float32)
+
+
+def test_item_whose_text_is_only_cls():
+    """ODMT layout [image (5) | ID | text CLS + 6 tokens]: item 1 has no text but its CLS."""
+    n_img, n_txt = 5, 7
+    length = n_img + 1 + n_txt
+    pad = torch.zeros(2, length, dtype=torch.bool)
+    pad[0, n_img + 1 + 4 :] = True
+    pad[1, n_img + 2 :] = True
+    q, k, v = _inputs(2, 2, length, 16, torch.float32)
+    _assert_matches_reference(q, k, v, pad, n_img, torch.float32)
+
+
+def test_rows_without_keys_are_zero():
+    """All keys padded (item 0), and only the ID key unpadded (item 1): no NaN, zeros."""
+    length, id_index = 9, 3
+    pad = torch.ones(2, length, dtype=torch.bool)
+    pad[1, id_index] = False
+    q, k, v = _inputs(2, 2, length, 16, torch.float32)
+    out, (dq, dk, dv) = _assert_matches_reference(q, k, v, pad, id_index, torch.float32)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(dq[0], torch.zeros_like(dq[0])) and torch.equal(dk[0], torch.zeros_like(dk[0]))
+    rows_without_key = [i for i in range(length) if i != id_index]
+    assert torch.equal(out[1][:, rows_without_key], torch.zeros_like(out[1][:, rows_without_key]))
+    torch.testing.assert_close(out[1][:, id_index], v[1][:, id_index])  # the ID query sees only itself
+
+
+def test_non_contiguous_inputs_and_grad():
+    batch, heads, length, dim = 2, 2, 13, 16
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(batch, length, heads, dim, generator=g).transpose(1, 2)  # (B,L,H,D) layout
+    k = torch.randn(batch, heads, length, 2 * dim, generator=g)[..., ::2]  # column stride 2
+    v = torch.randn(heads, batch, length, dim, generator=g).transpose(0, 1)
+    pad = torch.zeros(batch, 2 * length, dtype=torch.bool)[:, ::2]
+    pad[0, 9:] = True
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous() or pad.is_contiguous())
+    grad_out = torch.randn(batch, heads, dim, length, generator=g).transpose(-1, -2)
+    out, grads = _kernel(q, k, v, pad, 2, grad_out)
+    ref_out, ref_grads = _reference(q, k, v, pad, 2, grad_out)
+    _assert_close(out, ref_out, torch.float32, "output")
+    for got, want in zip(grads, ref_grads, strict=True):
+        _assert_close(got, want, torch.float32, "grad")
+
+
+def test_explicit_scale():
+    q, k, v = _inputs(1, 1, 10, 16, torch.float32)
+    _assert_matches_reference(q, k, v, None, 9, torch.float32, scale=0.7)
+
+
+# ------------------------------------------------------------------------------ dropout
+
+
+def _dropout_case():
+    pad = torch.zeros(2, 14, dtype=torch.bool)
+    pad[1, 10:] = True
+    return (*_inputs(2, 2, 14, 16, torch.float32, seed=5), pad, 6)
+
+
+def test_dropout_zero_is_exact_and_ignores_seed():
+    q, k, v, pad, id_index = _dropout_case()
+    grad_out = torch.randn(q.shape)
+    out1, grads1 = _kernel(q, k, v, pad, id_index, grad_out, dropout_p=0.0, seed=1)
+    out2, grads2 = _kernel(q, k, v, pad, id_index, grad_out, dropout_p=0.0, seed=2)
+    assert torch.equal(out1, out2) and all(torch.equal(a, b) for a, b in zip(grads1, grads2, strict=True))
+    _assert_matches_reference(q, k, v, pad, id_index, torch.float32, dropout_p=0.0)
+
+
+def test_dropout_same_seed_same_result_different_seed_differs():
+    q, k, v, pad, id_index = _dropout_case()
+    grad_out = torch.randn(q.shape)
+    out1, grads1 = _kernel(q, k, v, pad, id_index, grad_out, dropout_p=0.3, seed=11)
+    out2, grads2 = _kernel(q, k, v, pad, id_index, grad_out, dropout_p=0.3, seed=11)
+    out3, grads3 = _kernel(q, k, v, pad, id_index, grad_out, dropout_p=0.3, seed=12)
+    assert torch.equal(out1, out2) and all(torch.equal(a, b) for a, b in zip(grads1, grads2, strict=True))
+    assert not torch.equal(out1, out3) and not torch.equal(grads1[0], grads3[0])
+
+
+def test_dropout_matches_reference_with_replayed_mask():
+    q, k, v, pad, id_index = _dropout_case()
+    batch, heads, length, _ = q.shape
+    for seed in (0, 2**31 - 5):
+        keep = attn.dropout_keep_mask(batch, heads, length, 0.25, seed, "cpu")
+        assert keep.shape == (batch, heads, length, length) and keep.dtype == torch.bool
+        assert 0.6 < keep.float().mean().item() < 0.9
+        assert not torch.equal(keep[0, 0], keep[0, 1])  # heads draw independent masks
+        _assert_matches_reference(q, k, v, pad, id_index, torch.float32, dropout_p=0.25, keep=keep, seed=seed)
+
+
+def test_dropout_expectation_approaches_no_dropout_output():
+    """Every (b, h) draws its own mask: average 64 identical heads over 4 seeds (256 draws)."""
+    length, dim, reps, seeds = 8, 16, 64, 4
+    q, k, v = (x.expand(1, reps, length, dim) for x in _inputs(1, 1, length, dim, torch.float32, seed=9))
+    pad = torch.tensor([[False] * 6 + [True] * 2])
+    exact = id_masked_attention_reference(q[:, :1].double(), k[:, :1].double(), v[:, :1].double(), pad, 2)[0, 0]
+    draws = torch.cat([attn.id_masked_attention(q, k, v, pad, 2, 0.1, None, s)[0] for s in range(seeds)]).double()
+    assert (draws[0] - exact).abs().max() > 0.05  # one draw is visibly perturbed ...
+    # ... the average is unbiased: within 5 standard errors everywhere (deterministic seeds)
+    standard_error = draws.std(0) / draws.shape[0] ** 0.5
+    assert ((draws.mean(0) - exact).abs() <= 5 * standard_error + 1e-6).all()
+    assert (draws.mean(0) - exact).abs().max() < 0.1
+
+
+# ------------------------------------------------------------------- registration, compile
+
+
+def test_opcheck_custom_ops():
+    q, k, v = (x.requires_grad_() for x in _inputs(2, 1, 9, 16, torch.float32))
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[0, 5:] = True
+    fwd = torch.ops.odmt.id_masked_attention.default
+    torch.library.opcheck(fwd, (q, k, v, pad, 3, 0.0, 0.25, 0))
+    torch.library.opcheck(fwd, (q, k, v, None, -1, 0.2, 0.25, 7))
+    out, lse = fwd(q.detach(), k.detach(), v.detach(), pad, 3, 0.0, 0.25, 0)
+    bwd = torch.ops.odmt.id_masked_attention_backward.default
+    q, k, v = (x.detach() for x in (q, k, v))
+    torch.library.opcheck(bwd, (torch.randn_like(out), q, k, v, out, lse, pad, 3, 0.0, 0.25, 0))
+
+
+class _TinyAttention(torch.nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, 3 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        q, k, v = self.proj(x).view(batch, length, 3, 1, dim).permute(2, 0, 3, 1, 4)  # strided views
+        return attn.id_masked_attention(q, k, v, pad, 1, 0.0, None, 0).sum(1)
+
+
+def test_torch_compile_fullgraph():
+    torch.manual_seed(0)
+    module = _TinyAttention(16)
+    x = torch.randn(2, 10, 16)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 6:] = True
+    eager_out = module(x, pad)
+    eager_grad = torch.autograd.grad(eager_out.square().sum(), module.proj.weight)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True)
+    out = compiled(x, pad)
+    grad = torch.autograd.grad(out.square().sum(), module.proj.weight)[0]
+    torch.testing.assert_close(out, eager_out, **TOL[torch.float32])
+    torch.testing.assert_close(grad, eager_grad, **TOL[torch.float32])
+
+
+# ---------------------------------------------------------------------- wrappers, errors
+
+
+def test_head_dim_split_and_block_heuristic():
+    assert attn._split_head_dim(16) == (16, 0)
+    assert attn._split_head_dim(24) == (32, 0)
+    assert attn._split_head_dim(64) == (64, 0)
+    assert attn._split_head_dim(80) == (64, 16)
+    assert attn._split_head_dim(384) == (256, 128)
+    assert attn._split_head_dim(512) == (512, 0)
+    assert attn._blocks("fwd", 81, 384)[0] == (32, 32, 8, 2)
+    assert attn._blocks("dkdv", 81, 384)[0] == (32, 16, 8, 2)
+    assert attn._blocks("fwd", 81, 64)[0] == (32, 32, 4, 2)
+
+
+def test_launch_falls_back_when_out_of_resources():
+    launched = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            def run(*args, BM, BN, num_warps, num_stages, **meta):
+                if num_stages > 1:
+                    raise OutOfResources(300000, 232448, "shared memory")
+                launched.append((grid, BM, BN, num_warps, num_stages))
+
+            return run
+
+    attn._launch("fwd", FakeKernel(), 3, 81, 384, "fake-dtype", lambda n_blk: (), {"HEAD_DIM": 384})
+    assert launched == [((9,), 32, 32, 8, 1)]
+    attn._CHOSEN.clear()
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = _inputs(1, 1, 6, 16, torch.float32)
+    with pytest.raises(ValueError, match="q, k, v"):
+        attn.id_masked_attention(q, k[..., :8], v, None, None, 0.0, None, 0)
+    with pytest.raises(TypeError, match="dtype"):
+        attn.id_masked_attention(q, k.half(), v, None, None, 0.0, None, 0)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        attn.id_masked_attention(q, k, v, torch.zeros(1, 5, dtype=torch.bool), None, 0.0, None, 0)
+    with pytest.raises(ValueError, match="id_index"):
+        attn.id_masked_attention(q, k, v, None, 6, 0.0, None, 0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        attn.id_masked_attention(q, k, v, None, None, 1.0, None, 0)
