@@ -935,6 +935,7 @@ def make_synthetic_dataset(
     popularity_exponent: float = 1.0,
     similarity_scale: float = 1.0,
     feature_noise: float = 0.3,
+    link_probability: float = 0.25,
     seed: int = 0,
     min_interactions: int = 5,
     keep_last: int | None = 15,
@@ -963,6 +964,10 @@ def make_synthetic_dataset(
       items not yet in the sequence with weight ``popularity * exp(-|z_i - z_prev|^2 / (2
       similarity_scale^2))`` (``z_prev`` the previous item's latent): the next item resembles
       the previous one, which features reveal even for items seen a few times in training.
+      With probability ``link_probability`` the step instead follows the previous item's
+      fixed *successor* (a popularity-weighted random item of any topic, the sequence then
+      continues in that topic): a collaborative signal that features do not carry and item
+      IDs can learn for frequent items, so the ID and content branches complement each other.
 
     The result is filtered exactly like :func:`load_dataset_folder` (``min_interactions``,
     ``keep_last``; unused items dropped and ids made dense), so saving it with
@@ -982,6 +987,8 @@ def make_synthetic_dataset(
     ):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{arg} must be an int >= {low}, got {value!r}")
+    if not 0.0 <= link_probability <= 1.0:
+        raise ValueError(f"link_probability must be in [0, 1], got {link_probability}")
     if n_topics > n_items:
         raise ValueError(f"n_topics ({n_topics}) must be <= n_items ({n_items})")
     if not isinstance(max_len, int) or max_len < min_len:
@@ -1025,6 +1032,10 @@ def make_synthetic_dataset(
     image = image_clean[:, None, :] + rng.normal(size=(n_items, image_tokens, image_dim))
     image[:, 0] = image_clean + feature_noise * rng.normal(size=(n_items, image_dim))
 
+    # Collaborative links: every item has a successor (popularity-weighted, any topic) that
+    # only interaction data reveals.
+    successor = rng.choice(n_items, size=n_items, p=popularity / popularity.sum())
+
     # User sequences: topic Markov drift around a home topic, similarity to the last item.
     user_index, item_index = [], []
     inv_two_s2 = 1.0 / (2.0 * similarity_scale**2)
@@ -1035,6 +1046,15 @@ def make_synthetic_dataset(
         seen_items: set[int] = set()
         previous: int | None = None
         for step in range(length):
+            if previous is not None and rng.random() < link_probability:
+                linked = int(successor[previous])
+                if linked not in seen_items and linked != previous:
+                    seen_items.add(linked)
+                    previous = linked
+                    topic = int(item_topic[linked])
+                    user_index.append(u)
+                    item_index.append(linked)
+                    continue
             if step:
                 move = rng.random()
                 if move < 0.35:
