@@ -1,0 +1,524 @@
+"""Triton in-batch loss kernels (``kernels/inbatch_loss.py``) against the float64 reference.
+
+Runs under ``TRITON_INTERPRET=1`` on the CPU (tests/conftest.py sets it), fp32 and fp16 only
+(bf16 is silently wrong in the interpreter; the GPU benchmark checks it). Shapes stay tiny:
+the interpreter costs about a second per launch and the kernels use 16-wide tiles there, so
+R, N <= 40 and d <= 48 still cross several tile borders and the d tail.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from odmt_components.kernels import inbatch_loss as K
+from odmt_components.kernels.reference import (
+    BRANCHES,
+    DistillationLosses,
+    debiased_inbatch_cross_entropy_reference,
+    mutual_distillation_reference,
+)
+
+PAD = 0
+IGNORE = -100
+
+# Tolerances, stated once: (atol, rtol) for forward values and for gradients. atol is scaled by
+# max(1, max|expected|) of the compared tensor. fp16 gradients go through an fp16 cast of
+# dL/dz before the tensor-core dot and an fp16 output, hence the looser bound.
+TOL = {
+    torch.float32: {"fwd": (1e-5, 1e-5), "grad": (1e-5, 1e-4)},
+    torch.float16: {"fwd": (1e-4, 1e-4), "grad": (4e-3, 1e-2)},
+}
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, kind: str, what: str):
+    atol, rtol = TOL[dtype][kind]
+    expected = expected.detach().double()
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(
+        actual.detach().double(), expected, atol=atol * scale, rtol=rtol, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def _make_batch(
+    seed: int,
+    R: int,
+    N: int,
+    d: int,
+    n_items: int,
+    *,
+    pad_frac: float,
+    ignore_frac: float,
+    excl: str,
+    S: int,
+    lq: str,
+    all_but_target_rows: int,
+    dtype: torch.dtype,
+    branches: int,
+    scale: float = 0.4,
+):
+    """Random in-batch problem: duplicates among candidates (ids from 1..n_items), padding
+    columns (id 0), ignored rows, exclusion lists, log_q, and some rows where every column but
+    the target is excluded."""
+    g = torch.Generator().manual_seed(seed)
+    cand = torch.randint(1, n_items + 1, (N,), generator=g)
+    cand[torch.rand(N, generator=g) < pad_frac] = PAD
+    real = (cand != PAD).nonzero().flatten()
+    if real.numel() == 0:
+        target = torch.full((R,), IGNORE, dtype=torch.long)
+    else:
+        target = real[torch.randint(0, real.numel(), (R,), generator=g)]
+        target[torch.rand(R, generator=g) < ignore_frac] = IGNORE
+    if all_but_target_rows:
+        S = max(S, n_items)
+    if excl == "none":
+        exclude = None
+    else:
+        base = torch.randint(0, n_items + 1, (R, S), generator=g)
+        if all_but_target_rows:
+            base[:all_but_target_rows] = torch.arange(1, S + 1).clamp(max=n_items)
+        if excl == "full":
+            exclude = base
+        elif excl == "expanded":  # one user's history shared by every row: stride 0 along rows
+            exclude = base[:1].expand(R, S)
+        else:  # "transposed": column-major storage
+            exclude = base.t().contiguous().t()
+    if lq == "none":
+        log_q = None
+    elif lq == "normal":
+        log_q = torch.rand(N, generator=g).add(1e-3).log()
+    else:  # extreme: very rare and very popular items side by side
+        log_q = torch.where(torch.rand(N, generator=g) < 0.5, torch.tensor(-25.0), torch.tensor(-1e-4))
+        log_q = log_q + torch.randn(N, generator=g)
+    qs = [(scale * torch.randn(R, d, generator=g)).to(dtype) for _ in range(branches)]
+    cs = [(scale * torch.randn(N, d, generator=g)).to(dtype) for _ in range(branches)]
+    return qs, cs, target, cand, exclude, log_q
+
+
+def _leaf(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return t.detach().to(dtype or t.dtype).requires_grad_(True)
+
+
+# --------------------------------------------------------------------------------------
+# Single branch
+# --------------------------------------------------------------------------------------
+
+
+def _check_ce(qs, cs, target, cand, exclude, log_q, reduction, dtype, seed=0):
+    q, c = _leaf(qs[0]), _leaf(cs[0])
+    out = K.debiased_inbatch_cross_entropy(q, c, target, cand, exclude, log_q, PAD, IGNORE, reduction)
+    q64, c64 = _leaf(qs[0], torch.float64), _leaf(cs[0], torch.float64)
+    ref = debiased_inbatch_cross_entropy_reference(
+        q64,
+        c64,
+        target,
+        cand,
+        exclude,
+        None if log_q is None else log_q.double(),
+        pad_id=PAD,
+        ignore_index=IGNORE,
+        reduction=reduction,
+    )
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    _assert_close(out, ref, dtype, "fwd", "loss")
+    w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    gq, gc = torch.autograd.grad((out * w.float()).sum(), (q, c))
+    rq, rc = torch.autograd.grad((ref * w).sum(), (q64, c64))
+    assert gq.dtype == dtype and gc.dtype == dtype
+    _assert_close(gq, rq, dtype, "grad", "d queries")
+    _assert_close(gc, rc, dtype, "grad", "d candidates")
+    return out
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    R=st.integers(1, 40),
+    N=st.integers(1, 40),
+    d=st.integers(1, 48),
+    n_items=st.integers(1, 10),
+    pad_frac=st.sampled_from([0.0, 0.2]),
+    ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
+    excl=st.sampled_from(["none", "full", "expanded", "transposed"]),
+    S=st.integers(0, 5),
+    lq=st.sampled_from(["none", "normal", "extreme"]),
+    all_but_target_rows=st.integers(0, 2),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+)
+def test_ce_matches_reference(
+    seed, R, N, d, n_items, pad_frac, ignore_frac, excl, S, lq, all_but_target_rows, dtype, reduction
+):
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        seed,
+        R,
+        N,
+        d,
+        n_items,
+        pad_frac=pad_frac,
+        ignore_frac=ignore_frac,
+        excl=excl,
+        S=S,
+        lq=lq,
+        all_but_target_rows=all_but_target_rows,
+        dtype=dtype,
+        branches=1,
+    )
+    _check_ce(qs, cs, target, cand, exclude, log_q, reduction, dtype, seed)
+
+
+def test_ce_row_with_only_the_target_left_has_zero_loss_and_gradient():
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        3,
+        20,
+        24,
+        20,
+        6,
+        pad_frac=0.1,
+        ignore_frac=0.0,
+        excl="full",
+        S=2,
+        lq="normal",
+        all_but_target_rows=4,
+        dtype=torch.float32,
+        branches=1,
+    )
+    out = _check_ce(qs, cs, target, cand, exclude, log_q, "none", torch.float32)
+    assert torch.all(out[:4] == 0)
+    q = _leaf(qs[0])
+    K.debiased_inbatch_cross_entropy(q, cs[0], target, cand, exclude, log_q, PAD, IGNORE, "sum").backward()
+    assert torch.all(q.grad[:4] == 0)
+
+
+def test_ce_all_rows_ignored_gives_zero_mean_and_zero_gradients():
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        4,
+        17,
+        19,
+        9,
+        5,
+        pad_frac=0.0,
+        ignore_frac=1.0,
+        excl="full",
+        S=2,
+        lq="normal",
+        all_but_target_rows=0,
+        dtype=torch.float32,
+        branches=1,
+    )
+    q, c = _leaf(qs[0]), _leaf(cs[0])
+    out = K.debiased_inbatch_cross_entropy(q, c, target, cand, exclude, log_q, PAD, IGNORE, "mean")
+    out.backward()
+    assert out.item() == 0.0
+    assert torch.all(q.grad == 0) and torch.all(c.grad == 0)
+
+
+def test_ce_strided_inputs_match_contiguous_and_backward_is_deterministic():
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        5,
+        33,
+        35,
+        40,
+        8,
+        pad_frac=0.1,
+        ignore_frac=0.2,
+        excl="expanded",
+        S=4,
+        lq="normal",
+        all_but_target_rows=1,
+        dtype=torch.float32,
+        branches=1,
+    )
+    assert exclude.stride(0) == 0
+    # queries stored transposed, candidates every other row of a bigger buffer, strided ids
+    q_nc = _leaf(qs[0].t().contiguous().t())
+    big = torch.zeros(2 * cs[0].shape[0], cs[0].shape[1] + 3)
+    big[::2, 1 : 1 + cs[0].shape[1]] = cs[0]
+    c_nc = big[::2, 1 : 1 + cs[0].shape[1]].detach().requires_grad_(True)
+    cand_nc = torch.stack([cand, cand], 1)[:, 1]
+    lq_nc = torch.stack([log_q, log_q], 1)[:, 0]
+    target_nc = torch.stack([target, target], 1)[:, 0]
+    assert not q_nc.is_contiguous() and not c_nc.is_contiguous() and not cand_nc.is_contiguous()
+    out_nc = K.debiased_inbatch_cross_entropy(q_nc, c_nc, target_nc, cand_nc, exclude, lq_nc, PAD, IGNORE, "mean")
+    out_nc.backward()
+    ref = _check_ce(qs, cs, target, cand, exclude, log_q, "mean", torch.float32)
+    torch.testing.assert_close(out_nc, ref, atol=1e-6, rtol=1e-6)
+    q1, c1 = _leaf(qs[0]), _leaf(cs[0])
+    K.debiased_inbatch_cross_entropy(q1, c1, target, cand, exclude, log_q, PAD, IGNORE, "mean").backward()
+    torch.testing.assert_close(q_nc.grad, q1.grad, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(c_nc.grad, c1.grad, atol=1e-6, rtol=1e-6)
+    q2, c2 = _leaf(qs[0]), _leaf(cs[0])
+    K.debiased_inbatch_cross_entropy(q2, c2, target, cand, exclude, log_q, PAD, IGNORE, "mean").backward()
+    assert torch.equal(q1.grad, q2.grad) and torch.equal(c1.grad, c2.grad)
+
+
+@pytest.mark.parametrize("where", ["query", "candidate", "log_q"])
+def test_ce_nan_input_gives_nan_loss(where):
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        6,
+        9,
+        11,
+        8,
+        30,
+        pad_frac=0.0,
+        ignore_frac=0.0,
+        excl="full",
+        S=1,
+        lq="normal",
+        all_but_target_rows=0,
+        dtype=torch.float32,
+        branches=1,
+    )
+    q, c = qs[0].clone(), cs[0].clone()
+    if where == "query":
+        q[2, 3] = math.nan
+    elif where == "candidate":
+        c[target[0], 0] = math.nan  # the target column is never excluded
+    else:
+        log_q = log_q.clone()
+        log_q[target[0]] = math.nan
+    out = K.debiased_inbatch_cross_entropy(q, c, target, cand, exclude, log_q, PAD, IGNORE, "mean")
+    assert torch.isnan(out)
+
+
+# --------------------------------------------------------------------------------------
+# Three branches + distillation
+# --------------------------------------------------------------------------------------
+
+
+def _check_odmt(qs, cs, target, cand, exclude, log_q, T, detach, form, reduction, dtype, seed=0):
+    q = [_leaf(t) for t in qs]
+    c = [_leaf(t) for t in cs]
+    out = K.mutual_distillation_loss(*q, *c, target, cand, exclude, log_q, T, detach, form, PAD, IGNORE, reduction)
+    assert isinstance(out, DistillationLosses)
+    q64 = {m: _leaf(t, torch.float64) for m, t in zip(BRANCHES, qs, strict=True)}
+    c64 = {m: _leaf(t, torch.float64) for m, t in zip(BRANCHES, cs, strict=True)}
+    ref = mutual_distillation_reference(
+        q64,
+        c64,
+        target,
+        cand,
+        exclude,
+        None if log_q is None else log_q.double(),
+        temperature=T,
+        detach_teacher=detach,
+        form=form,
+        pad_id=PAD,
+        ignore_index=IGNORE,
+        reduction=reduction,
+    )
+    for name, a, b in zip(DistillationLosses._fields, out, ref, strict=True):
+        assert a.dtype == torch.float32 and a.shape == ()
+        _assert_close(a, b, dtype, "fwd", name)
+    w = torch.randn(len(ref), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    grads = torch.autograd.grad(sum(float(wi) * x for wi, x in zip(w, out, strict=True)), q + c)
+    ref_grads = torch.autograd.grad(sum(wi * x for wi, x in zip(w, ref, strict=True)), [*q64.values(), *c64.values()])
+    names = [f"d q_{m}" for m in BRANCHES] + [f"d c_{m}" for m in BRANCHES]
+    for name, a, b in zip(names, grads, ref_grads, strict=True):
+        assert a.dtype == dtype
+        _assert_close(a, b, dtype, "grad", name)
+    return out
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    R=st.integers(1, 40),
+    N=st.integers(1, 40),
+    d=st.integers(1, 48),
+    n_items=st.integers(1, 10),
+    pad_frac=st.sampled_from([0.0, 0.2]),
+    ignore_frac=st.sampled_from([0.0, 0.3]),
+    excl=st.sampled_from(["none", "full", "expanded"]),
+    S=st.integers(0, 4),
+    lq=st.sampled_from(["none", "normal", "extreme"]),
+    all_but_target_rows=st.integers(0, 2),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    T=st.floats(0.1, 2.0),
+    detach=st.booleans(),
+    form=st.sampled_from(["kl", "ce"]),
+    reduction=st.sampled_from(["mean", "sum"]),
+)
+def test_mutual_distillation_matches_reference(
+    seed, R, N, d, n_items, pad_frac, ignore_frac, excl, S, lq, all_but_target_rows, dtype, T, detach, form, reduction
+):
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        seed,
+        R,
+        N,
+        d,
+        n_items,
+        pad_frac=pad_frac,
+        ignore_frac=ignore_frac,
+        excl=excl,
+        S=S,
+        lq=lq,
+        all_but_target_rows=all_but_target_rows,
+        dtype=dtype,
+        branches=3,
+    )
+    _check_odmt(qs, cs, target, cand, exclude, log_q, T, detach, form, reduction, dtype, seed)
+
+
+@pytest.mark.parametrize("detach,form", [(True, "kl"), (False, "ce")])
+def test_mutual_distillation_fixed_cases(detach, form):
+    """Both teacher modes and forms on a problem crossing tiles in rows, columns and d, with
+    duplicates, padding, an expanded history, extreme log_q, rows left with the target only."""
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        7,
+        34,
+        37,
+        33,
+        9,
+        pad_frac=0.15,
+        ignore_frac=0.2,
+        excl="expanded",
+        S=3,
+        lq="extreme",
+        all_but_target_rows=2,
+        dtype=torch.float32,
+        branches=3,
+        scale=0.8,
+    )
+    _check_odmt(qs, cs, target, cand, exclude, log_q, 0.1, detach, form, "mean", torch.float32)
+
+
+def test_mutual_distillation_nan_input_gives_nan_loss():
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        8,
+        9,
+        11,
+        8,
+        30,
+        pad_frac=0.0,
+        ignore_frac=0.0,
+        excl="full",
+        S=1,
+        lq="normal",
+        all_but_target_rows=0,
+        dtype=torch.float32,
+        branches=3,
+    )
+    qs[1] = qs[1].clone()
+    qs[1][0, 0] = math.nan
+    out = K.mutual_distillation_loss(*qs, *cs, target, cand, exclude, log_q, 0.5, True, "kl", PAD, IGNORE, "mean")
+    assert torch.isnan(out.ce_text) and torch.isnan(out.kl_id_text) and torch.isnan(out.kl_ensemble_id)
+
+
+# --------------------------------------------------------------------------------------
+# Custom-op machinery, compile, bad arguments, launch heuristic
+# --------------------------------------------------------------------------------------
+
+
+def _small(branches: int):
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        9,
+        6,
+        7,
+        16,
+        4,
+        pad_frac=0.1,
+        ignore_frac=0.2,
+        excl="expanded",
+        S=2,
+        lq="normal",
+        all_but_target_rows=0,
+        dtype=torch.float32,
+        branches=branches,
+    )
+    target[1] = IGNORE
+    return [_leaf(t) for t in qs], [_leaf(t) for t in cs], target, cand, exclude, log_q
+
+
+def test_opcheck_debiased_inbatch_ce():
+    qs, cs, target, cand, exclude, log_q = _small(1)
+    torch.library.opcheck(
+        torch.ops.odmt.debiased_inbatch_ce.default, (qs[0], cs[0], target, cand, exclude, log_q, PAD, IGNORE)
+    )
+    torch.library.opcheck(
+        torch.ops.odmt.debiased_inbatch_ce.default, (qs[0], cs[0], target, cand, None, None, PAD, IGNORE)
+    )
+
+
+def test_opcheck_mutual_distillation():
+    qs, cs, target, cand, exclude, log_q = _small(3)
+    torch.library.opcheck(
+        torch.ops.odmt.mutual_distillation.default,
+        (*qs, *cs, target, cand, exclude, log_q, 0.5, True, False, PAD, IGNORE),
+    )
+
+
+def test_torch_compile_over_the_ops():
+    qs, cs, target, cand, exclude, log_q = _small(3)
+
+    def loss_fn(q_id, q_text, q_image, c_id, c_text, c_image):
+        parts = K.mutual_distillation_loss(
+            q_id,
+            q_text,
+            q_image,
+            c_id,
+            c_text,
+            c_image,
+            target,
+            cand,
+            exclude,
+            log_q,
+            0.5,
+            False,
+            "kl",
+            PAD,
+            IGNORE,
+            "mean",
+        )
+        single = K.debiased_inbatch_cross_entropy(q_id, c_id, target, cand, exclude, log_q, PAD, IGNORE, "sum")
+        return parts.ce + 0.5 * parts.kl + 0.1 * single
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    eager = loss_fn(*qs, *cs)
+    eager_grads = torch.autograd.grad(eager, qs + cs)
+    got = compiled(*qs, *cs)
+    got_grads = torch.autograd.grad(got, qs + cs)
+    torch.testing.assert_close(got, eager, atol=1e-6, rtol=1e-6)
+    for a, b in zip(got_grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_bad_arguments_raise_clear_errors():
+    qs, cs, target, cand, exclude, log_q = _small(3)
+    with pytest.raises(ValueError, match="reduction"):
+        K.debiased_inbatch_cross_entropy(qs[0], cs[0], target, cand, exclude, log_q, PAD, IGNORE, "avg")
+    args = (target, cand, exclude, log_q)
+    with pytest.raises(ValueError, match="reduction"):
+        K.mutual_distillation_loss(*qs, *cs, *args, 0.5, True, "kl", PAD, IGNORE, "none")
+    with pytest.raises(ValueError, match="form"):
+        K.mutual_distillation_loss(*qs, *cs, *args, 0.5, True, "js", PAD, IGNORE, "mean")
+    with pytest.raises(ValueError, match="temperature"):
+        K.mutual_distillation_loss(*qs, *cs, *args, 0.0, True, "kl", PAD, IGNORE, "mean")
+    with pytest.raises(ValueError, match="width"):
+        K.mutual_distillation_loss(qs[0], qs[1][:, :8], qs[2], *cs, *args, 0.5, True, "kl", PAD, IGNORE, "mean")
+    with pytest.raises(TypeError, match="dtype"):
+        K.mutual_distillation_loss(qs[0], qs[1].half(), qs[2], *cs, *args, 0.5, True, "kl", PAD, IGNORE, "mean")
+
+
+@pytest.mark.parametrize(
+    "kind,rows,cols,d",
+    [
+        ("fwd", 16384, 16384, 256),
+        ("dq", 65536, 65536, 128),
+        ("dc", 1664, 1536, 768),
+        ("fwd3", 1536, 1664, 768),
+        ("dq3", 16384, 16384, 256),
+        ("dc3", 1664, 1536, 1000),
+    ],
+)
+def test_gpu_launch_heuristic_gives_tensor_core_tiles(kind, rows, cols, d):
+    cfg = K._config(kind, rows, cols, d, interpret=False)
+    for key in ("BLOCK_T", "BLOCK_W", "BLOCK_D", "BLOCK_DO"):
+        value = cfg[key]
+        assert value >= 16 and value & (value - 1) == 0, (key, value)
+    assert cfg["BLOCK_D"] <= 64 and cfg["BLOCK_DO"] <= 256
+    if d <= 256 and not kind.startswith("fwd"):  # scores recomputed once per backward kernel
+        assert cfg["BLOCK_DO"] >= d
+    assert cfg["num_warps"] in (4, 8) and cfg["num_stages"] in (2, 3)
