@@ -993,10 +993,9 @@ def make_synthetic_dataset(
         raise ValueError(f"n_topics ({n_topics}) must be <= n_items ({n_items})")
     if not isinstance(max_len, int) or max_len < min_len:
         raise ValueError(f"max_len must be an int >= min_len = {min_len}, got {max_len!r}")
-    if max_len > n_items // n_topics:
+    if max_len > n_items:
         raise ValueError(
-            f"max_len ({max_len}) must be <= items per topic n_items // n_topics = "
-            f"{n_items // n_topics} (sequences do not repeat items)"
+            f"max_len ({max_len}) must be <= n_items ({n_items}): sequences do not repeat items"
         )
     rng = np.random.default_rng(seed)
 
@@ -1063,6 +1062,10 @@ def make_synthetic_dataset(
                     topic = home
             members = topic_items[topic]
             members = members[[m not in seen_items for m in members.tolist()]]
+            while members.size == 0:  # topic exhausted by this user: drift on
+                topic = (topic + 1) % n_topics
+                members = topic_items[topic]
+                members = members[[m not in seen_items for m in members.tolist()]]
             weight = popularity[members]
             if previous is not None:
                 dist2 = ((latent[members] - latent[previous]) ** 2).sum(1)
