@@ -409,13 +409,18 @@ def _blocks(kind: str, length: int, width: int) -> list[tuple[int, int, int, int
 
 
 _CHOSEN: dict[tuple, tuple[int, int, int, int]] = {}
+# Benchmark hook: kind ("fwd", "dq", "dkdv") -> (BM, BN, num_warps, num_stages) forced for every
+# launch of that kind (benchmarks/bench_attention.py sweeps a few; empty in normal use).
+_OVERRIDE: dict[str, tuple[int, int, int, int]] = {}
 
 
 def _launch(kind: str, kernel, bh: int, length: int, width: int, dtype, args, meta) -> None:
     """Launch ``kernel`` with the first block configuration that fits the device."""
     cache_key = (kind, length > 16, length > 96, length > 192, width, dtype, meta["HEAD_DIM"])
     candidates = _blocks(kind, length, width)
-    if cache_key in _CHOSEN:
+    if kind in _OVERRIDE:
+        candidates = [_OVERRIDE[kind]]
+    elif cache_key in _CHOSEN:
         candidates = [_CHOSEN[cache_key]]
     last_error: Exception | None = None
     for bm, bn, warps, stages in candidates:
@@ -426,7 +431,8 @@ def _launch(kind: str, kernel, bh: int, length: int, width: int, dtype, args, me
         except OutOfResources as err:  # shared memory / registers: try the next, smaller config
             last_error = err
             continue
-        _CHOSEN[cache_key] = (bm, bn, warps, stages)
+        if kind not in _OVERRIDE:
+            _CHOSEN[cache_key] = (bm, bn, warps, stages)
         return
     raise RuntimeError(f"id_masked_attention: no block configuration fits this device ({last_error})")
 

@@ -104,6 +104,17 @@ def test_head_dims_not_power_of_two(dim):
     _assert_matches_reference(q, k, v, pad, 4, torch.float32)
 
 
+@pytest.mark.parametrize("config", [(64, 16, 4, 2), (16, 64, 4, 1)])
+def test_other_block_sizes(config, monkeypatch):
+    """Block sizes other than the heuristic's (fallbacks, benchmark sweeps) give the same result."""
+    monkeypatch.setattr(attn, "_OVERRIDE", {"fwd": config, "dq": config, "dkdv": config})
+    q, k, v = _inputs(2, 1, 41, 24, torch.float32)
+    pad = torch.zeros(2, 41, dtype=torch.bool)
+    pad[1, 30:] = True
+    _assert_matches_reference(q, k, v, pad, 20, torch.float32, dropout_p=0.2, seed=3,
+                              keep=attn.dropout_keep_mask(2, 1, 41, 0.2, 3, "cpu"))
+
+
 def test_item_whose_text_is_only_cls():
     """ODMT layout [image (5) | ID | text CLS + 6 tokens]: item 1 has no text but its CLS."""
     n_img, n_txt = 5, 7

@@ -1,0 +1,381 @@
+"""Benchmark of the Triton ID-masked attention against what users have today.
+
+On one CUDA GPU, with the anchor shapes of ``shared/anchors/anchors_gpu.py`` (1,664 items,
+L = 81 = 50 image tokens + ID + 30 text tokens, text lengths 4..30 incl. CLS, id_index = 50;
+heads x dim 2x384, 12x64, 4x64; bf16):
+
+1. measures the card's copy bandwidth (bytes read + written) and bf16 matmul rate;
+2. checks bf16 correctness of our forward and backward (and of the dropout forward with the
+   replayed keep-mask) against the float64 reference on a subset of items, and fails loudly
+   (exit code 1 at the end) when a relative error exceeds 2e-2;
+3. times (``triton.testing.do_bench``, median) forward and forward+backward of our kernel,
+   eager PyTorch, SDPA with a boolean mask and compiled FlexAttention on the same inputs, and
+   our forward with dropout 0.1; then, time permitting (``SWEEP_BUDGET_S``, default 140 s
+   since start; ``SWEEP=0`` turns it off), our kernel with a few other block sizes, so one run
+   tells whether the block-size heuristic is right on that card;
+4. prints a table: times, each anchor's time over ours, and the fraction of the memory
+   roofline (Q, K, V, O read or written once at the measured copy bandwidth) our forward
+   reaches. Writes every number to ``$OUT/bench_attention.json`` when ``OUT`` is set.
+
+Run: ``python benchmarks/bench_attention.py`` (GPU). ``DRY=1`` runs everything on the CPU
+under ``TRITON_INTERPRET=1`` with tiny shapes in float32 and no timing (plumbing check).
+Without a GPU and without ``DRY`` it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+DRY = os.environ.get("DRY", "0") not in ("", "0")
+if DRY:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+if not DRY and not torch.cuda.is_available():
+    print("bench_attention: no CUDA GPU present, nothing to measure (DRY=1 runs a CPU dry run).")
+    sys.exit(0)
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+
+def _load_kernels():
+    """``(attention, reference)`` modules: the installed package, else the repo's kernels/."""
+    try:
+        from odmt_components.kernels import attention, reference
+
+        return attention, reference
+    except Exception:  # the package's other modules may be unimportable; kernels/ stands alone
+        root = Path(__file__).resolve().parents[1] / "kernels"
+        spec = importlib.util.spec_from_file_location(
+            "_odmt_kernels", root / "__init__.py", submodule_search_locations=[str(root)]
+        )
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["_odmt_kernels"] = package
+        spec.loader.exec_module(package)
+        return importlib.import_module("_odmt_kernels.attention"), importlib.import_module("_odmt_kernels.reference")
+
+
+attention, reference = _load_kernels()
+
+DEV = "cpu" if DRY else "cuda"
+DTYPE = torch.float32 if DRY else torch.bfloat16  # bf16 is wrong in the interpreter
+ITEMS = 2 if DRY else 1664
+N_IMG, N_TXT = (5, 6) if DRY else (50, 30)
+CHECK_ITEMS = 2 if DRY else 48  # items checked against the float64 reference
+MAX_REL_ERR = 2e-2
+CONFIGS = [(2, 384, "h2d384"), (12, 64, "h12d64"), (4, 64, "h4d64")]
+
+res: dict = {
+    "device": "cpu (DRY)" if DRY else torch.cuda.get_device_name(),
+    "torch": torch.__version__,
+    "triton": triton.__version__,
+    "dtype": str(DTYPE),
+    "items": ITEMS,
+    "L": N_IMG + 1 + N_TXT,
+    "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+}
+failures: list[str] = []
+T0 = time.time()
+SWEEP_BUDGET_S = float(os.environ.get("SWEEP_BUDGET_S", "140"))
+
+
+def dump() -> None:
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "bench_attention.json"), "w") as f:
+            json.dump(res, f, indent=1)
+
+
+def bench(fn, rep: int = 200) -> float:
+    """Median milliseconds (0.0 in DRY mode, where ``fn`` runs once)."""
+    if DRY:
+        fn()
+        return 0.0
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def record(key: str, fn, **kw) -> float | None:
+    try:
+        t = bench(fn, **kw)
+    except Exception as e:  # one failing anchor must not kill the run
+        res[key] = f"ERR {type(e).__name__}: {str(e)[:200]}"
+        print(f"{key:44s} ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return None
+    res[key] = t * 1000.0
+    print(f"{key:44s} {t * 1000:10.1f} us", flush=True)
+    return t * 1000.0
+
+
+# ---------------------------------------------------------------------------------- ceilings
+def ceilings() -> None:
+    """Copy bandwidth (1 GiB device copy, bytes read + written) and bf16 matmul rate."""
+    x = torch.empty(2**10 if DRY else 2**30, dtype=torch.uint8, device=DEV)
+    y = torch.empty_like(x)
+    t = bench(lambda: y.copy_(x))
+    res["copy_GBps"] = 2 * x.numel() / (max(t, 1e-9) * 1e-3) / 1e9
+    n = 64 if DRY else 8192
+    a = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    t = bench(lambda: a @ b)
+    res["bf16_mm_TFLOPs"] = 2 * n**3 / (max(t, 1e-9) * 1e-3) / 1e12
+
+
+ceilings()
+print(f"copy {res['copy_GBps']:.0f} GB/s, bf16 matmul {res['bf16_mm_TFLOPs']:.0f} TFLOP/s", flush=True)
+
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: E402
+
+flex_compiled = flex_attention if DRY else torch.compile(flex_attention)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def sweep_configs(dim: int) -> dict[str, list[tuple[int, int, int, int]]]:
+    """A few (BM, BN, num_warps, num_stages) alternatives to the heuristic, per kernel."""
+    if dim > 128:
+        rows = [(64, 32, 8, 2), (16, 32, 4, 2), (32, 32, 4, 2)]
+        return {"fwd": rows, "dq": rows, "dkdv": [(32, 32, 8, 2), (16, 16, 4, 2), (64, 16, 8, 2)]}
+    rows = [(64, 32, 4, 2), (16, 32, 4, 2), (32, 32, 8, 2)]
+    return {"fwd": rows, "dq": rows, "dkdv": [(32, 16, 4, 2), (64, 32, 4, 2), (16, 64, 4, 2)]}
+
+
+def sweep(tag: str, dim: int, fwd, fwd_bwd) -> None:
+    """Time our kernel with other block sizes (one kernel kind forced at a time).
+
+    ``fwd`` configs are timed on the forward, ``dq`` / ``dkdv`` on forward+backward (the other
+    kernels at the heuristic), so each number compares with ``{tag}_ours_fwd`` /
+    ``{tag}_ours_fwdbwd``. Skipped once the run is past ``SWEEP_BUDGET_S`` seconds.
+    """
+    for kind, configs in sweep_configs(dim).items():
+        for cfg in configs:
+            if time.time() - T0 > SWEEP_BUDGET_S:
+                res[f"{tag}_sweep_skipped"] = f"time budget {SWEEP_BUDGET_S} s reached"
+                return
+            attention._OVERRIDE[kind] = cfg
+            try:
+                record(f"{tag}_sweep_{kind}_{'x'.join(map(str, cfg))}", fwd if kind == "fwd" else fwd_bwd, rep=40)
+            finally:
+                attention._OVERRIDE.clear()
+
+
+def inputs(heads: int, dim: int):
+    """The anchor problem: q, k, v (requiring grad), grad_out, text lengths, key validity."""
+    length, id_pos = N_IMG + 1 + N_TXT, N_IMG
+    g = torch.Generator(device="cpu").manual_seed(0)
+    txt_len = torch.randint(4, N_TXT + 1, (ITEMS,), generator=g).to(DEV)  # includes CLS
+    q, k, v = (
+        torch.randn(ITEMS, heads, length, dim, generator=g).to(DEV, DTYPE).requires_grad_() for _ in range(3)
+    )
+    grad_out = torch.randn(ITEMS, heads, length, dim, generator=g).to(DEV, DTYPE)
+    pos = torch.arange(length, device=DEV)
+    key_valid = (pos[None, :] <= id_pos) | (pos[None, :] - id_pos - 1 < txt_len[:, None])
+    return q, k, v, grad_out, txt_len, key_valid
+
+
+def case(heads: int, dim: int, tag: str) -> None:
+    length, id_pos = N_IMG + 1 + N_TXT, N_IMG
+    q, k, v, grad_out, txt_len, key_valid = inputs(heads, dim)
+    key_padding_mask = ~key_valid  # (items, L), True = padding
+    scale = dim**-0.5
+    print(f"--- {tag}: items={ITEMS} L={length} heads={heads} dim={dim}", flush=True)
+    attention._CHOSEN.clear()  # record the configurations this case launches with
+
+    def ours(q, k, v, p: float = 0.0, seed: int = 0) -> torch.Tensor:
+        return attention.id_masked_attention(q, k, v, key_padding_mask, id_pos, p, scale, seed)
+
+    # -- correctness (bf16 kernel vs float64 reference on the first CHECK_ITEMS items)
+    s = slice(0, CHECK_ITEMS)
+    out = ours(q, k, v)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    q64, k64, v64 = (t_[s].detach().double().requires_grad_() for t_ in (q, k, v))
+    ref = reference.id_masked_attention_reference(q64, k64, v64, key_padding_mask[s], id_pos, scale=scale)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad_out[s].double())
+    errs = {"out": rel_err(out[s], ref)}
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, strict=True):
+        errs[name] = rel_err(got[s], want)
+    with torch.no_grad():
+        seed, p = 1234, 0.1
+        out_drop = ours(q, k, v, p, seed)
+        keep = attention.dropout_keep_mask(CHECK_ITEMS, heads, length, p, seed, DEV)
+        ref_drop = reference.id_masked_attention_reference(
+            q64.detach(), k64.detach(), v64.detach(), key_padding_mask[s], id_pos,
+            dropout_p=p, scale=scale, dropout_keep=keep,
+        )
+        errs["out_dropout0.1"] = rel_err(out_drop[s], ref_drop)
+        res[f"{tag}_dropout_keep_fraction"] = keep.float().mean().item()
+    for name, e in errs.items():
+        res[f"{tag}_relerr_{name}"] = e
+        flag = "ok" if e <= MAX_REL_ERR else "FAIL"
+        print(f"  rel err {name:16s} {e:.2e} {flag}", flush=True)
+        if not e <= MAX_REL_ERR:
+            failures.append(f"{tag} {name} rel err {e:.3e} > {MAX_REL_ERR}")
+    del out, dq, dk, dv, q64, k64, v64, ref, ref_grads, out_drop, keep, ref_drop
+
+    # -- anchors, built exactly like anchors_gpu.py
+    allow = key_valid[:, None, :].expand(ITEMS, length, length).clone()
+    allow[:, :, id_pos] = False
+    allow[:, id_pos, id_pos] = True
+    allow4 = allow[:, None]
+    add4 = torch.zeros(allow4.shape, device=DEV, dtype=DTYPE).masked_fill(~allow4, float("-inf"))
+
+    def mask_mod(b, h, qi, kj):
+        kv = (kj <= id_pos) | (kj - id_pos - 1 < txt_len[b])
+        return kv & ((kj != id_pos) | (qi == id_pos))
+
+    block_mask = None
+    try:
+        block_mask = create_block_mask(mask_mod, ITEMS, None, length, length, device=DEV)
+    except Exception as e:
+        print("  create_block_mask failed:", type(e).__name__, str(e)[:200], flush=True)
+
+    def eager(q, k, v):
+        scores = (q @ k.transpose(-1, -2)) * scale + add4
+        return torch.softmax(scores.float(), -1).to(DTYPE) @ v
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allow4)
+
+    def flex(q, k, v):
+        return flex_compiled(q, k, v, block_mask=block_mask)
+
+    qd, kd, vd = (t_.detach() for t_ in (q, k, v))  # forward-only timings (FlexAttention on CPU needs it)
+    with torch.no_grad():
+        r = eager(qd, kd, vd).float()
+        for name, fn in (("ours", ours), ("sdpa_boolmask", sdpa), ("flex_compiled", flex)):
+            try:
+                res[f"{tag}_{name}_relerr_vs_eager"] = ((fn(qd, kd, vd).float() - r).norm() / r.norm()).item()
+            except Exception as e:
+                print(f"  {name} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        del r
+
+    nbytes = 4 * q.numel() * q.element_size()
+    res[f"{tag}_bytes_fwd"] = nbytes
+    res[f"{tag}_roofline_fwd_us"] = nbytes / (res["copy_GBps"] * 1e9) * 1e6
+    print(f"  fwd roofline (Q,K,V,O once) {res[f'{tag}_roofline_fwd_us']:.1f} us", flush=True)
+
+    slow = dim > 128  # FlexAttention at D=384 takes ~55 ms a call: fewer repetitions
+    for name, fn in (("ours", ours), ("eager", eager), ("sdpa_boolmask", sdpa), ("flex_compiled", flex)):
+        rep = 60 if (slow and name == "flex_compiled") else 200
+
+        def fwd(fn=fn):
+            with torch.no_grad():
+                fn(qd, kd, vd)
+
+        def fwd_bwd(fn=fn):
+            fn(q, k, v).backward(grad_out)
+
+        record(f"{tag}_{name}_fwd", fwd, rep=rep)
+        record(f"{tag}_{name}_fwdbwd", fwd_bwd, rep=min(rep, 100))
+        q.grad = k.grad = v.grad = None
+
+    def fwd_dropout():
+        with torch.no_grad():
+            ours(qd, kd, vd, 0.1, 7)
+
+    record(f"{tag}_ours_fwd_dropout0.1", fwd_dropout)
+    res[f"{tag}_block_configs"] = {key[0]: list(cfg) for key, cfg in attention._CHOSEN.items()}
+
+
+for heads, dim, tag in CONFIGS:
+    try:
+        case(heads, dim, tag)
+    except Exception as e:
+        traceback.print_exc()
+        res[f"{tag}_error"] = f"ERR {type(e).__name__}: {str(e)[:300]}"
+        failures.append(f"{tag} crashed: {type(e).__name__}: {str(e)[:200]}")
+    if not DRY:
+        torch.cuda.empty_cache()  # the case's tensors died with its frame
+    dump()
+
+def sweep_case(heads: int, dim: int, tag: str) -> None:
+    q, k, v, grad_out, _, key_valid = inputs(heads, dim)
+    qd, kd, vd = (t_.detach() for t_ in (q, k, v))
+    args = (~key_valid, N_IMG, 0.0, dim**-0.5, 0)
+    sweep(
+        tag,
+        dim,
+        lambda: attention.id_masked_attention(qd, kd, vd, *args),
+        lambda: attention.id_masked_attention(q, k, v, *args).backward(grad_out),
+    )
+
+
+# Block-size sweep last, so that running short of time only drops it.
+for heads, dim, tag in CONFIGS if os.environ.get("SWEEP", "1") not in ("", "0") else []:
+    if time.time() - T0 > SWEEP_BUDGET_S:
+        res[f"{tag}_sweep_skipped"] = f"time budget {SWEEP_BUDGET_S} s reached"
+        continue
+    try:
+        sweep_case(heads, dim, tag)
+    except Exception as e:
+        traceback.print_exc()
+        res[f"{tag}_sweep_error"] = f"ERR {type(e).__name__}: {str(e)[:300]}"
+    if not DRY:
+        torch.cuda.empty_cache()
+    dump()
+
+
+# ------------------------------------------------------------------------------------- table
+def num(key: str) -> float | None:
+    value = res.get(key)
+    return value if isinstance(value, float) else None
+
+
+def fmt(value: float | None, spec: str = ".0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def ratio(anchor: float | None, ours: float | None) -> float | None:
+    return None if (anchor is None or not ours) else anchor / ours
+
+
+print(f"\n=== ID-masked attention, {res['device']}, {DTYPE}, items={ITEMS}, L={res['L']} (times in us) ===")
+print(f"copy {res['copy_GBps']:.0f} GB/s, bf16 matmul {res['bf16_mm_TFLOPs']:.0f} TFLOP/s")
+head = (
+    f"{'config':8s} | {'ours fwd':>8s} {'fwd+bwd':>8s} {'fwd p.1':>8s} | {'roofline':>8s} {'frac':>5s} | "
+    f"{'eager fwd/fb':>15s} {'x':>11s} | {'sdpa fwd/fb':>15s} {'x':>11s} | {'flex fwd/fb':>15s} {'x':>11s}"
+)
+print(head)
+print("-" * len(head))
+for _, _, tag in CONFIGS:
+    of, ofb = num(f"{tag}_ours_fwd"), num(f"{tag}_ours_fwdbwd")
+    roof = num(f"{tag}_roofline_fwd_us")
+    frac = None if (roof is None or not of) else roof / of
+    res[f"{tag}_ours_fwd_roofline_fraction"] = frac
+    row = f"{tag:8s} | {fmt(of):>8s} {fmt(ofb):>8s} {fmt(num(f'{tag}_ours_fwd_dropout0.1')):>8s} | "
+    row += f"{fmt(roof):>8s} {fmt(frac, '.2f'):>5s}"
+    for anchor in ("eager", "sdpa_boolmask", "flex_compiled"):
+        af, afb = num(f"{tag}_{anchor}_fwd"), num(f"{tag}_{anchor}_fwdbwd")
+        rf, rfb = ratio(af, of), ratio(afb, ofb)
+        res[f"{tag}_{anchor}_over_ours_fwd"], res[f"{tag}_{anchor}_over_ours_fwdbwd"] = rf, rfb
+        row += f" | {fmt(af):>7s}/{fmt(afb):<7s} {fmt(rf, '.1f'):>5s}/{fmt(rfb, '.1f'):<5s}"
+    print(row)
+print("x = anchor time / our time (fwd / fwd+bwd); frac = roofline time / our fwd time")
+print("block sizes (BMxBNxwarpsxstages): heuristic, and the sweep's best where it was faster")
+for _, _, tag in CONFIGS:
+    used = res.get(f"{tag}_block_configs", {})
+    line = f"  {tag:8s} used " + ", ".join(f"{kind}={'x'.join(map(str, cfg))}" for kind, cfg in used.items())
+    for kind, base in (("fwd", num(f"{tag}_ours_fwd")), ("dq", num(f"{tag}_ours_fwdbwd")),
+                       ("dkdv", num(f"{tag}_ours_fwdbwd"))):
+        timed = {k_: v_ for k_, v_ in res.items() if k_.startswith(f"{tag}_sweep_{kind}_") and isinstance(v_, float)}
+        if timed and base is not None:
+            best = min(timed, key=timed.get)
+            if timed[best] < base:
+                line += f" | {kind}: {best.rsplit('_', 1)[1]} {timed[best]:.0f} us vs {base:.0f}"
+    print(line)
+dump()
+if failures:
+    print("\nFAILED:\n  " + "\n  ".join(failures))
+    sys.exit(1)
+print("\nbench_attention: all correctness checks passed" + (" (DRY run, no timing)" if DRY else ""))
