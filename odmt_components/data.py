@@ -706,7 +706,8 @@ def popularity_log_q(train_sequences: Sequence[np.ndarray], n_items: int) -> tor
     ``count_i`` is how often item ``i`` occurs in ``train_sequences`` and ``total`` the sum of
     all counts. The padding item 0 and items that never occur get the count
     :data:`POPULARITY_FLOOR_COUNT` (half an occurrence), so every entry is finite. float32.
-    This is the logQ correction of SPEC section 3 (subtracted from the training logits).
+    This is the logQ correction of SPEC section 3 (subtracted from the training logits); the
+    in-batch loss takes it per candidate column: ``log_q[batch.candidate_ids]``.
     """
     if n_items < 1:
         raise ValueError(f"n_items must be >= 1, got {n_items}")

@@ -356,3 +356,31 @@ def test_synthetic_features_carry_the_item_signal():
     assert consecutive < 0.7 * random
     counts = np.bincount(np.concatenate(ds.sequences), minlength=ds.n_items + 1)[1:]
     assert (counts <= 3).sum() > 0.1 * ds.n_items  # a long tail of rare items
+
+
+def test_train_batch_feeds_the_reference_loss():
+    """The batch's fields have the shapes and meaning the in-batch loss expects: with item
+    vectors equal to one-hot ids, every row's positive is the only non-excluded column that
+    holds its target item, and excluded copies of history items get no probability."""
+    from odmt_components.kernels.reference import (
+        debiased_inbatch_cross_entropy_reference,
+        inbatch_exclusion_mask,
+    )
+
+    batch = collate_train([np.array([1, 2, 3, 2, 4]), np.array([5, 1]), np.array([3])], 3)
+    valid = batch.target != IGNORE_INDEX
+    excluded = inbatch_exclusion_mask(batch.target[valid], batch.candidate_ids,
+                                      batch.exclude_ids[valid])
+    cand = batch.candidate_ids
+    for row, col in zip(excluded, batch.target[valid], strict=True):
+        allowed = (~row).nonzero().flatten()
+        assert int(col) in allowed.tolist()
+        # Only the target column carries the target item; no allowed column is padding.
+        assert (cand[allowed] == cand[col]).sum() == 1 and (cand[allowed] != 0).all()
+    onehot = torch.nn.functional.one_hot(cand, 6).double()
+    queries = torch.randn(batch.target.shape[0], 6, dtype=torch.float64)
+    loss = debiased_inbatch_cross_entropy_reference(
+        queries, onehot, batch.target, batch.candidate_ids, batch.exclude_ids,
+        popularity_log_q([np.array([1, 2, 3])], 5).double()[batch.candidate_ids],
+    )
+    assert torch.isfinite(loss) and loss >= 0
