@@ -20,8 +20,9 @@ Examples::
         --image-features image_tokens.npz
 
     # ml100k-mm (the project's small real set), text features from a local MiniLM copy
+    # (image tokens reduced from 1024 to MiniLM's 384 dims so the mean ID init applies)
     python -m odmt_components.prepare --format ml100k-mm --input ../shared/data/ml100k-mm \\
-        --out runs/ml100k-mm-prepared --text-model /path/to/all-MiniLM-L6-v2
+        --out runs/ml100k-mm-prepared --text-model /path/to/all-MiniLM-L6-v2 --image-pca-dim 384
 
 Features are cached (``--cache-dir``, default ``~/.cache/odmt-components/features``), so
 re-running with other filter settings does not re-encode known items. Set ``HF_HUB_OFFLINE=1``
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     feat.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
                       help="feature cache folder (env ODMT_FEATURE_CACHE)")
     feat.add_argument("--no-cache", action="store_true", help="do not cache features")
+    feat.add_argument("--image-pca-dim", type=int,
+                      help="reduce the image token width to this many principal components "
+                      "(e.g. the text width, for the paper's mean ID initialisation)")
     feat.add_argument("--missing-images", default="drop", choices=MISSING_IMAGE_POLICIES,
                       help="items without an image file: drop them, use a blank white image, "
                       "or stop with an error")
@@ -183,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_length=args.max_length, text_batch_size=args.batch_size,
             image_batch_size=args.batch_size, device=args.device,
             cache_dir=None if args.no_cache else args.cache_dir, out_dtype=args.dtype,
-            progress=not args.quiet,
+            progress=not args.quiet, image_pca_dim=args.image_pca_dim,
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -88,6 +88,7 @@ __all__ = [
     "clean_text",
     "dequantize_ml100k_image_tokens",
     "hm_image_path",
+    "pca_reduce_tokens",
     "read_amazon",
     "read_hm",
     "read_microlens",
@@ -740,6 +741,41 @@ def select_interactions(
     return order[keep]
 
 
+def pca_reduce_tokens(tokens: np.ndarray, dim: int, *, chunk: int = 256
+                      ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Project ``(n, L, d)`` token features onto their top ``dim`` principal components.
+
+    The PCA is fitted on every token of every row (float64 covariance, accumulated in chunks
+    of ``chunk`` rows), tokens are centred with the mean token and projected; each component's
+    sign is fixed so that its largest-magnitude loading is positive (deterministic output).
+    Returns the float32 ``(n, L, dim)`` tokens and ``{"pca_dim", "explained_variance"}`` (the
+    fraction of the total variance kept).
+    """
+    n, length, d = tokens.shape
+    if not isinstance(dim, int) or not 1 <= dim <= d:
+        raise ValueError(f"image_pca_dim must be an int in 1..{d} (the feature width), got {dim!r}")
+    count = n * length
+    total = np.zeros(d, dtype=np.float64)
+    gram = np.zeros((d, d), dtype=np.float64)
+    for start in range(0, n, chunk):
+        x = np.asarray(tokens[start:start + chunk], dtype=np.float64).reshape(-1, d)
+        total += x.sum(0)
+        gram += x.T @ x
+    mean = total / count
+    cov = gram / count - np.outer(mean, mean)
+    values, vectors = np.linalg.eigh(cov)
+    order = np.argsort(values)[::-1][:dim]
+    basis = vectors[:, order]
+    signs = np.sign(basis[np.abs(basis).argmax(0), np.arange(dim)])
+    basis *= np.where(signs == 0, 1.0, signs)
+    out = np.empty((n, length, dim), dtype=np.float32)
+    for start in range(0, n, chunk):
+        x = np.asarray(tokens[start:start + chunk], dtype=np.float64)
+        out[start:start + chunk] = (x - mean) @ basis
+    kept = float(np.clip(values[order], 0, None).sum() / max(np.clip(values, 0, None).sum(), 1e-300))
+    return out, {"pca_dim": dim, "explained_variance": round(kept, 6)}
+
+
 def _blank_image() -> Any:
     from PIL import Image
 
@@ -766,6 +802,7 @@ def build_dataset_folder(
     cache_dir: str | os.PathLike | None = None,
     out_dtype: str = "float16",
     progress: bool = True,
+    image_pca_dim: int | None = None,
 ) -> Path:
     """Filter ``raw``, extract (or take precomputed) token features and write an
     ``odmt-dataset/1`` folder at ``out`` with :func:`odmt_components.data.save_dataset_folder`.
@@ -776,6 +813,10 @@ def build_dataset_folder(
     ``image_model`` (image files from ``raw.item_images``). See the module docstring for the
     missing-image policy and the filter. The settings and the counts of what was dropped go
     into ``meta.json`` under ``"prepare"``.
+
+    ``image_pca_dim`` optionally reduces the image token width with a PCA fitted on the kept
+    items' image tokens (:func:`pca_reduce_tokens`), e.g. to give image and text CLS features
+    the same width, which the paper's ID-embedding initialisation (mean of both) needs.
 
     Returns:
         The folder path.
@@ -864,9 +905,14 @@ def build_dataset_folder(
         image_name = str(image_model)
     if image.padding.any():
         raise ValueError("image features must not have padding tokens")
+    pca_info: dict[str, Any] = {}
+    image_tokens_np: np.ndarray = image.tokens
+    if image_pca_dim is not None:
+        image_tokens_np, pca_info = pca_reduce_tokens(image.tokens, image_pca_dim)
+        pca_info = {"image_" + k: v for k, v in pca_info.items()}
 
     text_tokens = np.asarray(text.tokens, dtype=np_dtype)
-    image_tokens = np.asarray(image.tokens, dtype=np_dtype)
+    image_tokens = np.asarray(image_tokens_np, dtype=np_dtype)
     users = raw.users[sel]
     n_blank = int(sum(raw.item_images[i] is None for i in kept_items)) \
         if ifeat is None and raw.item_images is not None else 0
@@ -879,6 +925,7 @@ def build_dataset_folder(
             "seed": seed,
             "max_length": max_length if tfeat is None else None,
             "missing_images": missing_images,
+            **pca_info,
             "items_without_image": n_no_image,
             "items_with_blank_image": n_blank,
             "n_users": int(np.unique(users).size),

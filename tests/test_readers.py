@@ -281,6 +281,10 @@ def test_tsv_precomputed_features_are_aligned_by_item_id(tmp_path, models):
         np.testing.assert_array_equal(ds.image_tokens[i].numpy(), img[ids.index(key)])
         np.testing.assert_array_equal(ds.text_tokens[i].numpy(), txt[["i1", "i2", "i3"].index(key)])
     assert ds.text_padding[1].tolist() == [False, True]
+    out = build(raw, tmp_path / "pca", {"text_model": None, "image_model": None},
+                text_features=load_token_features(tmp_path / "txt.npy"), image_pca_dim=2)
+    assert load_dataset_folder(out, min_interactions=2).image_tokens.shape == (4, 3, 2)
+    assert "image_explained_variance" in json.loads((out / "meta.json").read_text())["prepare"]
     bad = TokenFeatures(img[:3], np.zeros((3, 3), bool))
     with pytest.raises(ValueError, match="3 rows but the item table lists 4"):
         read_tsv(root / "interactions.tsv", root / "items.tsv", image_features=bad)
@@ -404,3 +408,29 @@ def test_ml100k_mm_real_data(tmp_path, models):
     assert ds.n_users == 943 and all(len(s) == 15 for s in ds.sequences)
     row = deq.item_ids.index(ds.item_keys[0])
     np.testing.assert_allclose(ds.image_tokens[1].numpy(), deq.tokens[row], rtol=2e-3, atol=2e-3)
+
+
+def test_pca_reduce_tokens():
+    from odmt_components.readers import pca_reduce_tokens
+
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((40, 5, 3)) * np.array([5.0, 2.0, 1.0])
+    mix = np.linalg.qr(rng.standard_normal((8, 8)))[0][:3]  # 3 orthonormal rows in R^8
+    tokens = (latent @ mix + 0.5).astype(np.float32)  # rank 3 plus an offset
+    out, info = pca_reduce_tokens(tokens, 3, chunk=7)
+    assert out.shape == (40, 5, 3) and out.dtype == np.float32
+    assert info["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    flat = out.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(flat.mean(0), 0, atol=1e-4)
+    cov = np.cov(flat, rowvar=False, bias=True)
+    np.testing.assert_allclose(cov, np.diag(np.diag(cov)), atol=1e-3)  # decorrelated
+    assert np.all(np.diff(np.diag(cov)) < 0)  # sorted by variance
+    # distances between tokens are preserved (the data lies in the kept subspace)
+    x = tokens.reshape(-1, 8).astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(x[0] - x[1:], axis=1),
+                               np.linalg.norm(flat[0] - flat[1:], axis=1), rtol=1e-4)
+    out1, info1 = pca_reduce_tokens(tokens, 1)
+    assert 0.5 < info1["explained_variance"] < 1.0
+    np.testing.assert_allclose(out1[..., 0], out[..., 0], atol=1e-4)
+    with pytest.raises(ValueError, match="image_pca_dim"):
+        pca_reduce_tokens(tokens, 9)
