@@ -1,7 +1,8 @@
 """Tests of the Triton ID-masked attention kernel (``odmt_components.kernels.attention``).
 
-Run on the CPU under ``TRITON_INTERPRET=1`` (set by tests/conftest.py) with tiny shapes; the
-ground truth is ``id_masked_attention_reference`` in float64. bf16 is not tested here (the
+Run on the CPU under ``TRITON_INTERPRET=1`` (set by tests/conftest.py) with tiny shapes, or on
+the GPU (compiled kernels) where CUDA is present; the ground truth is
+``id_masked_attention_reference`` in float64 on the same device. bf16 is not tested here (the
 interpreter is wrong in bf16); benchmarks/bench_attention.py checks bf16 on a GPU.
 """
 
@@ -16,6 +17,9 @@ from triton.runtime.errors import OutOfResources
 from odmt_components.kernels import attention as attn
 from odmt_components.kernels.reference import id_masked_attention_reference
 
+# CPU (interpreter) here; on a CUDA machine the same tests run the compiled kernels.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 # Tolerances, per dtype, for outputs and gradients against the float64 reference.
 TOL = {
     torch.float32: dict(atol=1e-4, rtol=1e-4),
@@ -25,7 +29,7 @@ TOL = {
 
 def _inputs(batch, heads, length, dim, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, heads, length, dim, generator=g).to(dtype) for _ in range(3)]
+    return [torch.randn(batch, heads, length, dim, generator=g).to(DEVICE, dtype) for _ in range(3)]
 
 
 def _kernel(q, k, v, pad, id_index, grad_out, dropout_p=0.0, seed=0, scale=None):
@@ -49,7 +53,7 @@ def _assert_close(got, want, dtype, what):
 
 
 def _assert_matches_reference(q, k, v, pad, id_index, dtype, **kw):
-    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     out, grads = _kernel(q, k, v, pad, id_index, grad_out, **{k_: kw[k_] for k_ in kw if k_ != "keep"})
     ref_kw = {k_: kw[k_] for k_ in kw if k_ != "seed"}
     ref_out, ref_grads = _reference(q, k, v, pad, id_index, grad_out, **ref_kw)
@@ -73,7 +77,7 @@ def _padding(pattern: str, batch: int, length: int, seed: int) -> torch.Tensor |
         pad = torch.arange(length)[None, :] >= kept[:, None]
     elif pattern == "one_item_all_padded":
         pad[0] = True
-    return pad
+    return pad.to(DEVICE)
 
 
 # Hypothesis starts from the first element of each strategy: those are the interesting ones.
@@ -100,7 +104,7 @@ def test_matches_reference(batch, heads, length, dim, pattern, id_pos, dtype, pa
 def test_head_dims_not_power_of_two(dim):
     """Split head dims (80 = 64 + 16, 384 = 256 + 128: the reference ODMT width)."""
     q, k, v = _inputs(1, 2, 11, dim, torch.float32)
-    pad = torch.tensor([[False] * 8 + [True] * 3])
+    pad = torch.tensor([[False] * 8 + [True] * 3], device=DEVICE)
     _assert_matches_reference(q, k, v, pad, 4, torch.float32)
 
 
@@ -109,17 +113,17 @@ def test_other_block_sizes(config, monkeypatch):
     """Block sizes other than the heuristic's (fallbacks, benchmark sweeps) give the same result."""
     monkeypatch.setattr(attn, "_OVERRIDE", {"fwd": config, "dq": config, "dkdv": config})
     q, k, v = _inputs(2, 1, 41, 24, torch.float32)
-    pad = torch.zeros(2, 41, dtype=torch.bool)
+    pad = torch.zeros(2, 41, dtype=torch.bool, device=DEVICE)
     pad[1, 30:] = True
     _assert_matches_reference(q, k, v, pad, 20, torch.float32, dropout_p=0.2, seed=3,
-                              keep=attn.dropout_keep_mask(2, 1, 41, 0.2, 3, "cpu"))
+                              keep=attn.dropout_keep_mask(2, 1, 41, 0.2, 3, DEVICE))
 
 
 def test_item_whose_text_is_only_cls():
     """ODMT layout [image (5) | ID | text CLS + 6 tokens]: item 1 has no text but its CLS."""
     n_img, n_txt = 5, 7
     length = n_img + 1 + n_txt
-    pad = torch.zeros(2, length, dtype=torch.bool)
+    pad = torch.zeros(2, length, dtype=torch.bool, device=DEVICE)
     pad[0, n_img + 1 + 4 :] = True
     pad[1, n_img + 2 :] = True
     q, k, v = _inputs(2, 2, length, 16, torch.float32)
@@ -129,7 +133,7 @@ def test_item_whose_text_is_only_cls():
 def test_rows_without_keys_are_zero():
     """All keys padded (item 0), and only the ID key unpadded (item 1): no NaN, zeros."""
     length, id_index = 9, 3
-    pad = torch.ones(2, length, dtype=torch.bool)
+    pad = torch.ones(2, length, dtype=torch.bool, device=DEVICE)
     pad[1, id_index] = False
     q, k, v = _inputs(2, 2, length, 16, torch.float32)
     out, (dq, dk, dv) = _assert_matches_reference(q, k, v, pad, id_index, torch.float32)
@@ -143,13 +147,13 @@ def test_rows_without_keys_are_zero():
 def test_non_contiguous_inputs_and_grad():
     batch, heads, length, dim = 2, 2, 13, 16
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(batch, length, heads, dim, generator=g).transpose(1, 2)  # (B,L,H,D) layout
-    k = torch.randn(batch, heads, length, 2 * dim, generator=g)[..., ::2]  # column stride 2
-    v = torch.randn(heads, batch, length, dim, generator=g).transpose(0, 1)
-    pad = torch.zeros(batch, 2 * length, dtype=torch.bool)[:, ::2]
+    q = torch.randn(batch, length, heads, dim, generator=g).to(DEVICE).transpose(1, 2)  # (B,L,H,D) layout
+    k = torch.randn(batch, heads, length, 2 * dim, generator=g).to(DEVICE)[..., ::2]  # column stride 2
+    v = torch.randn(heads, batch, length, dim, generator=g).to(DEVICE).transpose(0, 1)
+    pad = torch.zeros(batch, 2 * length, dtype=torch.bool, device=DEVICE)[:, ::2]
     pad[0, 9:] = True
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous() or pad.is_contiguous())
-    grad_out = torch.randn(batch, heads, dim, length, generator=g).transpose(-1, -2)
+    grad_out = torch.randn(batch, heads, dim, length, generator=g).to(DEVICE).transpose(-1, -2)
     out, grads = _kernel(q, k, v, pad, 2, grad_out)
     ref_out, ref_grads = _reference(q, k, v, pad, 2, grad_out)
     _assert_close(out, ref_out, torch.float32, "output")
@@ -166,14 +170,14 @@ def test_explicit_scale():
 
 
 def _dropout_case():
-    pad = torch.zeros(2, 14, dtype=torch.bool)
+    pad = torch.zeros(2, 14, dtype=torch.bool, device=DEVICE)
     pad[1, 10:] = True
     return (*_inputs(2, 2, 14, 16, torch.float32, seed=5), pad, 6)
 
 
 def test_dropout_zero_is_exact_and_ignores_seed():
     q, k, v, pad, id_index = _dropout_case()
-    grad_out = torch.randn(q.shape)
+    grad_out = torch.randn(q.shape, device=DEVICE)
     out1, grads1 = _kernel(q, k, v, pad, id_index, grad_out, dropout_p=0.0, seed=1)
     out2, grads2 = _kernel(q, k, v, pad, id_index, grad_out, dropout_p=0.0, seed=2)
     assert torch.equal(out1, out2) and all(torch.equal(a, b) for a, b in zip(grads1, grads2, strict=True))
@@ -182,7 +186,7 @@ def test_dropout_zero_is_exact_and_ignores_seed():
 
 def test_dropout_same_seed_same_result_different_seed_differs():
     q, k, v, pad, id_index = _dropout_case()
-    grad_out = torch.randn(q.shape)
+    grad_out = torch.randn(q.shape, device=DEVICE)
     out1, grads1 = _kernel(q, k, v, pad, id_index, grad_out, dropout_p=0.3, seed=11)
     out2, grads2 = _kernel(q, k, v, pad, id_index, grad_out, dropout_p=0.3, seed=11)
     out3, grads3 = _kernel(q, k, v, pad, id_index, grad_out, dropout_p=0.3, seed=12)
@@ -194,7 +198,7 @@ def test_dropout_matches_reference_with_replayed_mask():
     q, k, v, pad, id_index = _dropout_case()
     batch, heads, length, _ = q.shape
     for seed in (0, 2**31 - 5):
-        keep = attn.dropout_keep_mask(batch, heads, length, 0.25, seed, "cpu")
+        keep = attn.dropout_keep_mask(batch, heads, length, 0.25, seed, DEVICE)
         assert keep.shape == (batch, heads, length, length) and keep.dtype == torch.bool
         assert 0.6 < keep.float().mean().item() < 0.9
         assert not torch.equal(keep[0, 0], keep[0, 1])  # heads draw independent masks
@@ -205,7 +209,7 @@ def test_dropout_expectation_approaches_no_dropout_output():
     """Every (b, h) draws its own mask: average 64 identical heads over 4 seeds (256 draws)."""
     length, dim, reps, seeds = 8, 16, 64, 4
     q, k, v = (x.expand(1, reps, length, dim) for x in _inputs(1, 1, length, dim, torch.float32, seed=9))
-    pad = torch.tensor([[False] * 6 + [True] * 2])
+    pad = torch.tensor([[False] * 6 + [True] * 2], device=DEVICE)
     exact = id_masked_attention_reference(q[:, :1].double(), k[:, :1].double(), v[:, :1].double(), pad, 2)[0, 0]
     draws = torch.cat([attn.id_masked_attention(q, k, v, pad, 2, 0.1, None, s)[0] for s in range(seeds)]).double()
     assert (draws[0] - exact).abs().max() > 0.05  # one draw is visibly perturbed ...
@@ -220,7 +224,7 @@ def test_dropout_expectation_approaches_no_dropout_output():
 
 def test_opcheck_custom_ops():
     q, k, v = (x.requires_grad_() for x in _inputs(2, 1, 9, 16, torch.float32))
-    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad = torch.zeros(2, 9, dtype=torch.bool, device=DEVICE)
     pad[0, 5:] = True
     fwd = torch.ops.odmt.id_masked_attention.default
     torch.library.opcheck(fwd, (q, k, v, pad, 3, 0.0, 0.25, 0))
@@ -244,9 +248,9 @@ class _TinyAttention(torch.nn.Module):
 
 def test_torch_compile_fullgraph():
     torch.manual_seed(0)
-    module = _TinyAttention(16)
-    x = torch.randn(2, 10, 16)
-    pad = torch.zeros(2, 10, dtype=torch.bool)
+    module = _TinyAttention(16).to(DEVICE)
+    x = torch.randn(2, 10, 16, device=DEVICE)
+    pad = torch.zeros(2, 10, dtype=torch.bool, device=DEVICE)
     pad[1, 6:] = True
     eager_out = module(x, pad)
     eager_grad = torch.autograd.grad(eager_out.square().sum(), module.proj.weight)[0]
