@@ -234,7 +234,7 @@ def train_config(config: ODMTConfig) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in dataclasses.asdict(config).items() if k in names})
 
 
-def run(config: ODMTConfig, data: MultiModalDataset, device: torch.device, log=print) -> FitResult:
+def run(config: ODMTConfig, data: MultiModalDataset, device: torch.device, log=None) -> FitResult:
     """Train one model on ``data`` and return its :class:`FitResult` (reused by reproduce.py)."""
     torch.manual_seed(config.seed)
     split = leave_one_out(data)

@@ -1,0 +1,131 @@
+"""One whole ODMT training step at the reference scale: our kernels against the PyTorch path.
+
+The step is the example's (``examples/train_odmt.py``): IMT over the distinct items of the
+batch -> three SASRecs -> three debiased in-batch CEs + distillation, backward, AdamW, bf16
+autocast. Shapes follow ``../shared/anchors/odmt_step_gpu.py``: 128 users x 13 items, text
+30 tokens, image 50 tokens (width 768 each), d = 768, IMT 2 layers x 2 heads (head dim 384).
+
+``backend="triton"`` runs the fused attention and loss kernels; ``backend="torch"`` the same
+model with the PyTorch definitions (mask and logits materialised). Prints ms per step
+(median of CUDA-event-timed steps) and writes ``$OUT/bench_odmt_step.json`` when OUT is set.
+Without a GPU it says so and exits 0; ``DRY=1`` runs tiny shapes on the CPU (plumbing only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+DRY = bool(os.environ.get("DRY"))
+
+
+def build(backend: str, device: torch.device):
+    import train_odmt
+
+    from odmt_components import leave_one_out, make_synthetic_dataset, popularity_log_q
+
+    if DRY:
+        shape = dict(n_users=64, n_items=120, n_topics=4, text_len=6, text_dim=16, image_tokens=4, image_dim=16)
+        config = train_odmt.ODMTConfig(dim=32, backend=backend, progress=False)
+    else:
+        shape = dict(n_users=2000, n_items=6000, n_topics=40, text_len=30, text_dim=768, image_tokens=50, image_dim=768)
+        config = train_odmt.ODMTConfig(backend=backend, progress=False)
+    data = make_synthetic_dataset(max_len=20, **shape)
+    split = leave_one_out(data)
+    log_q = popularity_log_q(split.train, data.n_items).to(device)
+    torch.manual_seed(0)
+    model = train_odmt.build_model(config, data).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    from odmt_components import collate_train
+
+    # Full-length sequences, like the anchor's 128 x 13 batch.
+    long_enough = [s for s in split.train if len(s) >= config.max_seq_len + 1] or split.train
+    batches = [
+        collate_train(long_enough[i : i + config.batch_size], config.max_seq_len).to(device)
+        for i in range(0, min(len(long_enough), 4 * config.batch_size), config.batch_size)
+    ]
+    return model, optimizer, batches, log_q
+
+
+def time_steps(backend: str, device: torch.device, steps: int) -> dict:
+    model, optimizer, batches, log_q = build(backend, device)
+    model.train()
+
+    def step(batch):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, _ = model.training_loss(batch, log_q, 0.5)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        return loss
+
+    for i in range(3):  # warm-up: kernel compilation, allocator
+        step(batches[i % len(batches)])
+    times = []
+    for i in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(batches[i % len(batches)])
+            stop.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(stop))
+        else:
+            begin = time.perf_counter()
+            step(batches[i % len(batches)])
+            times.append((time.perf_counter() - begin) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 1e6 if device.type == "cuda" else 0.0
+    rows = batches[0].target.numel()
+    return {
+        "ms_per_step": statistics.median(times),
+        "peak_MB": peak,
+        "rows": rows,
+        "columns": batches[0].candidate_ids.numel(),
+    }
+
+
+def main() -> None:
+    if not torch.cuda.is_available() and not DRY:
+        print("bench_odmt_step: no CUDA GPU present; nothing measured (DRY=1 runs the plumbing on the CPU).")
+        return
+    if DRY:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = torch.device("cpu" if DRY else "cuda")
+    results: dict = {"device": "cpu (DRY)" if DRY else torch.cuda.get_device_name(), "torch": torch.__version__}
+    steps = 2 if DRY else 30
+    for backend in ("torch", "triton"):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            results[backend] = time_steps(backend, device, steps)
+        except Exception as error:  # one failing backend must not hide the other's numbers
+            results[backend] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+        print(backend, results[backend], flush=True)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "bench_odmt_step.json").write_text(json.dumps(results, indent=1))
+    print("\n| ODMT training step | ms/step | peak MB |\n|---|---|---|")
+    for backend in ("torch", "triton"):
+        r = results[backend]
+        if "error" in r:
+            print(f"| {backend} | failed: {r['error'][:80]} | |")
+        else:
+            print(f"| {backend} | {r['ms_per_step']:.1f} | {r['peak_MB']:.0f} |")
+    if all("ms_per_step" in results[b] for b in ("torch", "triton")):
+        speedup = results["torch"]["ms_per_step"] / results["triton"]["ms_per_step"]
+        print(f"speed-up of the kernels on the whole step: {speedup:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
