@@ -96,6 +96,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .reference import DistillationLosses
 
@@ -610,6 +611,36 @@ def _config(kind: str, rows: int, cols: int, d: int, interpret: bool) -> dict:
                 num_warps=8 if tile >= 64 else 4, num_stages=3 if kind == "fwd" else 2)
 
 
+def _launch(kernel, cfg: dict, extent: int, d: int, args: tuple, flags: dict, *,
+            grid_over_rows: bool, with_do: bool) -> None:
+    """Launch ``kernel`` over ``extent`` (rows or columns) with the heuristic's tiles.
+
+    Should a GPU refuse them (``OutOfResources``: shared memory or registers), retry
+    deterministically with one pipeline stage, then half the output chunk, then half the
+    grid tile -- a fixed fallback chain, not autotuning.
+    """
+    tries = [cfg, {**cfg, "num_stages": 1}]
+    if with_do and cfg["BLOCK_DO"] > 32:
+        tries.append({**tries[-1], "BLOCK_DO": cfg["BLOCK_DO"] // 2})
+    if cfg["BLOCK_T"] > 16:
+        tries.append({**tries[-1], "BLOCK_T": cfg["BLOCK_T"] // 2})
+    for i, c in enumerate(tries):
+        tile, walk = c["BLOCK_T"], c["BLOCK_W"]
+        meta = dict(BLOCK_R=tile if grid_over_rows else walk,
+                    BLOCK_N=walk if grid_over_rows else tile, BLOCK_D=c["BLOCK_D"])
+        grid = (triton.cdiv(extent, tile),)
+        if with_do:
+            meta["BLOCK_DO"] = c["BLOCK_DO"]
+            grid = (grid[0], triton.cdiv(d, c["BLOCK_DO"]))
+        try:
+            kernel[grid](*args, **flags, **meta, num_warps=c["num_warps"],
+                         num_stages=c["num_stages"])
+            return
+        except OutOfResources:
+            if i == len(tries) - 1:
+                raise
+
+
 def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -649,13 +680,12 @@ def _ce_op(queries: torch.Tensor, candidates: torch.Tensor, target: torch.Tensor
     cfg = _config("fwd", R, N, D, _interpreting(queries))
     ex, ex_sr, ex_ss, S = _excl_args(exclude_ids, candidate_ids)
     lq, s_lq, has_lq = _lq_args(log_q, candidate_ids)
-    grid = (triton.cdiv(R, cfg["BLOCK_T"]),)
-    _ce_fwd_kernel[grid](
-        queries, queries.stride(0), queries.stride(1), candidates, candidates.stride(0),
-        candidates.stride(1), target, target.stride(0), candidate_ids, candidate_ids.stride(0),
-        ex, ex_sr, ex_ss, lq, s_lq, loss, lse, R, N, D, S, pad_id, ignore_index,
-        HAS_LQ=has_lq, BLOCK_R=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_W"], BLOCK_D=cfg["BLOCK_D"],
-        PREC=_prec(queries.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    args = (queries, queries.stride(0), queries.stride(1), candidates, candidates.stride(0),
+            candidates.stride(1), target, target.stride(0), candidate_ids,
+            candidate_ids.stride(0), ex, ex_sr, ex_ss, lq, s_lq, loss, lse, R, N, D, S, pad_id,
+            ignore_index)
+    _launch(_ce_fwd_kernel, cfg, R, D, args, dict(HAS_LQ=has_lq, PREC=_prec(queries.dtype)),
+            grid_over_rows=True, with_do=False)
     return loss, lse
 
 
@@ -684,22 +714,15 @@ def _ce_bwd_op(queries: torch.Tensor, candidates: torch.Tensor, target: torch.Te
     interp = _interpreting(queries)
     common = (target, target.stride(0), candidate_ids, candidate_ids.stride(0), ex, ex_sr,
               ex_ss, lq, s_lq, lse, g, gmax)
-    cfg = _config("dq", R, N, D, interp)
-    grid = (triton.cdiv(R, cfg["BLOCK_T"]), triton.cdiv(D, cfg["BLOCK_DO"]))
-    _ce_dq_kernel[grid](
-        queries, queries.stride(0), queries.stride(1), candidates, candidates.stride(0),
-        candidates.stride(1), *common, dq, dq.stride(0), dq.stride(1), R, N, D, S, pad_id,
-        ignore_index, HAS_LQ=has_lq, BLOCK_R=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_W"],
-        BLOCK_D=cfg["BLOCK_D"], BLOCK_DO=cfg["BLOCK_DO"], PREC=_prec(queries.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    cfg = _config("dc", N, R, D, interp)
-    grid = (triton.cdiv(N, cfg["BLOCK_T"]), triton.cdiv(D, cfg["BLOCK_DO"]))
-    _ce_dc_kernel[grid](
-        queries, queries.stride(0), queries.stride(1), candidates, candidates.stride(0),
-        candidates.stride(1), *common, dc, dc.stride(0), dc.stride(1), R, N, D, S, pad_id,
-        ignore_index, HAS_LQ=has_lq, BLOCK_R=cfg["BLOCK_W"], BLOCK_N=cfg["BLOCK_T"],
-        BLOCK_D=cfg["BLOCK_D"], BLOCK_DO=cfg["BLOCK_DO"], PREC=_prec(queries.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    head = (queries, queries.stride(0), queries.stride(1), candidates, candidates.stride(0),
+            candidates.stride(1), *common)
+    flags = dict(HAS_LQ=has_lq, PREC=_prec(queries.dtype))
+    _launch(_ce_dq_kernel, _config("dq", R, N, D, interp), R, D,
+            (*head, dq, dq.stride(0), dq.stride(1), R, N, D, S, pad_id, ignore_index), flags,
+            grid_over_rows=True, with_do=True)
+    _launch(_ce_dc_kernel, _config("dc", N, R, D, interp), N, D,
+            (*head, dc, dc.stride(0), dc.stride(1), R, N, D, S, pad_id, ignore_index), flags,
+            grid_over_rows=False, with_do=True)
     return dq, dc
 
 
@@ -798,14 +821,11 @@ def _odmt_op(q_id: torch.Tensor, q_text: torch.Tensor, q_image: torch.Tensor,
     cfg = _config("fwd3", R, N, D, _interpreting(q_id))
     ex, ex_sr, ex_ss, S = _excl_args(exclude_ids, candidate_ids)
     lq, s_lq, has_lq = _lq_args(log_q, candidate_ids)
-    grid = (triton.cdiv(R, cfg["BLOCK_T"]),)
-    _odmt_fwd_kernel[grid](
-        *_branch_args((q_id, q_text, q_image), (c_id, c_text, c_image)),
-        target, target.stride(0), candidate_ids, candidate_ids.stride(0), ex, ex_sr, ex_ss,
-        lq, s_lq, loss, stats, R, N, D, S, pad_id, ignore_index, float(temperature),
-        HAS_LQ=has_lq, FORM_KL=bool(form_kl), BLOCK_R=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_W"],
-        BLOCK_D=cfg["BLOCK_D"], PREC=_prec(q_id.dtype), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+    args = (*_branch_args((q_id, q_text, q_image), (c_id, c_text, c_image)),
+            target, target.stride(0), candidate_ids, candidate_ids.stride(0), ex, ex_sr, ex_ss,
+            lq, s_lq, loss, stats, R, N, D, S, pad_id, ignore_index, float(temperature))
+    flags = dict(HAS_LQ=has_lq, FORM_KL=bool(form_kl), PREC=_prec(q_id.dtype))
+    _launch(_odmt_fwd_kernel, cfg, R, D, args, flags, grid_over_rows=True, with_do=False)
     return loss, stats
 
 
@@ -842,18 +862,11 @@ def _odmt_bwd_op(q_id: torch.Tensor, q_text: torch.Tensor, q_image: torch.Tensor
               ex_ss, lq, s_lq, stats, g, gmax)
     flags = dict(HAS_LQ=has_lq, FORM_KL=bool(form_kl), DETACH=bool(detach_teacher),
                  PREC=_prec(q_id.dtype))
-    cfg = _config("dq3", R, N, D, interp)
-    grid = (triton.cdiv(R, cfg["BLOCK_T"]), triton.cdiv(D, cfg["BLOCK_DO"]))
-    _odmt_dq_kernel[grid](
-        *head, *common, dq, R, N, D, S, pad_id, ignore_index, float(temperature), **flags,
-        BLOCK_R=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_W"], BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_DO=cfg["BLOCK_DO"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    cfg = _config("dc3", N, R, D, interp)
-    grid = (triton.cdiv(N, cfg["BLOCK_T"]), triton.cdiv(D, cfg["BLOCK_DO"]))
-    _odmt_dc_kernel[grid](
-        *head, *common, dc, R, N, D, S, pad_id, ignore_index, float(temperature), **flags,
-        BLOCK_R=cfg["BLOCK_W"], BLOCK_N=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_DO=cfg["BLOCK_DO"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    tail = (R, N, D, S, pad_id, ignore_index, float(temperature))
+    _launch(_odmt_dq_kernel, _config("dq3", R, N, D, interp), R, D,
+            (*head, *common, dq, *tail), flags, grid_over_rows=True, with_do=True)
+    _launch(_odmt_dc_kernel, _config("dc3", N, R, D, interp), N, D,
+            (*head, *common, dc, *tail), flags, grid_over_rows=False, with_do=True)
     return dq, dc
 
 

@@ -522,3 +522,26 @@ def test_gpu_launch_heuristic_gives_tensor_core_tiles(kind, rows, cols, d):
     if d <= 256 and not kind.startswith("fwd"):  # scores recomputed once per backward kernel
         assert cfg["BLOCK_DO"] >= d
     assert cfg["num_warps"] in (4, 8) and cfg["num_stages"] in (2, 3)
+
+
+def test_launch_falls_back_deterministically_when_the_gpu_refuses_the_tiles():
+    from triton.runtime.errors import OutOfResources
+
+    calls = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            def run(*args, **meta):
+                calls.append((grid, meta))
+                if meta["num_stages"] > 1 or meta["BLOCK_DO"] > 128:
+                    raise OutOfResources(300000, 232448, "shared memory")
+
+            return run
+
+    cfg = K._config("dq3", 16384, 16384, 256, interpret=False)
+    K._launch(FakeKernel(), cfg, 16384, 256, (), {"X": 1}, grid_over_rows=True, with_do=True)
+    assert [c[1]["num_stages"] for c in calls] == [2, 1, 1]
+    grid, meta = calls[-1]
+    assert meta["BLOCK_DO"] == 128 and grid == (16384 // meta["BLOCK_R"], 2) and meta["X"] == 1
+    with pytest.raises(OutOfResources):
+        K._launch(FakeKernel(), {**cfg, "BLOCK_DO": 1024}, 16384, 1024, (), {}, grid_over_rows=False, with_do=True)

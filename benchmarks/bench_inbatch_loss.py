@@ -1,0 +1,391 @@
+"""Benchmark of the in-batch loss kernels (``odmt_components.kernels.inbatch_loss``).
+
+On a CUDA GPU:
+1. measures the card's copy bandwidth and bf16 matmul rate;
+2. checks bf16 correctness of both ops (forward and all gradients) against the float64
+   reference at a moderate size, and exits with status 1 on a mismatch;
+3. times forward+backward (median, ``triton.testing.do_bench``) and measures the peak memory
+   a call adds on top of its inputs (``torch.cuda.max_memory_allocated`` after a reset, minus
+   what was allocated before the call) for
+   - R=1,536 N=1,664 d=768 and R=N=16,384 d=256: the three-branch ODMT loss (CE + the three
+     distillation terms, T=0.5, detached teachers) and the single-branch masked CE;
+   - R=N=65,536 d=128: the single-branch masked CE;
+   against eager PyTorch and torch.compile of the same math (written as in
+   ``shared/anchors/anchors_gpu.py``: 15 history exclusions per row, other copies of the
+   target excluded, random log-popularity correction), and Liger's fused linear CE and
+   Cut Cross-Entropy on the plain CE they are limited to (no exclusion, no logQ);
+4. prints a table: times, peak MB, our speed-up over each competitor, the arithmetic floor
+   (forward 2RNd + backward 6RNd FLOPs per branch at the measured bf16 matmul rate) and our
+   distance to it. Writes every number to ``$OUT/bench_inbatch_loss.json`` when OUT is set.
+
+``DRY=1`` runs the whole script on the CPU under ``TRITON_INTERPRET=1`` with tiny shapes
+(plumbing only, no timing). Without a GPU and without DRY it says so and exits 0.
+``SKIP_COMPILE=1`` leaves out the torch.compile competitors (their warm-up is the slowest
+part of the run).
+
+Run: ``python benchmarks/bench_inbatch_loss.py`` (GPU) or ``DRY=1 python benchmarks/bench_inbatch_loss.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+DRY = bool(os.environ.get("DRY"))
+if DRY:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+if not DRY and not torch.cuda.is_available():
+    print("bench_inbatch_loss: no CUDA GPU here; nothing measured (DRY=1 runs a CPU dry run).")
+    sys.exit(0)
+
+from odmt_components.kernels import inbatch_loss as K  # noqa: E402
+from odmt_components.kernels.reference import (  # noqa: E402
+    BRANCHES,
+    debiased_inbatch_cross_entropy_reference,
+    mutual_distillation_reference,
+)
+
+DEV = "cpu" if DRY else "cuda"
+DTYPE = torch.float32 if DRY else torch.bfloat16  # bf16 is wrong in the interpreter
+SKIP_COMPILE = bool(os.environ.get("SKIP_COMPILE")) or DRY
+T = 0.5
+HIST = 15
+PAD = -1  # no candidate id is -1: the anchors' data has no padding columns
+IGNORE = -100
+RES: dict = {"device": "cpu (DRY)" if DRY else torch.cuda.get_device_name(), "torch": torch.__version__}
+
+try:
+    import triton
+    from triton.testing import do_bench
+
+    RES["triton"] = triton.__version__
+except Exception as exc:  # pragma: no cover - triton is a dependency
+    print("triton unavailable:", exc)
+    sys.exit(1)
+
+
+def dump() -> None:
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "bench_inbatch_loss.json"), "w") as fh:
+            json.dump(RES, fh, indent=1)
+
+
+def bench(fn, grads=(), rep: int = 40) -> float:
+    """Median milliseconds of ``fn`` (one call in DRY mode, time 0)."""
+    if DRY:
+        fn()
+        return 0.0
+    return do_bench(fn, warmup=10, rep=rep, grad_to_none=list(grads), return_mode="median")
+
+
+def peak_mb(fn, grads=()) -> float:
+    """Peak memory one call adds on top of what is allocated before it (MB)."""
+    if DRY:
+        return 0.0
+    for g in grads:
+        g.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    for g in grads:
+        g.grad = None
+    return extra / 1e6
+
+
+def measure(key: str, fn, grads, rep: int = 40) -> None:
+    try:
+        RES[f"{key}_ms"] = bench(fn, grads, rep)
+        RES[f"{key}_peakMB"] = peak_mb(fn, grads)
+        print(f"{key:48s} {RES[f'{key}_ms'] * 1000:11.1f} us  {RES[f'{key}_peakMB']:9.1f} MB", flush=True)
+    except Exception as exc:
+        RES[f"{key}_ms"] = f"ERR {type(exc).__name__}: {str(exc)[:200]}"
+        print(f"{key:48s} ERROR {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        if not DRY:
+            torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------
+# 1. ceilings of the card
+# ---------------------------------------------------------------------------------------
+
+
+def ceilings() -> None:
+    n = 2**10 if DRY else 2**30
+    x = torch.empty(n, dtype=torch.uint8, device=DEV)
+    y = torch.empty_like(x)
+    t = bench(lambda: y.copy_(x))
+    RES["copy_GBps"] = 2 * n / (max(t, 1e-9) * 1e-3) / 1e9
+    m = 64 if DRY else 8192
+    a = torch.randn(m, m, device=DEV, dtype=DTYPE)
+    b = torch.randn_like(a)
+    t = bench(lambda: a @ b)
+    RES["bf16_mm_TFLOPs"] = 2 * m**3 / (max(t, 1e-9) * 1e-3) / 1e12
+    print(f"copy {RES['copy_GBps']:.0f} GB/s, bf16 matmul {RES['bf16_mm_TFLOPs']:.0f} TFLOP/s", flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# data and the competitors' math (as in shared/anchors/anchors_gpu.py)
+# ---------------------------------------------------------------------------------------
+
+
+def make_data(R: int, N: int, d: int, seed: int = 1):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    n_items = max(4 * N, 1000)
+    cand = torch.randint(0, n_items, (N,), generator=g).to(DEV)
+    target = torch.randint(0, N, (R,), generator=g).to(DEV)
+    hist = cand[torch.randint(0, N, (R, HIST), generator=g).to(DEV)]
+    log_pop = torch.rand(N, generator=g).add(1e-3).log().to(DEV)
+    Hs = [torch.randn(R, d, generator=g).to(DEV, DTYPE).requires_grad_(True) for _ in range(3)]
+    Ds = [torch.randn(N, d, generator=g).to(DEV, DTYPE).requires_grad_(True) for _ in range(3)]
+    return Hs, Ds, target, cand, hist, log_pop
+
+
+def eager_fns(Hs, Ds, target, cand, hist, log_pop):
+    R = target.shape[0]
+
+    def excl_mask():
+        m = cand[None, :] == cand[target][:, None]
+        for j in range(hist.shape[1]):
+            m |= cand[None, :] == hist[:, j : j + 1]
+        m[torch.arange(R, device=target.device), target] = False
+        return m
+
+    def ce_one(H, D, m):
+        z = (H @ D.t()).float() - log_pop
+        z = z.masked_fill(m, float("-inf"))
+        return F.cross_entropy(z, target), z
+
+    def eager_ce():
+        return ce_one(Hs[0], Ds[0], excl_mask())[0]
+
+    def eager_odmt():
+        m = excl_mask()
+        zs = []
+        ce = 0
+        for H, D in zip(Hs, Ds, strict=True):
+            loss, z = ce_one(H, D, m)
+            ce = ce + loss
+            zs.append(z)
+        zi, zt, zv = zs
+        ze = (zi + zt + zv) / 3
+
+        def kl(teacher, student):
+            pt = F.log_softmax(teacher.detach() / T, -1).masked_fill(m, -1e4)
+            ps = F.log_softmax(student / T, -1).masked_fill(m, -1e4)
+            return F.kl_div(ps, pt, log_target=True, reduction="batchmean") * T * T
+
+        return ce + kl(zi, zt) + kl(zi, zv) + kl(ze, zi)
+
+    return eager_ce, eager_odmt
+
+
+def our_fns(Hs, Ds, target, cand, hist, log_pop):
+    def ours_ce():
+        return K.debiased_inbatch_cross_entropy(Hs[0], Ds[0], target, cand, hist, log_pop, PAD, IGNORE, "mean")
+
+    def ours_odmt():
+        out = K.mutual_distillation_loss(*Hs, *Ds, target, cand, hist, log_pop, T, True, "kl", PAD, IGNORE, "mean")
+        return out.ce + out.kl
+
+    return ours_ce, ours_odmt
+
+
+# ---------------------------------------------------------------------------------------
+# 2. bf16 correctness against the float64 reference
+# ---------------------------------------------------------------------------------------
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def correctness() -> bool:
+    R, N, d = (20, 22, 24) if DRY else (768, 832, 256)
+    Hs, Ds, target, cand, hist, log_pop = make_data(R, N, d, seed=2)
+    target[::7] = IGNORE
+    ok = True
+    fwd_tol, grad_tol = 1e-3, 2e-2  # relative; bf16 dL/dz before the tensor-core dot
+    # single branch
+    loss = K.debiased_inbatch_cross_entropy(Hs[0], Ds[0], target, cand, hist, log_pop, PAD, IGNORE, "mean")
+    grads = torch.autograd.grad(loss, [Hs[0], Ds[0]])
+    h64 = Hs[0].detach().double().requires_grad_(True)
+    d64 = Ds[0].detach().double().requires_grad_(True)
+    ref = debiased_inbatch_cross_entropy_reference(
+        h64, d64, target, cand, hist, log_pop.double(), pad_id=PAD, ignore_index=IGNORE
+    )
+    ref_grads = torch.autograd.grad(ref, [h64, d64])
+    errs = {"ce_loss": abs(loss.item() - ref.item()) / max(abs(ref.item()), 1e-30)}
+    errs.update({f"ce_grad_{n}": rel_err(a, b) for n, a, b in zip(("q", "c"), grads, ref_grads, strict=True)})
+    # three branches, gradients through the teachers too (every backward path)
+    for detach in (True, False):
+        out = K.mutual_distillation_loss(*Hs, *Ds, target, cand, hist, log_pop, T, detach, "kl", PAD, IGNORE, "mean")
+        total = out.ce + out.kl
+        grads = torch.autograd.grad(total, Hs + Ds)
+        q64 = {m: h.detach().double().requires_grad_(True) for m, h in zip(BRANCHES, Hs, strict=True)}
+        c64 = {m: c.detach().double().requires_grad_(True) for m, c in zip(BRANCHES, Ds, strict=True)}
+        ref = mutual_distillation_reference(
+            q64, c64, target, cand, hist, log_pop.double(), temperature=T, detach_teacher=detach, pad_id=PAD
+        )
+        ref_grads = torch.autograd.grad(ref.ce + ref.kl, [*q64.values(), *c64.values()])
+        tag = "odmt_detach" if detach else "odmt_through_teacher"
+        for name, a, b in zip(out._fields, out, ref, strict=True):
+            errs[f"{tag}_{name}"] = abs(a.item() - b.item()) / max(abs(b.item()), 1e-3)
+        names = [f"q_{m}" for m in BRANCHES] + [f"c_{m}" for m in BRANCHES]
+        errs.update({f"{tag}_grad_{n}": rel_err(a, b) for n, a, b in zip(names, grads, ref_grads, strict=True)})
+    for name, err in errs.items():
+        tol = grad_tol if "grad" in name else fwd_tol
+        RES[f"check_{name}_relerr"] = err
+        if not err <= tol:  # also catches NaN
+            ok = False
+            print(f"MISMATCH {name}: relative error {err:.3e} > {tol:.0e}", flush=True)
+    worst = max(errs.values())
+    print(f"{DTYPE} correctness vs float64 reference (R={R} N={N} d={d}): worst relative error {worst:.2e}", flush=True)
+    RES["check_ok"] = ok
+    return ok
+
+
+# ---------------------------------------------------------------------------------------
+# 3. timings
+# ---------------------------------------------------------------------------------------
+
+
+def loss_case(R: int, N: int, d: int, tag: str, odmt: bool) -> None:
+    Hs, Ds, target, cand, hist, log_pop = make_data(R, N, d)
+    grads = Hs + Ds
+    print(f"--- {tag}: R={R} N={N} d={d} ({DTYPE}); one fp32 logits matrix = {R * N * 4 / 1e6:.0f} MB", flush=True)
+    eager_ce, eager_odmt = eager_fns(Hs, Ds, target, cand, hist, log_pop)
+    ours_ce, ours_odmt = our_fns(Hs, Ds, target, cand, hist, log_pop)
+    variants = [("ce", ours_ce, eager_ce)] + ([("odmt3", ours_odmt, eager_odmt)] if odmt else [])
+    # eager needs ~ 14 bytes per logit per branch (fp32 logits, masks, softmax, grads)
+    free = 0 if DRY else torch.cuda.mem_get_info()[0]
+    for name, ours, eager in variants:
+        measure(f"{tag}_{name}_ours", lambda f=ours: f().backward(), grads, rep=100)
+        need = 14 * R * N * (3 if name == "odmt3" else 1)
+        if DRY or need < 0.9 * free:
+            with torch.no_grad():  # the competitors compute the same number
+                mine, theirs = ours().item(), eager().item()
+            RES[f"{tag}_{name}_vs_eager_relerr"] = err = abs(mine - theirs) / max(abs(theirs), 1e-6)
+            if not err <= 2e-2:
+                RES["agree_ok"] = False
+                print(f"MISMATCH {tag}_{name}: ours {mine:.6g} vs eager {theirs:.6g}", flush=True)
+            measure(f"{tag}_{name}_eager", lambda f=eager: f().backward(), grads)
+        else:
+            RES[f"{tag}_{name}_eager_ms"] = f"skipped: needs ~{need / 1e9:.0f} GB"
+            print(f"{tag}_{name}_eager skipped (needs ~{need / 1e9:.0f} GB, {free / 1e9:.0f} GB free)", flush=True)
+        if SKIP_COMPILE:
+            RES[f"{tag}_{name}_compiled_ms"] = "skipped"
+        else:
+            compiled = torch.compile(eager)
+            measure(f"{tag}_{name}_compiled", lambda f=compiled: f().backward(), grads)
+        if not DRY:
+            torch.cuda.empty_cache()
+    # fused linear-CE libraries: plain CE (no exclusion; Liger with the logQ bias)
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as lflce
+
+        bias = (-log_pop).to(DTYPE)
+        measure(f"{tag}_liger_plain", lambda: lflce(Hs[0], Ds[0], target, bias=bias).backward(), grads)
+    except Exception as exc:
+        RES[f"{tag}_liger_plain_ms"] = "unavailable"
+        print(f"liger unavailable: {type(exc).__name__}: {str(exc)[:150]}", flush=True)
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        measure(f"{tag}_cce_plain", lambda: linear_cross_entropy(Hs[0], Ds[0], target).backward(), grads)
+    except Exception as exc:
+        RES[f"{tag}_cce_plain_ms"] = "unavailable"
+        print(f"cut cross entropy unavailable: {type(exc).__name__}: {str(exc)[:150]}", flush=True)
+    for name, _, _ in variants:
+        branches = 3 if name == "odmt3" else 1
+        flops = branches * 8 * R * N * d
+        RES[f"{tag}_{name}_floor_ms"] = flops / (RES["bf16_mm_TFLOPs"] * 1e12) * 1e3
+
+
+def fmt(v, unit: str = "") -> str:
+    return f"{v:,.3f}{unit}" if isinstance(v, float) else "-" if v is None else str(v).split(":")[0][:16]
+
+
+def table(cases) -> None:
+    print()
+    print(
+        "| case | ours ms (MB) | eager ms (MB) | compile ms (MB) | Liger plain ms | CCE plain ms "
+        "| floor ms | ours/floor |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for tag, (R, N, d), odmt in cases:
+        for name in ["ce"] + (["odmt3"] if odmt else []):
+            key = f"{tag}_{name}"
+            ours = RES.get(f"{key}_ours_ms")
+            cells = [f"{key} R={R} N={N} d={d}", f"{fmt(ours)} ({fmt(RES.get(f'{key}_ours_peakMB'))})"]
+            for comp in ("eager", "compiled"):
+                t = RES.get(f"{key}_{comp}_ms")
+                cell = f"{fmt(t)} ({fmt(RES.get(f'{key}_{comp}_peakMB'))})"
+                if isinstance(t, float) and isinstance(ours, float) and ours > 0:
+                    cell += f" = {t / ours:.2f}x ours"
+                    RES[f"{key}_speedup_vs_{comp}"] = t / ours
+                cells.append(cell)
+            for lib in ("liger_plain", "cce_plain"):
+                t = RES.get(f"{tag}_{lib}_ms")
+                cell = fmt(t)
+                if isinstance(t, float) and isinstance(ours, float) and ours > 0:
+                    cell += f" = {t / ours:.2f}x ours"
+                    RES[f"{key}_speedup_vs_{lib}"] = t / ours
+                cells.append(cell)
+            floor = RES.get(f"{key}_floor_ms")
+            cells.append(fmt(floor))
+            if isinstance(ours, float) and isinstance(floor, float) and floor > 0:
+                RES[f"{key}_ours_over_floor"] = ours / floor
+                cells.append(f"{ours / floor:.2f}x")
+            else:
+                cells.append("-")
+            print("| " + " | ".join(cells) + " |")
+
+
+def main() -> int:
+    ceilings()
+    ok = correctness()
+    dump()
+    if not ok:
+        print("bf16 CORRECTNESS CHECK FAILED: timings skipped", flush=True)
+        return 1
+    if DRY:
+        cases = [("dry", (24, 26, 16), True), ("dry_single", (33, 17, 20), False)]
+    else:
+        cases = [
+            ("paper", (1536, 1664, 768), True),
+            ("big", (16384, 16384, 256), True),
+            ("huge", (65536, 65536, 128), False),
+        ]
+    for tag, (R, N, d), odmt in cases:
+        try:
+            loss_case(R, N, d, tag, odmt)  # its tensors are freed when it returns
+        except Exception as exc:
+            traceback.print_exc()
+            RES[f"{tag}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            if not DRY:
+                torch.cuda.empty_cache()
+        if not DRY:
+            torch.cuda.empty_cache()
+        dump()
+    table(cases)
+    dump()
+    if not RES.get("agree_ok", True):
+        print("OURS AND EAGER DISAGREE (see MISMATCH lines above)", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
