@@ -33,8 +33,8 @@ def build(backend: str, device: torch.device):
     from odmt_components import leave_one_out, make_synthetic_dataset, popularity_log_q
 
     if DRY:
-        shape = dict(n_users=64, n_items=120, n_topics=4, text_len=6, text_dim=16, image_tokens=4, image_dim=16)
-        config = train_odmt.ODMTConfig(dim=32, backend=backend, progress=False)
+        shape = dict(n_users=16, n_items=40, n_topics=2, text_len=4, text_dim=8, image_tokens=2, image_dim=8)
+        config = train_odmt.ODMTConfig(dim=16, batch_size=2, max_seq_len=3, backend=backend, progress=False)
     else:
         shape = dict(n_users=2000, n_items=6000, n_topics=40, text_len=30, text_dim=768, image_tokens=50, image_dim=768)
         config = train_odmt.ODMTConfig(backend=backend, progress=False)
@@ -68,7 +68,7 @@ def time_steps(backend: str, device: torch.device, steps: int) -> dict:
         optimizer.step()
         return loss
 
-    for i in range(3):  # warm-up: kernel compilation, allocator
+    for i in range(1 if DRY else 3):  # warm-up: kernel compilation, allocator
         step(batches[i % len(batches)])
     times = []
     for i in range(steps):
@@ -102,7 +102,7 @@ def main() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     device = torch.device("cpu" if DRY else "cuda")
     results: dict = {"device": "cpu (DRY)" if DRY else torch.cuda.get_device_name(), "torch": torch.__version__}
-    steps = 2 if DRY else 30
+    steps = 1 if DRY else 30
     for backend in ("torch", "triton"):
         if device.type == "cuda":
             torch.cuda.empty_cache()
