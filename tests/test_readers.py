@@ -200,6 +200,7 @@ def test_hm_to_folder(tmp_path, models):
     assert raw.item_texts[2] == "OP T-shirt (Idro). Bra. Underwear. Solid. Black"
     out = build(raw, tmp_path / "out", models)
     ds = load_dataset_folder(out, min_interactions=2)
+    assert sorted(set(raw.timestamps.tolist())) == [20180920, 20180921]  # 0999999999 is unknown
     # Dates order the purchases; same-day purchases keep file order.
     assert sequences_by_key(ds) == {
         "c1": ["0108775015", "0110065001", "0108775044"],
