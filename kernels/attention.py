@@ -108,7 +108,8 @@ def _allowed(key_ok, offs_m, offs_n, ID):
 @triton.jit
 def _dropout_keep(seed, bh, offs_m, offs_n, L, dropout_p):
     """``(BM, BN)`` bool keep-mask; Philox key ``(seed, bh)``, counter ``i * L + j``."""
-    key = tl.to_tensor(seed).to(tl.int64) + bh.to(tl.int64) * 4294967296
+    # int64 tensor + seed (a Python int in the interpreter, an int32 scalar when compiled)
+    key = bh.to(tl.int64) * 4294967296 + seed
     counter = offs_m[:, None] * L + offs_n[None, :]
     return tl.rand(key, counter) >= dropout_p
 
