@@ -42,7 +42,7 @@ for s in $STEPS; do
   case $s in
     attention) step bench_attention "${CAP_ATTENTION:-150}" python3 benchmarks/bench_attention.py ;;
     loss) step bench_inbatch_loss "${CAP_LOSS:-170}" python3 benchmarks/bench_inbatch_loss.py ;;
-    tests) HYPOTHESIS_PROFILE=gpu step kernel_tests "${CAP_TESTS:-100}" python3 -m pytest tests/kernels -q -x -p no:cacheprovider ;;
+    tests) HYPOTHESIS_PROFILE=gpu step kernel_tests "${CAP_TESTS:-100}" python3 -m pytest ${TESTS:-tests/kernels} -q -x -p no:cacheprovider ;;
     step) step bench_odmt_step "${CAP_STEP:-80}" python3 benchmarks/bench_odmt_step.py ;;
   esac
 done
