@@ -123,6 +123,20 @@ def _check_same_device(reference_name: str, reference: torch.Tensor, **others) -
             raise ValueError(f"{name} is on {value.device} but {reference_name} is on {reference.device}")
 
 
+def _autocast(*tensors: object) -> tuple:
+    """Cast floating tensors to the autocast dtype when autocast is on for their device.
+
+    The loss ops are matmuls at heart, so under ``torch.autocast`` they take the autocast
+    dtype like ``torch.mm`` does (e.g. bf16 item vectors from a Linear and float32 user
+    states from a LayerNorm). Outside autocast, mismatched dtypes are an error.
+    """
+    device_type = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), None)
+    if device_type is None or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
 def _check_finite(name: str, value: torch.Tensor) -> None:
     if not torch.isfinite(value).all():
         raise ValueError(f"{name} contains NaN or inf")
@@ -311,6 +325,7 @@ def debiased_inbatch_cross_entropy(
     Returns:
         The loss in float32 (float64 for float64 inputs).
     """
+    queries, candidates = _autocast(queries, candidates)
     _validate_inbatch(queries, candidates, target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
@@ -375,6 +390,8 @@ def mutual_distillation_loss(
     """
     queries = _branch_tensors("queries", queries)
     candidates = _branch_tensors("candidates", candidates)
+    cast = _autocast(*queries.values(), *candidates.values())
+    queries, candidates = dict(zip(BRANCHES, cast[:3], strict=True)), dict(zip(BRANCHES, cast[3:], strict=True))
     for m in BRANCHES:
         _validate_inbatch(
             queries[m],

@@ -442,3 +442,16 @@ def test_distillation_bad_input():
     bad = dict(candidates, text=torch.randn(4, 4))
     with pytest.raises(ValueError, match="candidate_ids|text"):
         ops.mutual_distillation_loss(queries, bad, *common)
+
+
+def test_loss_ops_take_the_autocast_dtype_like_a_matmul():
+    arguments = _loss_inputs()
+    arguments["candidates"] = arguments["candidates"].to(torch.bfloat16)  # e.g. a Linear's output
+    with pytest.raises(TypeError, match="dtype"):
+        ops.debiased_inbatch_cross_entropy(**arguments)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ops.debiased_inbatch_cross_entropy(**arguments)
+        queries = {m: arguments["queries"] for m in BRANCHES}
+        candidates = {m: arguments["candidates"] for m in BRANCHES}
+        parts = ops.mutual_distillation_loss(queries, candidates, arguments["target"], arguments["candidate_ids"])
+    assert torch.isfinite(loss) and torch.isfinite(parts.ce)
