@@ -158,13 +158,16 @@ def sweep_configs(dim: int) -> dict[str, list[tuple[int, int, int, int]]]:
     }
 
 
-def sweep(tag: str, dim: int, fwd, fwd_bwd) -> None:
+def sweep(tag: str, dim: int, fwd, fwd_bwd, outputs=None) -> None:
     """Time our kernel with other block sizes (one kernel kind forced at a time).
 
     ``fwd`` configs are timed on the forward, ``dq`` / ``dkdv`` on forward+backward (the other
     kernels at the heuristic), so each number compares with ``{tag}_ours_fwd`` /
     ``{tag}_ours_fwdbwd``. Skipped once the run is past ``SWEEP_BUDGET_S`` seconds.
+    ``outputs()`` (output and gradients) is compared with the heuristic's for every config, so
+    a faster configuration is also known to compute the same thing.
     """
+    baseline = outputs() if outputs is not None else None
     for kind, configs in sweep_configs(dim).items():
         for cfg in configs:
             if time.time() - T0 > SWEEP_BUDGET_S:
@@ -172,6 +175,18 @@ def sweep(tag: str, dim: int, fwd, fwd_bwd) -> None:
                 return
             attention._OVERRIDE[kind] = cfg
             try:
+                if baseline is not None:
+                    try:
+                        got = outputs()
+                        worst = max(
+                            ((g.float() - b.float()).norm() / b.float().norm()).item()
+                            for g, b in zip(got, baseline, strict=True)
+                        )
+                        res[f"{tag}_sweep_{kind}_{'x'.join(map(str, cfg))}_relerr_vs_heuristic"] = worst
+                        if not worst < 2e-2:
+                            failures.append(f"{tag} sweep {kind} {cfg}: relative error {worst:.2e} vs the heuristic")
+                    except Exception as e:  # an unfit configuration is reported by its timing too
+                        print(f"  {kind} {cfg} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 record(f"{tag}_sweep_{kind}_{'x'.join(map(str, cfg))}", fwd if kind == "fwd" else fwd_bwd, rep=40)
             finally:
                 attention._OVERRIDE.clear()
@@ -324,6 +339,7 @@ def sweep_case(heads: int, dim: int, tag: str) -> None:
         dim,
         lambda: attention.id_masked_attention(qd, kd, vd, *args),
         lambda: attention.id_masked_attention(q, k, v, *args).backward(grad_out),
+        lambda: (out := attention.id_masked_attention(q, k, v, *args), *torch.autograd.grad(out, (q, k, v), grad_out)),
     )
 
 
