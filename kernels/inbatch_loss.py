@@ -59,26 +59,67 @@ and ``dQ^m_r = sum_j dz^m_rj c^m_j``, ``dC^m_j = sum_r dz^m_rj q^m_r``. No gradi
 
 Tiling
 ------
-Forward (``_ce_fwd_kernel``, ``_odmt_fwd_kernel``): one program per ``BLOCK_R`` rows; it walks
-the columns in ``BLOCK_N`` tiles; each score tile is ``sum`` over ``BLOCK_D`` chunks of
-``tl.dot(q_chunk, c_chunk^T)`` (fp32 accumulation, the d tail masked), then the exclusion
-mask is built for the tile (one comparison pass over the ``S`` excluded ids, shared by the
-three branches), then the online statistics are updated. Per row it stores the losses and
-the statistics the backward needs (lse's, ``wbar``).
+Forward (``_ce_fwd_kernel``, ``_odmt_fwd_kernel``): grid = row tiles x column splits. A
+program loads its row tile's per-row data once (target column, target item id -- gathered
+in the wrapper --, the ``(BLOCK_R, S_PAD)`` tile of excluded ids and, when the padded width
+``D_PAD <= 256``, the whole ``(BLOCK_R, D_PAD)`` query tile), then walks its columns in
+``BLOCK_N`` tiles: one ``tl.dot(q, c^T)`` with K = D_PAD per tile (the candidate tile is one
+load that the software pipeline overlaps with the previous tile's math), or, for d > 256, a
+loop over ``BLOCK_D`` chunks; then the exclusion mask of the tile (shared by the three
+branches), then the online statistics. Each split writes its partial statistics (running
+max, exp-sums, target score, weighted sums); a small combine kernel merges the splits and
+stores the losses and the statistics the backward needs (lse's, ``wbar``).
 
 Backward, deterministic, no atomics: a row-wise kernel (``_ce_dq_kernel``,
-``_odmt_dq_kernel``; grid = row tiles x chunks of ``BLOCK_DO`` output features) recomputes
-the score tiles, forms ``dz`` and accumulates ``dQ[:, chunk] += dz @ C[cols, chunk]``; a
-column-wise kernel (``_ce_dc_kernel``, ``_odmt_dc_kernel``; grid = column tiles x output
-chunks) loops over row tiles and accumulates ``dC[:, chunk] += dz^T @ Q[rows, chunk]``.
-``dz`` is cast to the input dtype for the tensor-core dot; to keep fp16 from underflowing
-(``g = 1/n_valid`` times ``p ~ 1/N``), the per-row weights are divided by their largest
-magnitude inside the kernels and the accumulators multiplied back at the end.
+``_odmt_dq_kernel``) recomputes the score tiles, forms ``dz`` and accumulates ``dQ += dz @
+C[cols]``; a column-wise kernel (``_ce_dc_kernel``, ``_odmt_dc_kernel``) loops over row tiles
+and accumulates ``dC += dz^T @ Q[rows]``. At ``D_PAD <= 256`` each program owns the full
+width: the candidate (resp. query) tile loaded for the scores is the very operand of the
+gradient dot. For d > 256 the grid adds chunks of ``BLOCK_DO`` output features (the scores
+are recomputed per chunk). ``dz`` is cast to the input dtype for the tensor-core dot; to keep
+fp16 from underflowing (``g = 1/n_valid`` times ``p ~ 1/N``), the per-row weights are divided
+by their largest magnitude inside the kernels and the accumulators multiplied back at the end.
 
-Block sizes come from a fixed heuristic (``_config``), not autotuning: tiles of 32-128 rows
-or columns and 64 features per ``tl.dot`` step (bf16/fp16 need tiles >= 16), an output chunk
-of up to 256 features so that at d <= 256 the scores are recomputed once per backward kernel,
-and small 16-wide tiles under ``TRITON_INTERPRET=1``.
+Exclusion test: the excluded ids of a row tile are read as ``S_PAD <= 16`` unrolled 1-D loads
+per tile, issued together straight into the compare's row layout (L1 hits after the first
+tile; ``S > 16`` loops over 16-wide chunks), one compare-or per element each. A register tile
+of the ids loaded once before the loop, with each id column pulled out by a masked row sum,
+was tried first: the compiler hoists the sixteen extracted vectors (and their layout
+conversions) out of the loop and the compiled forward spilled ~2.5 KB a thread (sm_90
+compile, no GPU needed), against 0.2 KB now. The comparisons run in int32 whenever the pad id
+fits and the column tile's ids fit (checked per tile, a uniform branch); excluded ids outside
+int32 are replaced by the pad id there (they can match no in-range candidate, and padding is
+excluded anyway). Raw int64 inputs and stride-0 views are read in place.
+
+Block sizes come from a fixed heuristic (``_config``), not autotuning, with a fixed
+fallback chain when a GPU refuses a tile (``_launch``); small 16-wide tiles under
+``TRITON_INTERPRET=1``. Every launch records the compiled kernel's registers and spills in
+:data:`KERNEL_STATS` (the benchmark prints them).
+
+Performance notes (H100, bf16; predictions written before the second GPU run)
+----------------------------------------------------------------------------
+Run 1 (old kernels): 30-90x the matmul floor; big CE 23.7 ms, big odmt3 57.9 ms, paper
+odmt3 4.26 ms, huge CE 493 ms. Cause: latency, not arithmetic -- per score tile ``S = 15``
+serialized global loads of ``exclude_ids`` (~15 x 300-600 cycles vs ~600 cycles of tensor
+work for a 64 x 64 x 256 tile), a dependent ``target -> candidate_ids[target]`` load chain,
+the query re-read in 64-wide chunks per tile, 48 forward programs for 132 SMs at paper scale.
+Changes and predicted effect:
+
+1. Excluded ids loaded together per tile (not 15 serialized round trips), int32 compares:
+   the per-tile cost becomes ~1 compare-or per
+   element per id, ~1,000 cycles per 64 x 64 tile (INT32 rate 64/clk/SM), ~0.3 ms per pass
+   at 16k, ~5 ms per pass at 65k. Expected to remove most of the 4-20x gap alone.
+2. Target item ids gathered in the wrapper: one dependent load chain less per tile
+   (small; matters in the column-wise kernel which redoes it per row tile).
+3. Resident query tile + one K = D_PAD dot per tile, and the score operand reused as the
+   gradient operand at d <= 256: backward loads halve; scores are computed once per
+   backward kernel.
+4. Column splits in the forward: paper scale 24 row tiles -> ~200 programs.
+5. Register use reported per kernel; three-branch backward accumulators 3 x 32 x 256 fp32
+   (96 registers/thread at 8 warps) may still spill -- the report says.
+Predicted fwd+bwd: paper CE ~0.2 ms, paper odmt3 ~0.4 ms (target 0.25 likely missed: the
+backward recomputes the d = 768 scores per 256-wide output chunk), big CE ~2.5 ms (CCE 5.1),
+big odmt3 ~5.5 ms (target 5.7), huge CE ~20 ms (CCE 68).
 
 Public functions (registered as custom ops ``odmt::debiased_inbatch_ce`` and
 ``odmt::mutual_distillation``, with fake and autograd implementations; their backward
@@ -91,6 +132,7 @@ kernels are the custom ops ``odmt::debiased_inbatch_ce_backward`` and
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -100,11 +142,25 @@ from triton.runtime.errors import OutOfResources
 
 from .reference import DistillationLosses
 
-__all__ = ["debiased_inbatch_cross_entropy", "mutual_distillation_loss"]
+__all__ = ["KERNEL_STATS", "debiased_inbatch_cross_entropy", "mutual_distillation_loss"]
 
 # Per-row statistics of the three-branch forward, in this order (rows of the stats tensor).
 _N_STATS = 10  # lse1_i, lse1_t, lse1_v, lseT_i, lseT_t, lseT_v, lseT_e, wbar_it, wbar_iv, wbar_ei
 _N_PARTS = 6  # ce_i, ce_t, ce_v, kl_it, kl_iv, kl_ei
+# Partial statistics of one column split: m_i m_t m_v m_e, l1_i l1_t l1_v, lt_i lt_t lt_v lt_e,
+# w_it w_iv w_ei, zt_i zt_t zt_v.
+_N_SPLIT_STATS = 17
+
+#: Registers and spills of the last compiled launch of each kernel (filled on GPU launches).
+KERNEL_STATS: dict[str, dict] = {}
+
+# Widest padded d whose whole row tile a program holds (one dot per score tile); wider d is
+# walked in BLOCK_D chunks. Tests lower it to exercise the chunked path.
+_FULL_D_MAX = 256
+# Number of SMs the launch heuristic plans for; None = ask the device (2 under the interpreter).
+_SM_OVERRIDE: int | None = None
+# Excluded ids held per register tile (and the chunk width when S is larger).
+_S_CHUNK = 16
 
 
 # ======================================================================================
@@ -113,33 +169,99 @@ _N_PARTS = 6  # ce_i, ce_t, ce_v, kl_it, kl_iv, kl_ei
 
 
 @triton.jit
-def _row_setup(tgt_ptr, s_tg, cid_ptr, s_cid, rows, R, pad_id, ignore_index):
-    """Load targets of a row tile: (valid rows, target column or -1, target item id)."""
+def _row_setup(tgt_ptr, tid_ptr, rows, R):
+    """Per-row data of a row tile: (rows in range, valid rows, target column or -1, target
+    item id as int64). ``tgt``/``tid`` are contiguous vectors the wrapper gathered."""
     row_in = rows < R
-    tgt = tl.load(tgt_ptr + rows.to(tl.int64) * s_tg, mask=row_in, other=ignore_index)
-    valid = row_in & (tgt != ignore_index)
-    tgt = tl.where(valid, tgt, -1)
-    tid = tl.load(cid_ptr + tl.where(valid, tgt, 0) * s_cid, mask=valid, other=pad_id)
-    return valid, tgt, tid
+    tgt = tl.load(tgt_ptr + rows, mask=row_in, other=-1)
+    valid = tgt >= 0
+    tid = tl.load(tid_ptr + rows, mask=valid, other=0).to(tl.int64)
+    return row_in, valid, tgt, tid
 
 
 @triton.jit
-def _keep_tile(cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id):
-    """Exclusion rule for one (rows x cols) tile: returns (kept, is_target)."""
+def _excl_chunk(cid, ex_rows, ex_ss, valid, S, s0, pad_id, S_PAD: tl.constexpr, NARROW: tl.constexpr):
+    """``hit[r, j] = cid[j] in exclude_ids[r, s0:s0+S_PAD]``: the ``S_PAD`` id columns are
+    unrolled, each one 1-D load straight into the compare's row layout (independent loads,
+    issued together, L1 hits after the first tile), then one compare-or per element.
+    ``NARROW``: ``cid`` is int32 and the ids are narrowed (out-of-range ids -> ``pad_id``)."""
+    hit = valid[:, None] & (cid[None, :] != cid[None, :])
+    rows_zero = valid.to(tl.int32) * 0
+    for s in tl.static_range(S_PAD):
+        e = tl.load(ex_rows + (s0 + s) * ex_ss, mask=valid & ((rows_zero + s0 + s) < S), other=pad_id).to(tl.int64)
+        if NARROW:
+            e = tl.where((e >= -2147483648) & (e <= 2147483647), e, pad_id).to(tl.int32)
+        hit = hit | (cid[None, :] == e[:, None])
+    return hit
+
+
+@triton.jit
+def _excl_ids(cid, ex_rows, ex_ss, valid, S, pad_id, S_PAD: tl.constexpr, EX_ONE: tl.constexpr, NARROW: tl.constexpr):
+    """Membership over all ``S`` ids: one unrolled chunk when ``EX_ONE`` (S <= S_PAD), else a
+    loop over ``S_PAD``-wide chunks."""
+    if EX_ONE:
+        hit = _excl_chunk(cid, ex_rows, ex_ss, valid, S, 0, pad_id, S_PAD, NARROW)
+    else:
+        hit = valid[:, None] & (cid[None, :] != cid[None, :])
+        for s0 in range(0, S, S_PAD):
+            hit = hit | _excl_chunk(cid, ex_rows, ex_ss, valid, S, s0, pad_id, S_PAD, NARROW)
+    return hit
+
+
+@triton.jit
+def _keep_tile(
+    cols,
+    col_ok,
+    cid,
+    rows,
+    valid,
+    tgt,
+    tid,
+    ex_ptr,
+    ex_sr,
+    ex_ss,
+    S,
+    pad_id,
+    S_PAD: tl.constexpr,
+    EX_ONE: tl.constexpr,
+    IDS32: tl.constexpr,
+):
+    """Exclusion rule for one (rows x cols) tile: returns (kept, is_target). The excluded-id
+    compares run in int32 when the column tile's ids fit (a uniform branch per tile)."""
     excl = (cid[None, :] == tid[:, None]) | (cid == pad_id)[None, :]
-    ex_row = ex_ptr + rows.to(tl.int64) * ex_sr
-    for s in range(0, S):
-        e = tl.load(ex_row + s * ex_ss, mask=valid, other=pad_id)
-        excl = excl | (cid[None, :] == e[:, None])
+    if S_PAD > 0:
+        ex_rows = ex_ptr + rows.to(tl.int64) * ex_sr
+        if IDS32:
+            fits = (tl.min(cid, axis=0) >= -2147483648) & (tl.max(cid, axis=0) <= 2147483647)
+            if fits:
+                excl = excl | _excl_ids(cid.to(tl.int32), ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, True)
+            else:
+                excl = excl | _excl_ids(cid, ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, False)
+        else:
+            excl = excl | _excl_ids(cid, ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, False)
     is_t = (cols[None, :] == tgt[:, None]) & valid[:, None]
     keep = ((~excl) | is_t) & col_ok[None, :] & valid[:, None]
     return keep, is_t
 
 
 @triton.jit
-def _score_tile(q_ptr, sq_r, sq_d, c_ptr, sc_n, sc_d, rows, row_in, cols, col_ok, D,
-                BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                PREC: tl.constexpr):
+def _score_tile(
+    q_ptr,
+    sq_r,
+    sq_d,
+    c_ptr,
+    sc_n,
+    sc_d,
+    rows,
+    row_in,
+    cols,
+    col_ok,
+    D,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """``Q[rows] @ C[cols]^T`` in fp32, looping over d in BLOCK_D chunks (tail masked)."""
     offs_d = tl.arange(0, BLOCK_D)
     q_ptrs = q_ptr + rows.to(tl.int64)[:, None] * sq_r + offs_d[None, :] * sq_d
@@ -154,10 +276,21 @@ def _score_tile(q_ptr, sq_r, sq_d, c_ptr, sc_n, sc_d, rows, row_in, cols, col_ok
 
 
 @triton.jit
+def _full_tile(ptr, s_r, s_d, idx, ok, D, D_PAD: tl.constexpr):
+    """The ``(len(idx), D_PAD)`` tile of rows ``idx`` (d tail and rows outside masked)."""
+    offs_d = tl.arange(0, D_PAD)
+    return tl.load(
+        ptr + idx.to(tl.int64)[:, None] * s_r + offs_d[None, :] * s_d,
+        mask=ok[:, None] & (offs_d < D)[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
 def _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ: tl.constexpr):
-    """Column ids (padding outside N) and log Q (0 without correction)."""
+    """Column ids as int64 (padding outside N) and log Q (0 without correction)."""
     col_ok = cols < N
-    cid = tl.load(cid_ptr + cols.to(tl.int64) * s_cid, mask=col_ok, other=pad_id)
+    cid = tl.load(cid_ptr + cols.to(tl.int64) * s_cid, mask=col_ok, other=pad_id).to(tl.int64)
     if HAS_LQ:
         lq = tl.load(lq_ptr + cols.to(tl.int64) * s_lq, mask=col_ok, other=0.0).to(tl.float32)
     else:
@@ -166,34 +299,97 @@ def _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ: tl.constex
 
 
 # ======================================================================================
-# Single branch: forward
+# Single branch: forward (row tiles x column splits, then a combine)
 # ======================================================================================
 
 
 @triton.jit
-def _ce_fwd_kernel(q_ptr, sq_r, sq_d, c_ptr, sc_n, sc_d, tgt_ptr, s_tg, cid_ptr, s_cid,
-                   ex_ptr, ex_sr, ex_ss, lq_ptr, s_lq, loss_ptr, lse_ptr,
-                   R, N, D, S, pad_id, ignore_index,
-                   HAS_LQ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+def _ce_fwd_kernel(
+    q_ptr,
+    sq_r,
+    sq_d,
+    c_ptr,
+    sc_n,
+    sc_d,
+    tgt_ptr,
+    tid_ptr,
+    cid_ptr,
+    s_cid,
+    ex_ptr,
+    ex_sr,
+    ex_ss,
+    lq_ptr,
+    s_lq,
+    part_ptr,
+    R,
+    N,
+    D,
+    S,
+    pad_id,
+    n_per_split,
+    HAS_LQ: tl.constexpr,
+    S_PAD: tl.constexpr,
+    EX_ONE: tl.constexpr,
+    IDS32: tl.constexpr,
+    FULL_D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_in = rows < R
-    valid, tgt, tid = _row_setup(tgt_ptr, s_tg, cid_ptr, s_cid, rows, R, pad_id, ignore_index)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    n_lo = split * n_per_split
+    n_hi = tl.minimum(N, n_lo + n_per_split)
+    row_in, valid, tgt, tid = _row_setup(tgt_ptr, tid_ptr, rows, R)
+    if FULL_D:
+        q = _full_tile(q_ptr, sq_r, sq_d, rows, row_in, D, D_PAD)
     m = tl.full((BLOCK_R,), -1.0e30, tl.float32)
     lsum = tl.zeros((BLOCK_R,), tl.float32)
     zt = tl.zeros((BLOCK_R,), tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok, cid, lq = _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ)
-        s = _score_tile(q_ptr, sq_r, sq_d, c_ptr, sc_n, sc_d, rows, row_in, cols, col_ok, D,
-                        BLOCK_R, BLOCK_N, BLOCK_D, PREC) - lq[None, :]
-        keep, is_t = _keep_tile(cols, col_ok, cid, rows, valid, tgt, tid,
-                                ex_ptr, ex_sr, ex_ss, S, pad_id)
+        if FULL_D:
+            c = _full_tile(c_ptr, sc_n, sc_d, cols, col_ok, D, D_PAD)
+            s = tl.dot(q, tl.trans(c), input_precision=PREC)
+        else:
+            s = _score_tile(
+                q_ptr, sq_r, sq_d, c_ptr, sc_n, sc_d, rows, row_in, cols, col_ok, D, BLOCK_R, BLOCK_N, BLOCK_D, PREC
+            )
+        s = s - lq[None, :]
+        keep, is_t = _keep_tile(
+            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32
+        )
         zt += tl.sum(tl.where(is_t, s, 0.0), axis=1)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         lsum = lsum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
         m = m_new
+    pp = part_ptr + split * R + rows
+    tl.store(pp, m, mask=row_in)
+    tl.store(pp + n_splits * R, lsum, mask=row_in)
+    tl.store(pp + 2 * n_splits * R, zt, mask=row_in)
+
+
+@triton.jit
+def _ce_combine_kernel(part_ptr, tgt_ptr, loss_ptr, lse_ptr, R, n_splits, BLOCK: tl.constexpr):
+    """Merges the splits' (max, exp-sum, target score) into the loss and lse per row."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_in = rows < R
+    valid = tl.load(tgt_ptr + rows, mask=row_in, other=-1) >= 0
+    m = tl.full((BLOCK,), -1.0e30, tl.float32)
+    for sp in range(0, n_splits):
+        m = tl.maximum(m, tl.load(part_ptr + sp * R + rows, mask=row_in, other=-1.0e30))
+    lsum = tl.zeros((BLOCK,), tl.float32)
+    zt = tl.zeros((BLOCK,), tl.float32)
+    for sp in range(0, n_splits):
+        pp = part_ptr + sp * R + rows
+        ms = tl.load(pp, mask=row_in, other=-1.0e30)
+        lsum += tl.load(pp + n_splits * R, mask=row_in, other=0.0) * tl.exp(ms - m)
+        zt += tl.load(pp + 2 * n_splits * R, mask=row_in, other=0.0)
     lse = m + tl.log(tl.where(valid, lsum, 1.0))  # ignored rows: l = 0
     tl.store(loss_ptr + rows, tl.where(valid, lse - zt, 0.0), mask=row_in)
     tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=row_in)
@@ -212,72 +408,165 @@ def _ce_dz(s, keep, is_t, lse, g):
 
 
 @triton.jit
-def _ce_dq_kernel(q_ptr, sq_r, sq_d, c_ptr, sc_n, sc_d, tgt_ptr, s_tg, cid_ptr, s_cid,
-                  ex_ptr, ex_sr, ex_ss, lq_ptr, s_lq, lse_ptr, g_ptr, gmax_ptr, dq_ptr,
-                  sdq_r, sdq_d, R, N, D, S, pad_id, ignore_index,
-                  HAS_LQ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PREC: tl.constexpr):
+def _ce_dq_kernel(
+    q_ptr,
+    sq_r,
+    sq_d,
+    c_ptr,
+    sc_n,
+    sc_d,
+    tgt_ptr,
+    tid_ptr,
+    cid_ptr,
+    s_cid,
+    ex_ptr,
+    ex_sr,
+    ex_ss,
+    lq_ptr,
+    s_lq,
+    lse_ptr,
+    g_ptr,
+    gmax_ptr,
+    dq_ptr,
+    sdq_r,
+    sdq_d,
+    R,
+    N,
+    D,
+    S,
+    pad_id,
+    HAS_LQ: tl.constexpr,
+    S_PAD: tl.constexpr,
+    EX_ONE: tl.constexpr,
+    IDS32: tl.constexpr,
+    FULL_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    PREC: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     o_ok = offs_o < D
-    row_in = rows < R
-    valid, tgt, tid = _row_setup(tgt_ptr, s_tg, cid_ptr, s_cid, rows, R, pad_id, ignore_index)
+    row_in, valid, tgt, tid = _row_setup(tgt_ptr, tid_ptr, rows, R)
     gmax = tl.load(gmax_ptr)
     gmax = tl.where(gmax > 0, gmax, 1.0)
     lse = tl.load(lse_ptr + rows, mask=valid, other=0.0)
     g = tl.load(g_ptr + rows, mask=valid, other=0.0) / gmax
+    if FULL_D:  # BLOCK_DO is the padded width, one output chunk
+        q = _full_tile(q_ptr, sq_r, sq_d, rows, row_in, D, BLOCK_DO)
     acc = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok, cid, lq = _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ)
-        s = _score_tile(q_ptr, sq_r, sq_d, c_ptr, sc_n, sc_d, rows, row_in, cols, col_ok, D,
-                        BLOCK_R, BLOCK_N, BLOCK_D, PREC) - lq[None, :]
-        keep, is_t = _keep_tile(cols, col_ok, cid, rows, valid, tgt, tid,
-                                ex_ptr, ex_sr, ex_ss, S, pad_id)
+        if FULL_D:
+            c = _full_tile(c_ptr, sc_n, sc_d, cols, col_ok, D, BLOCK_DO)
+            s = tl.dot(q, tl.trans(c), input_precision=PREC)
+        else:
+            s = _score_tile(
+                q_ptr, sq_r, sq_d, c_ptr, sc_n, sc_d, rows, row_in, cols, col_ok, D, BLOCK_R, BLOCK_N, BLOCK_D, PREC
+            )
+            c = tl.load(
+                c_ptr + cols.to(tl.int64)[:, None] * sc_n + offs_o[None, :] * sc_d,
+                mask=col_ok[:, None] & o_ok[None, :],
+                other=0.0,
+            )
+        s = s - lq[None, :]
+        keep, is_t = _keep_tile(
+            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32
+        )
         dz = _ce_dz(s, keep, is_t, lse, g)
-        c = tl.load(c_ptr + cols.to(tl.int64)[:, None] * sc_n + offs_o[None, :] * sc_d,
-                    mask=col_ok[:, None] & o_ok[None, :], other=0.0)
         acc = tl.dot(dz.to(c.dtype), c, acc=acc, input_precision=PREC)
     acc = acc * gmax
-    tl.store(dq_ptr + rows.to(tl.int64)[:, None] * sdq_r + offs_o[None, :] * sdq_d,
-             acc.to(dq_ptr.dtype.element_ty), mask=row_in[:, None] & o_ok[None, :])
+    tl.store(
+        dq_ptr + rows.to(tl.int64)[:, None] * sdq_r + offs_o[None, :] * sdq_d,
+        acc.to(dq_ptr.dtype.element_ty),
+        mask=row_in[:, None] & o_ok[None, :],
+    )
 
 
 @triton.jit
-def _ce_dc_kernel(q_ptr, sq_r, sq_d, c_ptr, sc_n, sc_d, tgt_ptr, s_tg, cid_ptr, s_cid,
-                  ex_ptr, ex_sr, ex_ss, lq_ptr, s_lq, lse_ptr, g_ptr, gmax_ptr, dc_ptr,
-                  sdc_n, sdc_d, R, N, D, S, pad_id, ignore_index,
-                  HAS_LQ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PREC: tl.constexpr):
+def _ce_dc_kernel(
+    q_ptr,
+    sq_r,
+    sq_d,
+    c_ptr,
+    sc_n,
+    sc_d,
+    tgt_ptr,
+    tid_ptr,
+    cid_ptr,
+    s_cid,
+    ex_ptr,
+    ex_sr,
+    ex_ss,
+    lq_ptr,
+    s_lq,
+    lse_ptr,
+    g_ptr,
+    gmax_ptr,
+    dc_ptr,
+    sdc_n,
+    sdc_d,
+    R,
+    N,
+    D,
+    S,
+    pad_id,
+    HAS_LQ: tl.constexpr,
+    S_PAD: tl.constexpr,
+    EX_ONE: tl.constexpr,
+    IDS32: tl.constexpr,
+    FULL_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    PREC: tl.constexpr,
+):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     o_ok = offs_o < D
     col_ok, cid, lq = _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ)
     gmax = tl.load(gmax_ptr)
     gmax = tl.where(gmax > 0, gmax, 1.0)
+    if FULL_D:
+        c = _full_tile(c_ptr, sc_n, sc_d, cols, col_ok, D, BLOCK_DO)
     acc = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
-        row_in = rows < R
-        valid, tgt, tid = _row_setup(tgt_ptr, s_tg, cid_ptr, s_cid, rows, R, pad_id,
-                                     ignore_index)
+        row_in, valid, tgt, tid = _row_setup(tgt_ptr, tid_ptr, rows, R)
         lse = tl.load(lse_ptr + rows, mask=valid, other=0.0)
         g = tl.load(g_ptr + rows, mask=valid, other=0.0) / gmax
-        s = _score_tile(q_ptr, sq_r, sq_d, c_ptr, sc_n, sc_d, rows, row_in, cols, col_ok, D,
-                        BLOCK_R, BLOCK_N, BLOCK_D, PREC) - lq[None, :]
-        keep, is_t = _keep_tile(cols, col_ok, cid, rows, valid, tgt, tid,
-                                ex_ptr, ex_sr, ex_ss, S, pad_id)
+        if FULL_D:
+            q = _full_tile(q_ptr, sq_r, sq_d, rows, row_in, D, BLOCK_DO)
+            s = tl.dot(q, tl.trans(c), input_precision=PREC)
+        else:
+            s = _score_tile(
+                q_ptr, sq_r, sq_d, c_ptr, sc_n, sc_d, rows, row_in, cols, col_ok, D, BLOCK_R, BLOCK_N, BLOCK_D, PREC
+            )
+            q = tl.load(
+                q_ptr + rows.to(tl.int64)[:, None] * sq_r + offs_o[None, :] * sq_d,
+                mask=row_in[:, None] & o_ok[None, :],
+                other=0.0,
+            )
+        s = s - lq[None, :]
+        keep, is_t = _keep_tile(
+            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32
+        )
         dz = _ce_dz(s, keep, is_t, lse, g)
-        q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * sq_r + offs_o[None, :] * sq_d,
-                    mask=row_in[:, None] & o_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(dz.to(q.dtype)), q, acc=acc, input_precision=PREC)
     acc = acc * gmax
-    tl.store(dc_ptr + cols.to(tl.int64)[:, None] * sdc_n + offs_o[None, :] * sdc_d,
-             acc.to(dc_ptr.dtype.element_ty), mask=col_ok[:, None] & o_ok[None, :])
+    tl.store(
+        dc_ptr + cols.to(tl.int64)[:, None] * sdc_n + offs_o[None, :] * sdc_d,
+        acc.to(dc_ptr.dtype.element_ty),
+        mask=col_ok[:, None] & o_ok[None, :],
+    )
 
 
 # ======================================================================================
-# Three branches: forward
+# Three branches: forward (row tiles x column splits, then a combine)
 # ======================================================================================
 
 
@@ -307,15 +596,109 @@ def _pair_w(teacher, student, keep, inv_t, FORM_KL: tl.constexpr):
 
 
 @triton.jit
-def _odmt_fwd_kernel(qi_ptr, qt_ptr, qv_ptr, sq_i, sq_t, sq_v, sq_d,
-                     ci_ptr, ct_ptr, cv_ptr, sc_i, sc_t, sc_v, sc_d,
-                     tgt_ptr, s_tg, cid_ptr, s_cid, ex_ptr, ex_sr, ex_ss, lq_ptr, s_lq,
-                     loss_ptr, stats_ptr, R, N, D, S, pad_id, ignore_index, temperature,
-                     HAS_LQ: tl.constexpr, FORM_KL: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+def _odmt_scores(
+    qi_ptr,
+    qt_ptr,
+    qv_ptr,
+    sq_i,
+    sq_t,
+    sq_v,
+    sq_d,
+    ci_ptr,
+    ct_ptr,
+    cv_ptr,
+    sc_i,
+    sc_t,
+    sc_v,
+    sc_d,
+    rows,
+    row_in,
+    cols,
+    col_ok,
+    lq,
+    D,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The three score tiles for d > the full-width limit (chunked over d)."""
+    s_i = (
+        _score_tile(
+            qi_ptr, sq_i, sq_d, ci_ptr, sc_i, sc_d, rows, row_in, cols, col_ok, D, BLOCK_R, BLOCK_N, BLOCK_D, PREC
+        )
+        - lq[None, :]
+    )
+    s_t = (
+        _score_tile(
+            qt_ptr, sq_t, sq_d, ct_ptr, sc_t, sc_d, rows, row_in, cols, col_ok, D, BLOCK_R, BLOCK_N, BLOCK_D, PREC
+        )
+        - lq[None, :]
+    )
+    s_v = (
+        _score_tile(
+            qv_ptr, sq_v, sq_d, cv_ptr, sc_v, sc_d, rows, row_in, cols, col_ok, D, BLOCK_R, BLOCK_N, BLOCK_D, PREC
+        )
+        - lq[None, :]
+    )
+    return s_i, s_t, s_v
+
+
+@triton.jit
+def _odmt_fwd_kernel(
+    qi_ptr,
+    qt_ptr,
+    qv_ptr,
+    sq_i,
+    sq_t,
+    sq_v,
+    sq_d,
+    ci_ptr,
+    ct_ptr,
+    cv_ptr,
+    sc_i,
+    sc_t,
+    sc_v,
+    sc_d,
+    tgt_ptr,
+    tid_ptr,
+    cid_ptr,
+    s_cid,
+    ex_ptr,
+    ex_sr,
+    ex_ss,
+    lq_ptr,
+    s_lq,
+    part_ptr,
+    R,
+    N,
+    D,
+    S,
+    pad_id,
+    temperature,
+    n_per_split,
+    HAS_LQ: tl.constexpr,
+    FORM_KL: tl.constexpr,
+    S_PAD: tl.constexpr,
+    EX_ONE: tl.constexpr,
+    IDS32: tl.constexpr,
+    FULL_D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_in = rows < R
-    valid, tgt, tid = _row_setup(tgt_ptr, s_tg, cid_ptr, s_cid, rows, R, pad_id, ignore_index)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    n_lo = split * n_per_split
+    n_hi = tl.minimum(N, n_lo + n_per_split)
+    row_in, valid, tgt, tid = _row_setup(tgt_ptr, tid_ptr, rows, R)
+    if FULL_D:
+        qi = _full_tile(qi_ptr, sq_i, sq_d, rows, row_in, D, D_PAD)
+        qt = _full_tile(qt_ptr, sq_t, sq_d, rows, row_in, D, D_PAD)
+        qv = _full_tile(qv_ptr, sq_v, sq_d, rows, row_in, D, D_PAD)
     inv_t = 1.0 / temperature
     zero = tl.zeros((BLOCK_R,), tl.float32)
     m_i = tl.full((BLOCK_R,), -1.0e30, tl.float32)
@@ -336,34 +719,47 @@ def _odmt_fwd_kernel(qi_ptr, qt_ptr, qv_ptr, sq_i, sq_t, sq_v, sq_d,
     zt_i = zero
     zt_t = zero
     zt_v = zero
-    offs_d = tl.arange(0, BLOCK_D)
-    r64 = rows.to(tl.int64)[:, None]
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok, cid, lq = _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ)
-        c64 = cols.to(tl.int64)[:, None]
-        s_i = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
-        s_t = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
-        s_v = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = (d0 + offs_d)[None, :]
-            qm = row_in[:, None] & (dd < D)
-            cm = col_ok[:, None] & (dd < D)
-            qi = tl.load(qi_ptr + r64 * sq_i + dd * sq_d, mask=qm, other=0.0)
-            ci = tl.load(ci_ptr + c64 * sc_i + dd * sc_d, mask=cm, other=0.0)
-            s_i = tl.dot(qi, tl.trans(ci), acc=s_i, input_precision=PREC)
-            qt = tl.load(qt_ptr + r64 * sq_t + dd * sq_d, mask=qm, other=0.0)
-            ct = tl.load(ct_ptr + c64 * sc_t + dd * sc_d, mask=cm, other=0.0)
-            s_t = tl.dot(qt, tl.trans(ct), acc=s_t, input_precision=PREC)
-            qv = tl.load(qv_ptr + r64 * sq_v + dd * sq_d, mask=qm, other=0.0)
-            cv = tl.load(cv_ptr + c64 * sc_v + dd * sc_d, mask=cm, other=0.0)
-            s_v = tl.dot(qv, tl.trans(cv), acc=s_v, input_precision=PREC)
-        s_i = s_i - lq[None, :]
-        s_t = s_t - lq[None, :]
-        s_v = s_v - lq[None, :]
+        if FULL_D:
+            c = _full_tile(ci_ptr, sc_i, sc_d, cols, col_ok, D, D_PAD)
+            s_i = tl.dot(qi, tl.trans(c), input_precision=PREC) - lq[None, :]
+            c = _full_tile(ct_ptr, sc_t, sc_d, cols, col_ok, D, D_PAD)
+            s_t = tl.dot(qt, tl.trans(c), input_precision=PREC) - lq[None, :]
+            c = _full_tile(cv_ptr, sc_v, sc_d, cols, col_ok, D, D_PAD)
+            s_v = tl.dot(qv, tl.trans(c), input_precision=PREC) - lq[None, :]
+        else:
+            s_i, s_t, s_v = _odmt_scores(
+                qi_ptr,
+                qt_ptr,
+                qv_ptr,
+                sq_i,
+                sq_t,
+                sq_v,
+                sq_d,
+                ci_ptr,
+                ct_ptr,
+                cv_ptr,
+                sc_i,
+                sc_t,
+                sc_v,
+                sc_d,
+                rows,
+                row_in,
+                cols,
+                col_ok,
+                lq,
+                D,
+                BLOCK_R,
+                BLOCK_N,
+                BLOCK_D,
+                PREC,
+            )
         s_e = (s_i + s_t + s_v) / 3.0
-        keep, is_t = _keep_tile(cols, col_ok, cid, rows, valid, tgt, tid,
-                                ex_ptr, ex_sr, ex_ss, S, pad_id)
+        keep, is_t = _keep_tile(
+            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32
+        )
         zt_i += tl.sum(tl.where(is_t, s_i, 0.0), axis=1)
         zt_t += tl.sum(tl.where(is_t, s_t, 0.0), axis=1)
         zt_v += tl.sum(tl.where(is_t, s_v, 0.0), axis=1)
@@ -374,6 +770,86 @@ def _odmt_fwd_kernel(qi_ptr, qt_ptr, qv_ptr, sq_i, sq_t, sq_v, sq_d,
         w_it = w_it * a_i + tl.sum(e_i * _pair_w(s_i, s_t, keep, inv_t, FORM_KL), axis=1)
         w_iv = w_iv * a_i + tl.sum(e_i * _pair_w(s_i, s_v, keep, inv_t, FORM_KL), axis=1)
         w_ei = w_ei * a_e + tl.sum(e_e * _pair_w(s_e, s_i, keep, inv_t, FORM_KL), axis=1)
+    pp = part_ptr + split * R + rows
+    step = n_splits * R
+    tl.store(pp, m_i, mask=row_in)
+    tl.store(pp + step, m_t, mask=row_in)
+    tl.store(pp + 2 * step, m_v, mask=row_in)
+    tl.store(pp + 3 * step, m_e, mask=row_in)
+    tl.store(pp + 4 * step, l1_i, mask=row_in)
+    tl.store(pp + 5 * step, l1_t, mask=row_in)
+    tl.store(pp + 6 * step, l1_v, mask=row_in)
+    tl.store(pp + 7 * step, lt_i, mask=row_in)
+    tl.store(pp + 8 * step, lt_t, mask=row_in)
+    tl.store(pp + 9 * step, lt_v, mask=row_in)
+    tl.store(pp + 10 * step, lt_e, mask=row_in)
+    tl.store(pp + 11 * step, w_it, mask=row_in)
+    tl.store(pp + 12 * step, w_iv, mask=row_in)
+    tl.store(pp + 13 * step, w_ei, mask=row_in)
+    tl.store(pp + 14 * step, zt_i, mask=row_in)
+    tl.store(pp + 15 * step, zt_t, mask=row_in)
+    tl.store(pp + 16 * step, zt_v, mask=row_in)
+
+
+@triton.jit
+def _split_max(part_ptr, k, n_splits, R, rows, row_in, BLOCK: tl.constexpr):
+    """Largest running max of statistic ``k`` over the splits."""
+    m = tl.full((BLOCK,), -1.0e30, tl.float32)
+    for sp in range(0, n_splits):
+        m = tl.maximum(m, tl.load(part_ptr + (k * n_splits + sp) * R + rows, mask=row_in, other=-1.0e30))
+    return m
+
+
+@triton.jit
+def _odmt_combine_kernel(
+    part_ptr, tgt_ptr, loss_ptr, stats_ptr, R, n_splits, temperature, FORM_KL: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Merges the splits' statistics (rescaling each sum to the global max) and finishes the
+    six per-row losses and the ten statistics of the backward."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_in = rows < R
+    valid = tl.load(tgt_ptr + rows, mask=row_in, other=-1) >= 0
+    inv_t = 1.0 / temperature
+    m_i = _split_max(part_ptr, 0, n_splits, R, rows, row_in, BLOCK)
+    m_t = _split_max(part_ptr, 1, n_splits, R, rows, row_in, BLOCK)
+    m_v = _split_max(part_ptr, 2, n_splits, R, rows, row_in, BLOCK)
+    m_e = _split_max(part_ptr, 3, n_splits, R, rows, row_in, BLOCK)
+    zero = tl.zeros((BLOCK,), tl.float32)
+    l1_i = zero
+    l1_t = zero
+    l1_v = zero
+    lt_i = zero
+    lt_t = zero
+    lt_v = zero
+    lt_e = zero
+    w_it = zero
+    w_iv = zero
+    w_ei = zero
+    zt_i = zero
+    zt_t = zero
+    zt_v = zero
+    step = n_splits * R
+    for sp in range(0, n_splits):
+        pp = part_ptr + sp * R + rows
+        d_i = tl.load(pp, mask=row_in, other=-1.0e30) - m_i
+        d_t = tl.load(pp + step, mask=row_in, other=-1.0e30) - m_t
+        d_v = tl.load(pp + 2 * step, mask=row_in, other=-1.0e30) - m_v
+        d_e = tl.load(pp + 3 * step, mask=row_in, other=-1.0e30) - m_e
+        a_i = tl.exp(d_i * inv_t)
+        a_e = tl.exp(d_e * inv_t)
+        l1_i += tl.load(pp + 4 * step, mask=row_in, other=0.0) * tl.exp(d_i)
+        l1_t += tl.load(pp + 5 * step, mask=row_in, other=0.0) * tl.exp(d_t)
+        l1_v += tl.load(pp + 6 * step, mask=row_in, other=0.0) * tl.exp(d_v)
+        lt_i += tl.load(pp + 7 * step, mask=row_in, other=0.0) * a_i
+        lt_t += tl.load(pp + 8 * step, mask=row_in, other=0.0) * tl.exp(d_t * inv_t)
+        lt_v += tl.load(pp + 9 * step, mask=row_in, other=0.0) * tl.exp(d_v * inv_t)
+        lt_e += tl.load(pp + 10 * step, mask=row_in, other=0.0) * a_e
+        w_it += tl.load(pp + 11 * step, mask=row_in, other=0.0) * a_i
+        w_iv += tl.load(pp + 12 * step, mask=row_in, other=0.0) * a_i
+        w_ei += tl.load(pp + 13 * step, mask=row_in, other=0.0) * a_e
+        zt_i += tl.load(pp + 14 * step, mask=row_in, other=0.0)
+        zt_t += tl.load(pp + 15 * step, mask=row_in, other=0.0)
+        zt_v += tl.load(pp + 16 * step, mask=row_in, other=0.0)
     lse1_i = m_i + tl.log(tl.where(valid, l1_i, 1.0))
     lse1_t = m_t + tl.log(tl.where(valid, l1_t, 1.0))
     lse1_v = m_v + tl.log(tl.where(valid, l1_v, 1.0))
@@ -402,17 +878,17 @@ def _odmt_fwd_kernel(qi_ptr, qt_ptr, qv_ptr, sq_i, sq_t, sq_v, sq_d,
     tl.store(lp + 3 * R, tl.where(valid, d_it, 0.0), mask=row_in)
     tl.store(lp + 4 * R, tl.where(valid, d_iv, 0.0), mask=row_in)
     tl.store(lp + 5 * R, tl.where(valid, d_ei, 0.0), mask=row_in)
-    sp = stats_ptr + rows
-    tl.store(sp, tl.where(valid, lse1_i, 0.0), mask=row_in)
-    tl.store(sp + R, tl.where(valid, lse1_t, 0.0), mask=row_in)
-    tl.store(sp + 2 * R, tl.where(valid, lse1_v, 0.0), mask=row_in)
-    tl.store(sp + 3 * R, tl.where(valid, lset_i, 0.0), mask=row_in)
-    tl.store(sp + 4 * R, tl.where(valid, lset_t, 0.0), mask=row_in)
-    tl.store(sp + 5 * R, tl.where(valid, lset_v, 0.0), mask=row_in)
-    tl.store(sp + 6 * R, tl.where(valid, lset_e, 0.0), mask=row_in)
-    tl.store(sp + 7 * R, tl.where(valid, wbar_it, 0.0), mask=row_in)
-    tl.store(sp + 8 * R, tl.where(valid, wbar_iv, 0.0), mask=row_in)
-    tl.store(sp + 9 * R, tl.where(valid, wbar_ei, 0.0), mask=row_in)
+    sp_ = stats_ptr + rows
+    tl.store(sp_, tl.where(valid, lse1_i, 0.0), mask=row_in)
+    tl.store(sp_ + R, tl.where(valid, lse1_t, 0.0), mask=row_in)
+    tl.store(sp_ + 2 * R, tl.where(valid, lse1_v, 0.0), mask=row_in)
+    tl.store(sp_ + 3 * R, tl.where(valid, lset_i, 0.0), mask=row_in)
+    tl.store(sp_ + 4 * R, tl.where(valid, lset_t, 0.0), mask=row_in)
+    tl.store(sp_ + 5 * R, tl.where(valid, lset_v, 0.0), mask=row_in)
+    tl.store(sp_ + 6 * R, tl.where(valid, lset_e, 0.0), mask=row_in)
+    tl.store(sp_ + 7 * R, tl.where(valid, wbar_it, 0.0), mask=row_in)
+    tl.store(sp_ + 8 * R, tl.where(valid, wbar_iv, 0.0), mask=row_in)
+    tl.store(sp_ + 9 * R, tl.where(valid, wbar_ei, 0.0), mask=row_in)
 
 
 # ======================================================================================
@@ -421,59 +897,87 @@ def _odmt_fwd_kernel(qi_ptr, qt_ptr, qv_ptr, sq_i, sq_t, sq_v, sq_d,
 
 
 @triton.jit
-def _odmt_scores(qi_ptr, qt_ptr, qv_ptr, sq_i, sq_t, sq_v, sq_d,
-                 ci_ptr, ct_ptr, cv_ptr, sc_i, sc_t, sc_v, sc_d,
-                 rows, row_in, cols, col_ok, lq, D,
-                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 PREC: tl.constexpr):
-    s_i = _score_tile(qi_ptr, sq_i, sq_d, ci_ptr, sc_i, sc_d, rows, row_in, cols, col_ok, D,
-                      BLOCK_R, BLOCK_N, BLOCK_D, PREC) - lq[None, :]
-    s_t = _score_tile(qt_ptr, sq_t, sq_d, ct_ptr, sc_t, sc_d, rows, row_in, cols, col_ok, D,
-                      BLOCK_R, BLOCK_N, BLOCK_D, PREC) - lq[None, :]
-    s_v = _score_tile(qv_ptr, sq_v, sq_d, cv_ptr, sc_v, sc_d, rows, row_in, cols, col_ok, D,
-                      BLOCK_R, BLOCK_N, BLOCK_D, PREC) - lq[None, :]
-    return s_i, s_t, s_v
-
-
-@triton.jit
 def _row_stat(ptr, k, rows, valid, R):
-    """Row ``k`` of a ``(K, R)`` per-row table, as a ``(BLOCK_R, 1)`` column."""
-    return tl.load(ptr + k * R + rows, mask=valid, other=0.0)[:, None]
+    """Row ``k`` of a ``(K, R)`` per-row table, as a ``(BLOCK_R,)`` vector."""
+    return tl.load(ptr + k * R + rows, mask=valid, other=0.0)
 
 
 @triton.jit
-def _odmt_dz(s_i, s_t, s_v, keep, is_t, stats_ptr, g_ptr, gmax, rows, valid, R,
-             temperature, FORM_KL: tl.constexpr, DETACH: tl.constexpr):
+def _odmt_row_stats(stats_ptr, g_ptr, gmax, rows, valid, R, temperature):
+    """Everything ``_odmt_dz`` needs per row: the ten statistics and the six upstream
+    weights (scaled by ``1/gmax``; the distillation ones also by ``T``)."""
+    gs = 1.0 / gmax
+    gt = temperature / gmax
+    return (
+        _row_stat(stats_ptr, 0, rows, valid, R),
+        _row_stat(stats_ptr, 1, rows, valid, R),
+        _row_stat(stats_ptr, 2, rows, valid, R),
+        _row_stat(stats_ptr, 3, rows, valid, R),
+        _row_stat(stats_ptr, 4, rows, valid, R),
+        _row_stat(stats_ptr, 5, rows, valid, R),
+        _row_stat(stats_ptr, 6, rows, valid, R),
+        _row_stat(stats_ptr, 7, rows, valid, R),
+        _row_stat(stats_ptr, 8, rows, valid, R),
+        _row_stat(stats_ptr, 9, rows, valid, R),
+        _row_stat(g_ptr, 0, rows, valid, R) * gs,
+        _row_stat(g_ptr, 1, rows, valid, R) * gs,
+        _row_stat(g_ptr, 2, rows, valid, R) * gs,
+        _row_stat(g_ptr, 3, rows, valid, R) * gt,
+        _row_stat(g_ptr, 4, rows, valid, R) * gt,
+        _row_stat(g_ptr, 5, rows, valid, R) * gt,
+    )
+
+
+@triton.jit
+def _odmt_dz(
+    s_i,
+    s_t,
+    s_v,
+    keep,
+    is_t,
+    lse_i,
+    lse_t,
+    lse_v,
+    lt_i,
+    lt_t,
+    lt_v,
+    lt_e,
+    wb_it,
+    wb_iv,
+    wb_ei,
+    gc_i,
+    gc_t,
+    gc_v,
+    g_it,
+    g_iv,
+    g_ei,
+    inv_t,
+    FORM_KL: tl.constexpr,
+    DETACH: tl.constexpr,
+):
     """The three ``dL/dz`` tiles (see the module docstring), 0 on excluded entries."""
-    inv_t = 1.0 / temperature
     oh = is_t.to(tl.float32)
     s_e = (s_i + s_t + s_v) / 3.0
     # cross-entropy parts (T = 1)
-    dz_i = _row_stat(g_ptr, 0, rows, valid, R) / gmax * (
-        tl.exp(tl.where(keep, s_i - _row_stat(stats_ptr, 0, rows, valid, R), -float("inf"))) - oh)
-    dz_t = _row_stat(g_ptr, 1, rows, valid, R) / gmax * (
-        tl.exp(tl.where(keep, s_t - _row_stat(stats_ptr, 1, rows, valid, R), -float("inf"))) - oh)
-    dz_v = _row_stat(g_ptr, 2, rows, valid, R) / gmax * (
-        tl.exp(tl.where(keep, s_v - _row_stat(stats_ptr, 2, rows, valid, R), -float("inf"))) - oh)
+    dz_i = gc_i[:, None] * (tl.exp(tl.where(keep, s_i - lse_i[:, None], -float("inf"))) - oh)
+    dz_t = gc_t[:, None] * (tl.exp(tl.where(keep, s_t - lse_t[:, None], -float("inf"))) - oh)
+    dz_v = gc_v[:, None] * (tl.exp(tl.where(keep, s_v - lse_v[:, None], -float("inf"))) - oh)
     # softmaxes at temperature T
-    p_i = tl.exp(tl.where(keep, s_i * inv_t - _row_stat(stats_ptr, 3, rows, valid, R), -float("inf")))
-    p_t = tl.exp(tl.where(keep, s_t * inv_t - _row_stat(stats_ptr, 4, rows, valid, R), -float("inf")))
-    p_v = tl.exp(tl.where(keep, s_v * inv_t - _row_stat(stats_ptr, 5, rows, valid, R), -float("inf")))
-    p_e = tl.exp(tl.where(keep, s_e * inv_t - _row_stat(stats_ptr, 6, rows, valid, R), -float("inf")))
-    g_it = _row_stat(g_ptr, 3, rows, valid, R) * (temperature / gmax)
-    g_iv = _row_stat(g_ptr, 4, rows, valid, R) * (temperature / gmax)
-    g_ei = _row_stat(g_ptr, 5, rows, valid, R) * (temperature / gmax)
+    p_i = tl.exp(tl.where(keep, s_i * inv_t - lt_i[:, None], -float("inf")))
+    p_t = tl.exp(tl.where(keep, s_t * inv_t - lt_t[:, None], -float("inf")))
+    p_v = tl.exp(tl.where(keep, s_v * inv_t - lt_v[:, None], -float("inf")))
+    p_e = tl.exp(tl.where(keep, s_e * inv_t - lt_e[:, None], -float("inf")))
     # student sides: T (q - p)
-    dz_i += g_ei * (p_i - p_e)
-    dz_t += g_it * (p_t - p_i)
-    dz_v += g_iv * (p_v - p_i)
+    dz_i += g_ei[:, None] * (p_i - p_e)
+    dz_t += g_it[:, None] * (p_t - p_i)
+    dz_v += g_iv[:, None] * (p_v - p_i)
     if not DETACH:
         # teacher sides: T p (w - wbar); the ensemble passes a third to each branch
-        w_it = _pair_w(s_i, s_t, keep, inv_t, FORM_KL) - _row_stat(stats_ptr, 7, rows, valid, R)
-        w_iv = _pair_w(s_i, s_v, keep, inv_t, FORM_KL) - _row_stat(stats_ptr, 8, rows, valid, R)
-        w_ei = _pair_w(s_e, s_i, keep, inv_t, FORM_KL) - _row_stat(stats_ptr, 9, rows, valid, R)
-        dz_i += p_i * (g_it * w_it + g_iv * w_iv)
-        g_e = g_ei * p_e * w_ei / 3.0
+        w_it = _pair_w(s_i, s_t, keep, inv_t, FORM_KL) - wb_it[:, None]
+        w_iv = _pair_w(s_i, s_v, keep, inv_t, FORM_KL) - wb_iv[:, None]
+        w_ei = _pair_w(s_e, s_i, keep, inv_t, FORM_KL) - wb_ei[:, None]
+        dz_i += p_i * (g_it[:, None] * w_it + g_iv[:, None] * w_iv)
+        g_e = g_ei[:, None] * p_e * w_ei / 3.0
         dz_i += g_e
         dz_t += g_e
         dz_v += g_e
@@ -484,42 +988,144 @@ def _odmt_dz(s_i, s_t, s_v, keep, is_t, stats_ptr, g_ptr, gmax, rows, valid, R,
 
 
 @triton.jit
-def _odmt_dq_kernel(qi_ptr, qt_ptr, qv_ptr, sq_i, sq_t, sq_v, sq_d,
-                    ci_ptr, ct_ptr, cv_ptr, sc_i, sc_t, sc_v, sc_d,
-                    tgt_ptr, s_tg, cid_ptr, s_cid, ex_ptr, ex_sr, ex_ss, lq_ptr, s_lq,
-                    stats_ptr, g_ptr, gmax_ptr, dq_ptr, R, N, D, S, pad_id, ignore_index,
-                    temperature, HAS_LQ: tl.constexpr, FORM_KL: tl.constexpr,
-                    DETACH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PREC: tl.constexpr):
+def _odmt_dq_kernel(
+    qi_ptr,
+    qt_ptr,
+    qv_ptr,
+    sq_i,
+    sq_t,
+    sq_v,
+    sq_d,
+    ci_ptr,
+    ct_ptr,
+    cv_ptr,
+    sc_i,
+    sc_t,
+    sc_v,
+    sc_d,
+    tgt_ptr,
+    tid_ptr,
+    cid_ptr,
+    s_cid,
+    ex_ptr,
+    ex_sr,
+    ex_ss,
+    lq_ptr,
+    s_lq,
+    stats_ptr,
+    g_ptr,
+    gmax_ptr,
+    dq_ptr,
+    R,
+    N,
+    D,
+    S,
+    pad_id,
+    temperature,
+    HAS_LQ: tl.constexpr,
+    FORM_KL: tl.constexpr,
+    DETACH: tl.constexpr,
+    S_PAD: tl.constexpr,
+    EX_ONE: tl.constexpr,
+    IDS32: tl.constexpr,
+    FULL_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    PREC: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     o_ok = offs_o < D
-    row_in = rows < R
-    valid, tgt, tid = _row_setup(tgt_ptr, s_tg, cid_ptr, s_cid, rows, R, pad_id, ignore_index)
+    row_in, valid, tgt, tid = _row_setup(tgt_ptr, tid_ptr, rows, R)
     gmax = tl.load(gmax_ptr)
     gmax = tl.where(gmax > 0, gmax, 1.0)
+    inv_t = 1.0 / temperature
+    (lse_i, lse_t, lse_v, lt_i, lt_t, lt_v, lt_e, wb_it, wb_iv, wb_ei, gc_i, gc_t, gc_v, g_it, g_iv, g_ei) = (
+        _odmt_row_stats(stats_ptr, g_ptr, gmax, rows, valid, R, temperature)
+    )
+    if FULL_D:
+        qi = _full_tile(qi_ptr, sq_i, sq_d, rows, row_in, D, BLOCK_DO)
+        qt = _full_tile(qt_ptr, sq_t, sq_d, rows, row_in, D, BLOCK_DO)
+        qv = _full_tile(qv_ptr, sq_v, sq_d, rows, row_in, D, BLOCK_DO)
     acc_i = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
     acc_t = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
     acc_v = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok, cid, lq = _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ)
-        s_i, s_t, s_v = _odmt_scores(qi_ptr, qt_ptr, qv_ptr, sq_i, sq_t, sq_v, sq_d,
-                                     ci_ptr, ct_ptr, cv_ptr, sc_i, sc_t, sc_v, sc_d,
-                                     rows, row_in, cols, col_ok, lq, D,
-                                     BLOCK_R, BLOCK_N, BLOCK_D, PREC)
-        keep, is_t = _keep_tile(cols, col_ok, cid, rows, valid, tgt, tid,
-                                ex_ptr, ex_sr, ex_ss, S, pad_id)
-        dz_i, dz_t, dz_v = _odmt_dz(s_i, s_t, s_v, keep, is_t, stats_ptr, g_ptr, gmax, rows,
-                                    valid, R, temperature, FORM_KL, DETACH)
-        c_off = cols.to(tl.int64)[:, None]
-        cm = col_ok[:, None] & o_ok[None, :]
-        c = tl.load(ci_ptr + c_off * sc_i + offs_o[None, :] * sc_d, mask=cm, other=0.0)
-        acc_i = tl.dot(dz_i.to(c.dtype), c, acc=acc_i, input_precision=PREC)
-        c = tl.load(ct_ptr + c_off * sc_t + offs_o[None, :] * sc_d, mask=cm, other=0.0)
-        acc_t = tl.dot(dz_t.to(c.dtype), c, acc=acc_t, input_precision=PREC)
-        c = tl.load(cv_ptr + c_off * sc_v + offs_o[None, :] * sc_d, mask=cm, other=0.0)
-        acc_v = tl.dot(dz_v.to(c.dtype), c, acc=acc_v, input_precision=PREC)
+        if FULL_D:
+            c_i = _full_tile(ci_ptr, sc_i, sc_d, cols, col_ok, D, BLOCK_DO)
+            c_t = _full_tile(ct_ptr, sc_t, sc_d, cols, col_ok, D, BLOCK_DO)
+            c_v = _full_tile(cv_ptr, sc_v, sc_d, cols, col_ok, D, BLOCK_DO)
+            s_i = tl.dot(qi, tl.trans(c_i), input_precision=PREC) - lq[None, :]
+            s_t = tl.dot(qt, tl.trans(c_t), input_precision=PREC) - lq[None, :]
+            s_v = tl.dot(qv, tl.trans(c_v), input_precision=PREC) - lq[None, :]
+        else:
+            s_i, s_t, s_v = _odmt_scores(
+                qi_ptr,
+                qt_ptr,
+                qv_ptr,
+                sq_i,
+                sq_t,
+                sq_v,
+                sq_d,
+                ci_ptr,
+                ct_ptr,
+                cv_ptr,
+                sc_i,
+                sc_t,
+                sc_v,
+                sc_d,
+                rows,
+                row_in,
+                cols,
+                col_ok,
+                lq,
+                D,
+                BLOCK_R,
+                BLOCK_N,
+                BLOCK_D,
+                PREC,
+            )
+            c_off = cols.to(tl.int64)[:, None]
+            cm = col_ok[:, None] & o_ok[None, :]
+            c_i = tl.load(ci_ptr + c_off * sc_i + offs_o[None, :] * sc_d, mask=cm, other=0.0)
+            c_t = tl.load(ct_ptr + c_off * sc_t + offs_o[None, :] * sc_d, mask=cm, other=0.0)
+            c_v = tl.load(cv_ptr + c_off * sc_v + offs_o[None, :] * sc_d, mask=cm, other=0.0)
+        keep, is_t = _keep_tile(
+            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32
+        )
+        dz_i, dz_t, dz_v = _odmt_dz(
+            s_i,
+            s_t,
+            s_v,
+            keep,
+            is_t,
+            lse_i,
+            lse_t,
+            lse_v,
+            lt_i,
+            lt_t,
+            lt_v,
+            lt_e,
+            wb_it,
+            wb_iv,
+            wb_ei,
+            gc_i,
+            gc_t,
+            gc_v,
+            g_it,
+            g_iv,
+            g_ei,
+            inv_t,
+            FORM_KL,
+            DETACH,
+        )
+        acc_i = tl.dot(dz_i.to(c_i.dtype), c_i, acc=acc_i, input_precision=PREC)
+        acc_t = tl.dot(dz_t.to(c_t.dtype), c_t, acc=acc_t, input_precision=PREC)
+        acc_v = tl.dot(dz_v.to(c_v.dtype), c_v, acc=acc_v, input_precision=PREC)
     out = dq_ptr + rows.to(tl.int64)[:, None] * D + offs_o[None, :]
     om = row_in[:, None] & o_ok[None, :]
     ty = dq_ptr.dtype.element_ty
@@ -529,43 +1135,144 @@ def _odmt_dq_kernel(qi_ptr, qt_ptr, qv_ptr, sq_i, sq_t, sq_v, sq_d,
 
 
 @triton.jit
-def _odmt_dc_kernel(qi_ptr, qt_ptr, qv_ptr, sq_i, sq_t, sq_v, sq_d,
-                    ci_ptr, ct_ptr, cv_ptr, sc_i, sc_t, sc_v, sc_d,
-                    tgt_ptr, s_tg, cid_ptr, s_cid, ex_ptr, ex_sr, ex_ss, lq_ptr, s_lq,
-                    stats_ptr, g_ptr, gmax_ptr, dc_ptr, R, N, D, S, pad_id, ignore_index,
-                    temperature, HAS_LQ: tl.constexpr, FORM_KL: tl.constexpr,
-                    DETACH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PREC: tl.constexpr):
+def _odmt_dc_kernel(
+    qi_ptr,
+    qt_ptr,
+    qv_ptr,
+    sq_i,
+    sq_t,
+    sq_v,
+    sq_d,
+    ci_ptr,
+    ct_ptr,
+    cv_ptr,
+    sc_i,
+    sc_t,
+    sc_v,
+    sc_d,
+    tgt_ptr,
+    tid_ptr,
+    cid_ptr,
+    s_cid,
+    ex_ptr,
+    ex_sr,
+    ex_ss,
+    lq_ptr,
+    s_lq,
+    stats_ptr,
+    g_ptr,
+    gmax_ptr,
+    dc_ptr,
+    R,
+    N,
+    D,
+    S,
+    pad_id,
+    temperature,
+    HAS_LQ: tl.constexpr,
+    FORM_KL: tl.constexpr,
+    DETACH: tl.constexpr,
+    S_PAD: tl.constexpr,
+    EX_ONE: tl.constexpr,
+    IDS32: tl.constexpr,
+    FULL_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    PREC: tl.constexpr,
+):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     o_ok = offs_o < D
     col_ok, cid, lq = _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ)
     gmax = tl.load(gmax_ptr)
     gmax = tl.where(gmax > 0, gmax, 1.0)
+    inv_t = 1.0 / temperature
+    if FULL_D:
+        ci = _full_tile(ci_ptr, sc_i, sc_d, cols, col_ok, D, BLOCK_DO)
+        ct = _full_tile(ct_ptr, sc_t, sc_d, cols, col_ok, D, BLOCK_DO)
+        cv = _full_tile(cv_ptr, sc_v, sc_d, cols, col_ok, D, BLOCK_DO)
     acc_i = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
     acc_t = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
     acc_v = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
-        row_in = rows < R
-        valid, tgt, tid = _row_setup(tgt_ptr, s_tg, cid_ptr, s_cid, rows, R, pad_id,
-                                     ignore_index)
-        s_i, s_t, s_v = _odmt_scores(qi_ptr, qt_ptr, qv_ptr, sq_i, sq_t, sq_v, sq_d,
-                                     ci_ptr, ct_ptr, cv_ptr, sc_i, sc_t, sc_v, sc_d,
-                                     rows, row_in, cols, col_ok, lq, D,
-                                     BLOCK_R, BLOCK_N, BLOCK_D, PREC)
-        keep, is_t = _keep_tile(cols, col_ok, cid, rows, valid, tgt, tid,
-                                ex_ptr, ex_sr, ex_ss, S, pad_id)
-        dz_i, dz_t, dz_v = _odmt_dz(s_i, s_t, s_v, keep, is_t, stats_ptr, g_ptr, gmax, rows,
-                                    valid, R, temperature, FORM_KL, DETACH)
-        r_off = rows.to(tl.int64)[:, None]
-        qm = row_in[:, None] & o_ok[None, :]
-        q = tl.load(qi_ptr + r_off * sq_i + offs_o[None, :] * sq_d, mask=qm, other=0.0)
-        acc_i = tl.dot(tl.trans(dz_i.to(q.dtype)), q, acc=acc_i, input_precision=PREC)
-        q = tl.load(qt_ptr + r_off * sq_t + offs_o[None, :] * sq_d, mask=qm, other=0.0)
-        acc_t = tl.dot(tl.trans(dz_t.to(q.dtype)), q, acc=acc_t, input_precision=PREC)
-        q = tl.load(qv_ptr + r_off * sq_v + offs_o[None, :] * sq_d, mask=qm, other=0.0)
-        acc_v = tl.dot(tl.trans(dz_v.to(q.dtype)), q, acc=acc_v, input_precision=PREC)
+        row_in, valid, tgt, tid = _row_setup(tgt_ptr, tid_ptr, rows, R)
+        (lse_i, lse_t, lse_v, lt_i, lt_t, lt_v, lt_e, wb_it, wb_iv, wb_ei, gc_i, gc_t, gc_v, g_it, g_iv, g_ei) = (
+            _odmt_row_stats(stats_ptr, g_ptr, gmax, rows, valid, R, temperature)
+        )
+        if FULL_D:
+            q_i = _full_tile(qi_ptr, sq_i, sq_d, rows, row_in, D, BLOCK_DO)
+            q_t = _full_tile(qt_ptr, sq_t, sq_d, rows, row_in, D, BLOCK_DO)
+            q_v = _full_tile(qv_ptr, sq_v, sq_d, rows, row_in, D, BLOCK_DO)
+            s_i = tl.dot(q_i, tl.trans(ci), input_precision=PREC) - lq[None, :]
+            s_t = tl.dot(q_t, tl.trans(ct), input_precision=PREC) - lq[None, :]
+            s_v = tl.dot(q_v, tl.trans(cv), input_precision=PREC) - lq[None, :]
+        else:
+            s_i, s_t, s_v = _odmt_scores(
+                qi_ptr,
+                qt_ptr,
+                qv_ptr,
+                sq_i,
+                sq_t,
+                sq_v,
+                sq_d,
+                ci_ptr,
+                ct_ptr,
+                cv_ptr,
+                sc_i,
+                sc_t,
+                sc_v,
+                sc_d,
+                rows,
+                row_in,
+                cols,
+                col_ok,
+                lq,
+                D,
+                BLOCK_R,
+                BLOCK_N,
+                BLOCK_D,
+                PREC,
+            )
+            r_off = rows.to(tl.int64)[:, None]
+            qm = row_in[:, None] & o_ok[None, :]
+            q_i = tl.load(qi_ptr + r_off * sq_i + offs_o[None, :] * sq_d, mask=qm, other=0.0)
+            q_t = tl.load(qt_ptr + r_off * sq_t + offs_o[None, :] * sq_d, mask=qm, other=0.0)
+            q_v = tl.load(qv_ptr + r_off * sq_v + offs_o[None, :] * sq_d, mask=qm, other=0.0)
+        keep, is_t = _keep_tile(
+            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32
+        )
+        dz_i, dz_t, dz_v = _odmt_dz(
+            s_i,
+            s_t,
+            s_v,
+            keep,
+            is_t,
+            lse_i,
+            lse_t,
+            lse_v,
+            lt_i,
+            lt_t,
+            lt_v,
+            lt_e,
+            wb_it,
+            wb_iv,
+            wb_ei,
+            gc_i,
+            gc_t,
+            gc_v,
+            g_it,
+            g_iv,
+            g_ei,
+            inv_t,
+            FORM_KL,
+            DETACH,
+        )
+        acc_i = tl.dot(tl.trans(dz_i.to(q_i.dtype)), q_i, acc=acc_i, input_precision=PREC)
+        acc_t = tl.dot(tl.trans(dz_t.to(q_t.dtype)), q_t, acc=acc_t, input_precision=PREC)
+        acc_v = tl.dot(tl.trans(dz_v.to(q_v.dtype)), q_v, acc=acc_v, input_precision=PREC)
     out = dc_ptr + cols.to(tl.int64)[:, None] * D + offs_o[None, :]
     om = col_ok[:, None] & o_ok[None, :]
     ty = dc_ptr.dtype.element_ty
@@ -583,62 +1290,122 @@ def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
+def _device_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(t: torch.Tensor) -> int:
+    """SMs the forward's column split plans for (2 under the interpreter, so tests split)."""
+    if _SM_OVERRIDE is not None:
+        return _SM_OVERRIDE
+    if _interpreting(t):
+        return 2
+    return _device_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
 def _config(kind: str, rows: int, cols: int, d: int, interpret: bool) -> dict:
     """Fixed tile sizes for one kernel launch.
 
     ``kind`` is ``fwd`` / ``dq`` / ``dc`` (+ ``3`` for the three-branch kernels). ``rows`` is
     the extent the grid tiles (R for fwd/dq, N for dc); ``cols`` the extent each program
-    walks. Under the interpreter every tile is 16 wide (numpy is fast on few, small blocks
-    and the tests still cross tile borders). On the GPU: 64 features per ``tl.dot`` step
-    (a 128-byte bf16 row), 64 walked columns, and a grid tile of 32 (small problems: more
-    programs for the SMs; three-branch backward: three fp32 accumulators of 32 x 256
-    must stay in registers), 64 or 128 rows; the backward output chunk covers up to 256
-    features (128 with 128-row tiles) so that at d <= 256 the scores are recomputed once
-    per backward kernel.
+    walks. ``FULL_D`` (padded d <= ``_FULL_D_MAX``): a program holds whole rows, one dot per
+    score tile, and the backward output chunk ``BLOCK_DO`` is the padded width (the score
+    operand doubles as the gradient operand). Otherwise 64 features per dot step and output
+    chunks of up to 256 features. Under the interpreter every tile is 16 wide (numpy is fast
+    on few, small blocks and the tests still cross tile borders). On the GPU the forward
+    takes 64-row tiles (128 from 32k rows) and splits the columns for parallelism
+    (``_fwd_split``); the single-branch backward 64-row tiles with 64 x 256 fp32
+    accumulators at 8 warps (64 registers a thread); the three-branch backward 32-row tiles
+    (three accumulators) at 8 warps.
     """
     p2d = max(16, triton.next_power_of_2(d))
+    full = p2d <= _FULL_D_MAX
     if interpret:
-        return dict(BLOCK_T=16, BLOCK_W=16, BLOCK_D=16, BLOCK_DO=16, num_warps=4,
-                    num_stages=1)
+        return dict(
+            BLOCK_T=16, BLOCK_W=16, BLOCK_D=16, BLOCK_DO=p2d if full else 16, FULL_D=full, num_warps=4, num_stages=1
+        )
     three = kind.endswith("3")
+    base = kind[:-1] if three else kind
+    if base == "fwd":
+        if three:
+            return dict(
+                BLOCK_T=64, BLOCK_W=32, BLOCK_D=64, BLOCK_DO=p2d if full else 64, FULL_D=full, num_warps=4, num_stages=2
+            )
+        tile = 128 if rows >= 32768 else 64
+        return dict(
+            BLOCK_T=tile,
+            BLOCK_W=64,
+            BLOCK_D=64,
+            BLOCK_DO=p2d if full else 64,
+            FULL_D=full,
+            num_warps=8 if tile == 128 else 4,
+            num_stages=3,
+        )
     if three:
-        tile = 32 if (kind != "fwd3" or rows < 4096) else 64
-        return dict(BLOCK_T=tile, BLOCK_W=64, BLOCK_D=min(64, p2d), BLOCK_DO=min(256, p2d),
-                    num_warps=8 if kind != "fwd3" or tile == 64 else 4, num_stages=2)
-    tile = 128 if rows >= 32768 else (64 if rows >= 4096 else 32)
-    return dict(BLOCK_T=tile, BLOCK_W=64, BLOCK_D=min(64, p2d),
-                BLOCK_DO=min(256 if tile <= 64 else 128, p2d),
-                num_warps=8 if tile >= 64 else 4, num_stages=3 if kind == "fwd" else 2)
+        if full:
+            tile = 64 if p2d <= 128 else 32
+            return dict(BLOCK_T=tile, BLOCK_W=32, BLOCK_D=64, BLOCK_DO=p2d, FULL_D=True, num_warps=8, num_stages=2)
+        return dict(BLOCK_T=32, BLOCK_W=64, BLOCK_D=64, BLOCK_DO=min(256, p2d), FULL_D=False, num_warps=8, num_stages=2)
+    if full:
+        tile = 128 if (rows >= 32768 and p2d <= 128) else 64
+        return dict(BLOCK_T=tile, BLOCK_W=64, BLOCK_D=64, BLOCK_DO=p2d, FULL_D=True, num_warps=8, num_stages=2)
+    tile = 64 if rows >= 4096 else 32
+    return dict(
+        BLOCK_T=tile,
+        BLOCK_W=64,
+        BLOCK_D=64,
+        BLOCK_DO=min(256 if tile <= 64 else 128, p2d),
+        FULL_D=False,
+        num_warps=8 if tile >= 64 else 4,
+        num_stages=2,
+    )
 
 
-def _launch(kernel, cfg: dict, extent: int, d: int, args: tuple, flags: dict, *,
-            grid_over_rows: bool, with_do: bool) -> None:
-    """Launch ``kernel`` over ``extent`` (rows or columns) with the heuristic's tiles.
-
-    Should a GPU refuse them (``OutOfResources``: shared memory or registers), retry
-    deterministically with one pipeline stage, then half the output chunk, then half the
-    grid tile -- a fixed fallback chain, not autotuning.
-    """
+def _fallbacks(cfg: dict, with_do: bool) -> list[dict]:
+    """The fixed retry chain when a GPU refuses a tile (``OutOfResources``: shared memory or
+    registers): one pipeline stage, then the chunked-d path (output chunk <= 128), then half
+    the output chunk, then half the grid tile -- deterministic, not autotuning."""
     tries = [cfg, {**cfg, "num_stages": 1}]
-    if with_do and cfg["BLOCK_DO"] > 32:
+    if cfg["FULL_D"]:
+        tries.append({**tries[-1], "FULL_D": False, "BLOCK_DO": min(128, cfg["BLOCK_DO"])})
+    elif with_do and cfg["BLOCK_DO"] > 32:
         tries.append({**tries[-1], "BLOCK_DO": cfg["BLOCK_DO"] // 2})
     if cfg["BLOCK_T"] > 16:
         tries.append({**tries[-1], "BLOCK_T": cfg["BLOCK_T"] // 2})
+    return tries
+
+
+def _record(name: str, compiled, cfg: dict, grid: tuple) -> None:
+    """Registers/spills of a compiled launch (absent under the interpreter)."""
+    n_regs = getattr(compiled, "n_regs", None)
+    if n_regs is None:
+        return
+    KERNEL_STATS[name] = dict(n_regs=n_regs, n_spills=getattr(compiled, "n_spills", None), grid=list(grid), **cfg)
+
+
+def _launch(name: str, kernel, cfg: dict, make, *, with_do: bool):
+    """Launch ``kernel`` with ``make(cfg) -> (grid, args, meta)``, falling back along
+    :func:`_fallbacks` on ``OutOfResources``; returns ``(cfg used, args)``."""
+    tries = _fallbacks(cfg, with_do)
     for i, c in enumerate(tries):
-        tile, walk = c["BLOCK_T"], c["BLOCK_W"]
-        meta = dict(BLOCK_R=tile if grid_over_rows else walk,
-                    BLOCK_N=walk if grid_over_rows else tile, BLOCK_D=c["BLOCK_D"])
-        grid = (triton.cdiv(extent, tile),)
-        if with_do:
-            meta["BLOCK_DO"] = c["BLOCK_DO"]
-            grid = (grid[0], triton.cdiv(d, c["BLOCK_DO"]))
+        grid, args, meta = make(c)
         try:
-            kernel[grid](*args, **flags, **meta, num_warps=c["num_warps"],
-                         num_stages=c["num_stages"])
-            return
+            compiled = kernel[grid](*args, **meta, num_warps=c["num_warps"], num_stages=c["num_stages"])
         except OutOfResources:
             if i == len(tries) - 1:
                 raise
+            continue
+        _record(name, compiled, c, grid)
+        return c, args
+    raise AssertionError("unreachable")
+
+
+def _fwd_split(row_tiles: int, col_tiles: int, n_sm: int) -> int:
+    """Column tiles per forward split: enough splits for ~4 programs per SM (counting the row
+    tiles), each split at least one tile."""
+    want = max(1, min(col_tiles, -(-4 * n_sm // row_tiles)))
+    return -(-col_tiles // want)
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -646,9 +1413,12 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 def _excl_args(exclude_ids: torch.Tensor | None, candidate_ids: torch.Tensor):
+    """(pointer, row stride, column stride, S, S_PAD, S fits one chunk) of the excluded ids."""
     if exclude_ids is None or exclude_ids.shape[1] == 0:
-        return candidate_ids, 0, 0, 0
-    return exclude_ids, exclude_ids.stride(0), exclude_ids.stride(1), exclude_ids.shape[1]
+        return candidate_ids, 0, 0, 0, 0, True
+    S = exclude_ids.shape[1]
+    s_pad = min(_S_CHUNK, max(2, triton.next_power_of_2(S)))
+    return exclude_ids, exclude_ids.stride(0), exclude_ids.stride(1), S, s_pad, S <= s_pad
 
 
 def _lq_args(log_q: torch.Tensor | None, candidate_ids: torch.Tensor):
@@ -657,9 +1427,59 @@ def _lq_args(log_q: torch.Tensor | None, candidate_ids: torch.Tensor):
     return log_q, log_q.stride(0), True
 
 
+def _row_targets(target: torch.Tensor, candidate_ids: torch.Tensor, ignore_index: int):
+    """Per-row target column (int32, -1 on ignored rows) and target item id (int64): one
+    tiny gather here instead of a dependent load chain in every kernel."""
+    valid = target != ignore_index
+    tgt = torch.where(valid, target, torch.full_like(target, -1)).to(torch.int32).contiguous()
+    tid = candidate_ids[torch.where(valid, target, torch.zeros_like(target))].to(torch.int64)
+    return tgt, tid.contiguous()
+
+
+def _ids32(pad_id: int) -> bool:
+    """int32 comparisons are possible (per column tile) only if the pad id fits."""
+    return -(2**31) <= pad_id < 2**31
+
+
 def _gmax(g: torch.Tensor) -> torch.Tensor:
     """Largest |upstream weight| (device scalar, no sync): dz is scaled by its inverse."""
     return g.detach().abs().amax().reshape(1).to(torch.float32)
+
+
+def _excl_flags(exclude_ids, candidate_ids, pad_id: int):
+    ex, ex_sr, ex_ss, S, s_pad, ex_one = _excl_args(exclude_ids, candidate_ids)
+    return (ex, ex_sr, ex_ss), S, dict(S_PAD=s_pad, EX_ONE=ex_one, IDS32=_ids32(pad_id))
+
+
+_COMBINE_BLOCK = 128
+
+
+def _prep(target, candidate_ids, exclude_ids, log_q, pad_id: int, ignore_index: int) -> dict:
+    """Everything the kernels share about the batch: per-row targets, excluded ids, log Q."""
+    tgt, tid = _row_targets(target, candidate_ids, ignore_index)
+    ex_args, S, xflags = _excl_flags(exclude_ids, candidate_ids, pad_id)
+    lq, s_lq, has_lq = _lq_args(log_q, candidate_ids)
+    return dict(
+        rows=(tgt, tid, candidate_ids, candidate_ids.stride(0), *ex_args, lq, s_lq),
+        S=S,
+        flags=dict(HAS_LQ=has_lq, **xflags),
+    )
+
+
+def _tile_meta(c: dict, grid_over_rows: bool, with_do: bool) -> dict:
+    meta = dict(
+        BLOCK_R=c["BLOCK_T"] if grid_over_rows else c["BLOCK_W"],
+        BLOCK_N=c["BLOCK_W"] if grid_over_rows else c["BLOCK_T"],
+        BLOCK_D=c["BLOCK_D"],
+        FULL_D=c["FULL_D"],
+    )
+    if with_do:
+        meta["BLOCK_DO"] = c["BLOCK_DO"]
+    return meta
+
+
+def _bwd_grid(c: dict, extent: int, d: int) -> tuple[int, int]:
+    return (triton.cdiv(extent, c["BLOCK_T"]), triton.cdiv(d, c["BLOCK_DO"]))
 
 
 # ======================================================================================
@@ -668,74 +1488,161 @@ def _gmax(g: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("odmt::debiased_inbatch_ce", mutates_args=())
-def _ce_op(queries: torch.Tensor, candidates: torch.Tensor, target: torch.Tensor,
-           candidate_ids: torch.Tensor, exclude_ids: torch.Tensor | None,
-           log_q: torch.Tensor | None, pad_id: int,
-           ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _ce_op(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    target: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    exclude_ids: torch.Tensor | None,
+    log_q: torch.Tensor | None,
+    pad_id: int,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses (0 on ignored rows) and per-row log-sum-exp, both fp32 ``(R,)``."""
     R, D = queries.shape
     N = candidates.shape[0]
+    p = _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
+    cfg = _config("fwd", R, N, D, _interpreting(queries))
+    n_sm = _num_sms(queries)
+    p2d = max(16, triton.next_power_of_2(D))
+
+    def make(c):
+        row_tiles, col_tiles = triton.cdiv(R, c["BLOCK_T"]), triton.cdiv(N, c["BLOCK_W"])
+        per = _fwd_split(row_tiles, col_tiles, n_sm)
+        n_split = triton.cdiv(col_tiles, per)
+        part = torch.empty(3, n_split, R, device=queries.device, dtype=torch.float32)
+        args = (
+            queries,
+            queries.stride(0),
+            queries.stride(1),
+            candidates,
+            candidates.stride(0),
+            candidates.stride(1),
+            *p["rows"],
+            part,
+            R,
+            N,
+            D,
+            p["S"],
+            pad_id,
+            per * c["BLOCK_W"],
+        )
+        meta = dict(
+            **p["flags"],
+            **_tile_meta(c, True, False),
+            PREC=_prec(queries.dtype),
+            D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
+        )
+        return (row_tiles, n_split), args, meta
+
+    _, args = _launch("ce_fwd", _ce_fwd_kernel, cfg, make, with_do=False)
+    part = args[-7]
     loss = torch.empty(R, device=queries.device, dtype=torch.float32)
     lse = torch.empty(R, device=queries.device, dtype=torch.float32)
-    cfg = _config("fwd", R, N, D, _interpreting(queries))
-    ex, ex_sr, ex_ss, S = _excl_args(exclude_ids, candidate_ids)
-    lq, s_lq, has_lq = _lq_args(log_q, candidate_ids)
-    args = (queries, queries.stride(0), queries.stride(1), candidates, candidates.stride(0),
-            candidates.stride(1), target, target.stride(0), candidate_ids,
-            candidate_ids.stride(0), ex, ex_sr, ex_ss, lq, s_lq, loss, lse, R, N, D, S, pad_id,
-            ignore_index)
-    _launch(_ce_fwd_kernel, cfg, R, D, args, dict(HAS_LQ=has_lq, PREC=_prec(queries.dtype)),
-            grid_over_rows=True, with_do=False)
+    grid = (triton.cdiv(R, _COMBINE_BLOCK),)
+    compiled = _ce_combine_kernel[grid](part, p["rows"][0], loss, lse, R, part.shape[1], BLOCK=_COMBINE_BLOCK)
+    _record("ce_combine", compiled, {}, grid)
     return loss, lse
 
 
 @_ce_op.register_fake
-def _ce_op_fake(queries, candidates, target, candidate_ids, exclude_ids, log_q, pad_id,
-                ignore_index):
+def _ce_op_fake(queries, candidates, target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index):
     R = queries.shape[0]
-    return (queries.new_empty(R, dtype=torch.float32),
-            queries.new_empty(R, dtype=torch.float32))
+    return (queries.new_empty(R, dtype=torch.float32), queries.new_empty(R, dtype=torch.float32))
 
 
-@torch.library.custom_op("odmt::debiased_inbatch_ce_backward", mutates_args=())
-def _ce_bwd_op(queries: torch.Tensor, candidates: torch.Tensor, target: torch.Tensor,
-               candidate_ids: torch.Tensor, exclude_ids: torch.Tensor | None,
-               log_q: torch.Tensor | None, lse: torch.Tensor, grad_rows: torch.Tensor,
-               pad_id: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``sum_r grad_rows[r] * loss[r]`` w.r.t. queries and candidates."""
+def _ce_backward_impl(
+    queries,
+    candidates,
+    target,
+    candidate_ids,
+    exclude_ids,
+    log_q,
+    lse,
+    grad_rows,
+    pad_id: int,
+    ignore_index: int,
+    parts=("dq", "dc"),
+):
+    """Launches the backward kernels named in ``parts`` (the benchmark times them one by
+    one); returns ``(dq, dc)``, an uncomputed one left uninitialised."""
     R, D = queries.shape
     N = candidates.shape[0]
     g = grad_rows.to(torch.float32).contiguous()
     gmax = _gmax(g)
     dq = torch.empty(R, D, device=queries.device, dtype=queries.dtype)
     dc = torch.empty(N, D, device=candidates.device, dtype=candidates.dtype)
-    ex, ex_sr, ex_ss, S = _excl_args(exclude_ids, candidate_ids)
-    lq, s_lq, has_lq = _lq_args(log_q, candidate_ids)
+    p = _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
     interp = _interpreting(queries)
-    common = (target, target.stride(0), candidate_ids, candidate_ids.stride(0), ex, ex_sr,
-              ex_ss, lq, s_lq, lse, g, gmax)
-    head = (queries, queries.stride(0), queries.stride(1), candidates, candidates.stride(0),
-            candidates.stride(1), *common)
-    flags = dict(HAS_LQ=has_lq, PREC=_prec(queries.dtype))
-    _launch(_ce_dq_kernel, _config("dq", R, N, D, interp), R, D,
-            (*head, dq, dq.stride(0), dq.stride(1), R, N, D, S, pad_id, ignore_index), flags,
-            grid_over_rows=True, with_do=True)
-    _launch(_ce_dc_kernel, _config("dc", N, R, D, interp), N, D,
-            (*head, dc, dc.stride(0), dc.stride(1), R, N, D, S, pad_id, ignore_index), flags,
-            grid_over_rows=False, with_do=True)
+    head = (
+        queries,
+        queries.stride(0),
+        queries.stride(1),
+        candidates,
+        candidates.stride(0),
+        candidates.stride(1),
+        *p["rows"],
+        lse,
+        g,
+        gmax,
+    )
+    prec = _prec(queries.dtype)
+    if "dq" in parts:
+        _launch(
+            "ce_dq",
+            _ce_dq_kernel,
+            _config("dq", R, N, D, interp),
+            lambda c: (
+                _bwd_grid(c, R, D),
+                (*head, dq, dq.stride(0), dq.stride(1), R, N, D, p["S"], pad_id),
+                dict(**p["flags"], **_tile_meta(c, True, True), PREC=prec),
+            ),
+            with_do=True,
+        )
+    if "dc" in parts:
+        _launch(
+            "ce_dc",
+            _ce_dc_kernel,
+            _config("dc", N, R, D, interp),
+            lambda c: (
+                _bwd_grid(c, N, D),
+                (*head, dc, dc.stride(0), dc.stride(1), R, N, D, p["S"], pad_id),
+                dict(**p["flags"], **_tile_meta(c, False, True), PREC=prec),
+            ),
+            with_do=True,
+        )
     return dq, dc
 
 
+@torch.library.custom_op("odmt::debiased_inbatch_ce_backward", mutates_args=())
+def _ce_bwd_op(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    target: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    exclude_ids: torch.Tensor | None,
+    log_q: torch.Tensor | None,
+    lse: torch.Tensor,
+    grad_rows: torch.Tensor,
+    pad_id: int,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``sum_r grad_rows[r] * loss[r]`` w.r.t. queries and candidates."""
+    return _ce_backward_impl(
+        queries, candidates, target, candidate_ids, exclude_ids, log_q, lse, grad_rows, pad_id, ignore_index
+    )
+
+
 @_ce_bwd_op.register_fake
-def _ce_bwd_op_fake(queries, candidates, target, candidate_ids, exclude_ids, log_q, lse,
-                    grad_rows, pad_id, ignore_index):
+def _ce_bwd_op_fake(
+    queries, candidates, target, candidate_ids, exclude_ids, log_q, lse, grad_rows, pad_id, ignore_index
+):
     return (queries.new_empty(queries.shape), candidates.new_empty(candidates.shape))
 
 
 def _ce_setup_context(ctx, inputs, output):
     queries, candidates, target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index = inputs
-    ctx.save_for_backward(queries, candidates, target, candidate_ids, exclude_ids, log_q,
-                          output[1])
+    ctx.save_for_backward(queries, candidates, target, candidate_ids, exclude_ids, log_q, output[1])
     ctx.pad_id = pad_id
     ctx.ignore_index = ignore_index
 
@@ -744,8 +1651,9 @@ def _ce_backward(ctx, grad_loss, grad_lse):
     queries, candidates, target, candidate_ids, exclude_ids, log_q, lse = ctx.saved_tensors
     if grad_loss is None:
         grad_loss = torch.zeros_like(lse)
-    dq, dc = _ce_bwd_op(queries, candidates, target, candidate_ids, exclude_ids, log_q, lse,
-                        grad_loss, ctx.pad_id, ctx.ignore_index)
+    dq, dc = _ce_bwd_op(
+        queries, candidates, target, candidate_ids, exclude_ids, log_q, lse, grad_loss, ctx.pad_id, ctx.ignore_index
+    )
     return dq, dc, None, None, None, None, None, None
 
 
@@ -779,8 +1687,7 @@ def debiased_inbatch_cross_entropy(
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    per_row, _ = _ce_op(queries, candidates, target, candidate_ids, exclude_ids, log_q,
-                        int(pad_id), int(ignore_index))
+    per_row, _ = _ce_op(queries, candidates, target, candidate_ids, exclude_ids, log_q, int(pad_id), int(ignore_index))
     if reduction == "none":
         return per_row
     if reduction == "sum":
@@ -800,90 +1707,247 @@ def _branch_args(qs: tuple[torch.Tensor, ...], cs: tuple[torch.Tensor, ...]):
         qs = tuple(q.contiguous() for q in qs)
     if len({c.stride(1) for c in cs}) != 1:
         cs = tuple(c.contiguous() for c in cs)
-    return ((*qs, qs[0].stride(0), qs[1].stride(0), qs[2].stride(0), qs[0].stride(1),
-             *cs, cs[0].stride(0), cs[1].stride(0), cs[2].stride(0), cs[0].stride(1)))
+    return (
+        *qs,
+        qs[0].stride(0),
+        qs[1].stride(0),
+        qs[2].stride(0),
+        qs[0].stride(1),
+        *cs,
+        cs[0].stride(0),
+        cs[1].stride(0),
+        cs[2].stride(0),
+        cs[0].stride(1),
+    )
 
 
 @torch.library.custom_op("odmt::mutual_distillation", mutates_args=())
-def _odmt_op(q_id: torch.Tensor, q_text: torch.Tensor, q_image: torch.Tensor,
-             c_id: torch.Tensor, c_text: torch.Tensor, c_image: torch.Tensor,
-             target: torch.Tensor, candidate_ids: torch.Tensor,
-             exclude_ids: torch.Tensor | None, log_q: torch.Tensor | None,
-             temperature: float, form_kl: bool, detach_teacher: bool, pad_id: int,
-             ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _odmt_op(
+    q_id: torch.Tensor,
+    q_text: torch.Tensor,
+    q_image: torch.Tensor,
+    c_id: torch.Tensor,
+    c_text: torch.Tensor,
+    c_image: torch.Tensor,
+    target: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    exclude_ids: torch.Tensor | None,
+    log_q: torch.Tensor | None,
+    temperature: float,
+    form_kl: bool,
+    detach_teacher: bool,
+    pad_id: int,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row parts ``(6, R)`` (ce_id, ce_text, ce_image, kl_id_text, kl_id_image,
     kl_ensemble_id; 0 on ignored rows) and per-row statistics ``(10, R)``, both fp32.
     ``detach_teacher`` only matters to the backward."""
     R, D = q_id.shape
     N = c_id.shape[0]
+    p = _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
+    cfg = _config("fwd3", R, N, D, _interpreting(q_id))
+    n_sm = _num_sms(q_id)
+    p2d = max(16, triton.next_power_of_2(D))
+    head = _branch_args((q_id, q_text, q_image), (c_id, c_text, c_image))
+
+    def make(c):
+        row_tiles, col_tiles = triton.cdiv(R, c["BLOCK_T"]), triton.cdiv(N, c["BLOCK_W"])
+        per = _fwd_split(row_tiles, col_tiles, n_sm)
+        n_split = triton.cdiv(col_tiles, per)
+        part = torch.empty(_N_SPLIT_STATS, n_split, R, device=q_id.device, dtype=torch.float32)
+        args = (*head, *p["rows"], part, R, N, D, p["S"], pad_id, float(temperature), per * c["BLOCK_W"])
+        meta = dict(
+            **p["flags"],
+            **_tile_meta(c, True, False),
+            FORM_KL=bool(form_kl),
+            PREC=_prec(q_id.dtype),
+            D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
+        )
+        return (row_tiles, n_split), args, meta
+
+    _, args = _launch("odmt_fwd", _odmt_fwd_kernel, cfg, make, with_do=False)
+    part = args[-8]
     loss = torch.empty(_N_PARTS, R, device=q_id.device, dtype=torch.float32)
     stats = torch.empty(_N_STATS, R, device=q_id.device, dtype=torch.float32)
-    cfg = _config("fwd3", R, N, D, _interpreting(q_id))
-    ex, ex_sr, ex_ss, S = _excl_args(exclude_ids, candidate_ids)
-    lq, s_lq, has_lq = _lq_args(log_q, candidate_ids)
-    args = (*_branch_args((q_id, q_text, q_image), (c_id, c_text, c_image)),
-            target, target.stride(0), candidate_ids, candidate_ids.stride(0), ex, ex_sr, ex_ss,
-            lq, s_lq, loss, stats, R, N, D, S, pad_id, ignore_index, float(temperature))
-    flags = dict(HAS_LQ=has_lq, FORM_KL=bool(form_kl), PREC=_prec(q_id.dtype))
-    _launch(_odmt_fwd_kernel, cfg, R, D, args, flags, grid_over_rows=True, with_do=False)
+    grid = (triton.cdiv(R, _COMBINE_BLOCK),)
+    compiled = _odmt_combine_kernel[grid](
+        part,
+        p["rows"][0],
+        loss,
+        stats,
+        R,
+        part.shape[1],
+        float(temperature),
+        FORM_KL=bool(form_kl),
+        BLOCK=_COMBINE_BLOCK,
+    )
+    _record("odmt_combine", compiled, {}, grid)
     return loss, stats
 
 
 @_odmt_op.register_fake
-def _odmt_op_fake(q_id, q_text, q_image, c_id, c_text, c_image, target, candidate_ids,
-                  exclude_ids, log_q, temperature, form_kl, detach_teacher, pad_id,
-                  ignore_index):
+def _odmt_op_fake(
+    q_id,
+    q_text,
+    q_image,
+    c_id,
+    c_text,
+    c_image,
+    target,
+    candidate_ids,
+    exclude_ids,
+    log_q,
+    temperature,
+    form_kl,
+    detach_teacher,
+    pad_id,
+    ignore_index,
+):
     R = q_id.shape[0]
-    return (q_id.new_empty(_N_PARTS, R, dtype=torch.float32),
-            q_id.new_empty(_N_STATS, R, dtype=torch.float32))
+    return (q_id.new_empty(_N_PARTS, R, dtype=torch.float32), q_id.new_empty(_N_STATS, R, dtype=torch.float32))
 
 
-@torch.library.custom_op("odmt::mutual_distillation_backward", mutates_args=())
-def _odmt_bwd_op(q_id: torch.Tensor, q_text: torch.Tensor, q_image: torch.Tensor,
-                 c_id: torch.Tensor, c_text: torch.Tensor, c_image: torch.Tensor,
-                 target: torch.Tensor, candidate_ids: torch.Tensor,
-                 exclude_ids: torch.Tensor | None, log_q: torch.Tensor | None,
-                 stats: torch.Tensor, grad_rows: torch.Tensor, temperature: float,
-                 form_kl: bool, detach_teacher: bool, pad_id: int,
-                 ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients ``(3, R, d)`` and ``(3, N, d)`` (branches id, text, image) of
-    ``sum grad_rows * parts``."""
+def _odmt_backward_impl(
+    q_id,
+    q_text,
+    q_image,
+    c_id,
+    c_text,
+    c_image,
+    target,
+    candidate_ids,
+    exclude_ids,
+    log_q,
+    stats,
+    grad_rows,
+    temperature: float,
+    form_kl: bool,
+    detach_teacher: bool,
+    pad_id: int,
+    ignore_index: int,
+    parts=("dq", "dc"),
+):
+    """Launches the backward kernels named in ``parts``; returns ``(dq, dc)`` of shapes
+    ``(3, R, d)`` and ``(3, N, d)``, an uncomputed one left uninitialised."""
     R, D = q_id.shape
     N = c_id.shape[0]
     g = grad_rows.to(torch.float32).contiguous()
     gmax = _gmax(g)
     dq = torch.empty(3, R, D, device=q_id.device, dtype=q_id.dtype)
     dc = torch.empty(3, N, D, device=c_id.device, dtype=c_id.dtype)
-    ex, ex_sr, ex_ss, S = _excl_args(exclude_ids, candidate_ids)
-    lq, s_lq, has_lq = _lq_args(log_q, candidate_ids)
+    p = _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
     interp = _interpreting(q_id)
-    head = _branch_args((q_id, q_text, q_image), (c_id, c_text, c_image))
-    common = (target, target.stride(0), candidate_ids, candidate_ids.stride(0), ex, ex_sr,
-              ex_ss, lq, s_lq, stats, g, gmax)
-    flags = dict(HAS_LQ=has_lq, FORM_KL=bool(form_kl), DETACH=bool(detach_teacher),
-                 PREC=_prec(q_id.dtype))
-    tail = (R, N, D, S, pad_id, ignore_index, float(temperature))
-    _launch(_odmt_dq_kernel, _config("dq3", R, N, D, interp), R, D,
-            (*head, *common, dq, *tail), flags, grid_over_rows=True, with_do=True)
-    _launch(_odmt_dc_kernel, _config("dc3", N, R, D, interp), N, D,
-            (*head, *common, dc, *tail), flags, grid_over_rows=False, with_do=True)
+    head = (*_branch_args((q_id, q_text, q_image), (c_id, c_text, c_image)), *p["rows"], stats, g, gmax)
+    tail = (R, N, D, p["S"], pad_id, float(temperature))
+    flags = dict(**p["flags"], FORM_KL=bool(form_kl), DETACH=bool(detach_teacher), PREC=_prec(q_id.dtype))
+    if "dq" in parts:
+        _launch(
+            "odmt_dq",
+            _odmt_dq_kernel,
+            _config("dq3", R, N, D, interp),
+            lambda c: (_bwd_grid(c, R, D), (*head, dq, *tail), dict(**flags, **_tile_meta(c, True, True))),
+            with_do=True,
+        )
+    if "dc" in parts:
+        _launch(
+            "odmt_dc",
+            _odmt_dc_kernel,
+            _config("dc3", N, R, D, interp),
+            lambda c: (_bwd_grid(c, N, D), (*head, dc, *tail), dict(**flags, **_tile_meta(c, False, True))),
+            with_do=True,
+        )
     return dq, dc
 
 
+@torch.library.custom_op("odmt::mutual_distillation_backward", mutates_args=())
+def _odmt_bwd_op(
+    q_id: torch.Tensor,
+    q_text: torch.Tensor,
+    q_image: torch.Tensor,
+    c_id: torch.Tensor,
+    c_text: torch.Tensor,
+    c_image: torch.Tensor,
+    target: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    exclude_ids: torch.Tensor | None,
+    log_q: torch.Tensor | None,
+    stats: torch.Tensor,
+    grad_rows: torch.Tensor,
+    temperature: float,
+    form_kl: bool,
+    detach_teacher: bool,
+    pad_id: int,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients ``(3, R, d)`` and ``(3, N, d)`` (branches id, text, image) of
+    ``sum grad_rows * parts``."""
+    return _odmt_backward_impl(
+        q_id,
+        q_text,
+        q_image,
+        c_id,
+        c_text,
+        c_image,
+        target,
+        candidate_ids,
+        exclude_ids,
+        log_q,
+        stats,
+        grad_rows,
+        temperature,
+        form_kl,
+        detach_teacher,
+        pad_id,
+        ignore_index,
+    )
+
+
 @_odmt_bwd_op.register_fake
-def _odmt_bwd_op_fake(q_id, q_text, q_image, c_id, c_text, c_image, target, candidate_ids,
-                      exclude_ids, log_q, stats, grad_rows, temperature, form_kl,
-                      detach_teacher, pad_id, ignore_index):
+def _odmt_bwd_op_fake(
+    q_id,
+    q_text,
+    q_image,
+    c_id,
+    c_text,
+    c_image,
+    target,
+    candidate_ids,
+    exclude_ids,
+    log_q,
+    stats,
+    grad_rows,
+    temperature,
+    form_kl,
+    detach_teacher,
+    pad_id,
+    ignore_index,
+):
     R, D = q_id.shape
     N = c_id.shape[0]
     return (q_id.new_empty(3, R, D), c_id.new_empty(3, N, D))
 
 
 def _odmt_setup_context(ctx, inputs, output):
-    (q_id, q_text, q_image, c_id, c_text, c_image, target, candidate_ids, exclude_ids, log_q,
-     temperature, form_kl, detach_teacher, pad_id, ignore_index) = inputs
-    ctx.save_for_backward(q_id, q_text, q_image, c_id, c_text, c_image, target, candidate_ids,
-                          exclude_ids, log_q, output[1])
+    (
+        q_id,
+        q_text,
+        q_image,
+        c_id,
+        c_text,
+        c_image,
+        target,
+        candidate_ids,
+        exclude_ids,
+        log_q,
+        temperature,
+        form_kl,
+        detach_teacher,
+        pad_id,
+        ignore_index,
+    ) = inputs
+    ctx.save_for_backward(
+        q_id, q_text, q_image, c_id, c_text, c_image, target, candidate_ids, exclude_ids, log_q, output[1]
+    )
     ctx.args = (temperature, form_kl, detach_teacher, pad_id, ignore_index)
 
 
@@ -892,8 +1956,7 @@ def _odmt_backward(ctx, grad_loss, grad_stats):
     temperature, form_kl, detach_teacher, pad_id, ignore_index = ctx.args
     if grad_loss is None:
         grad_loss = torch.zeros_like(saved[-1][:_N_PARTS])
-    dq, dc = _odmt_bwd_op(*saved, grad_loss, temperature, form_kl, detach_teacher, pad_id,
-                          ignore_index)
+    dq, dc = _odmt_bwd_op(*saved, grad_loss, temperature, form_kl, detach_teacher, pad_id, ignore_index)
     return (dq[0], dq[1], dq[2], dc[0], dc[1], dc[2]) + (None,) * 9
 
 
@@ -939,9 +2002,23 @@ def mutual_distillation_loss(
     dtypes = {t.dtype for t in (q_id, q_text, q_image, c_id, c_text, c_image)}
     if len(dtypes) != 1:
         raise TypeError(f"all queries and candidates must share one dtype, got {dtypes}")
-    per_row, _ = _odmt_op(q_id, q_text, q_image, c_id, c_text, c_image, target,
-                          candidate_ids, exclude_ids, log_q, float(temperature), form == "kl",
-                          bool(detach_teacher), int(pad_id), int(ignore_index))
+    per_row, _ = _odmt_op(
+        q_id,
+        q_text,
+        q_image,
+        c_id,
+        c_text,
+        c_image,
+        target,
+        candidate_ids,
+        exclude_ids,
+        log_q,
+        float(temperature),
+        form == "kl",
+        bool(detach_teacher),
+        int(pad_id),
+        int(ignore_index),
+    )
     parts = per_row.sum(dim=1)
     if reduction == "mean":
         parts = parts / _valid_count(target, ignore_index)

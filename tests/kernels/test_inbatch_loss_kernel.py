@@ -108,9 +108,9 @@ def _leaf(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 
-def _check_ce(qs, cs, target, cand, exclude, log_q, reduction, dtype, seed=0):
+def _check_ce(qs, cs, target, cand, exclude, log_q, reduction, dtype, seed=0, pad=PAD):
     q, c = _leaf(qs[0]), _leaf(cs[0])
-    out = K.debiased_inbatch_cross_entropy(q, c, target, cand, exclude, log_q, PAD, IGNORE, reduction)
+    out = K.debiased_inbatch_cross_entropy(q, c, target, cand, exclude, log_q, pad, IGNORE, reduction)
     q64, c64 = _leaf(qs[0], torch.float64), _leaf(cs[0], torch.float64)
     ref = debiased_inbatch_cross_entropy_reference(
         q64,
@@ -119,7 +119,7 @@ def _check_ce(qs, cs, target, cand, exclude, log_q, reduction, dtype, seed=0):
         cand,
         exclude,
         None if log_q is None else log_q.double(),
-        pad_id=PAD,
+        pad_id=pad,
         ignore_index=IGNORE,
         reduction=reduction,
     )
@@ -506,9 +506,11 @@ def test_bad_arguments_raise_clear_errors():
     "kind,rows,cols,d",
     [
         ("fwd", 16384, 16384, 256),
+        ("fwd", 1536, 1664, 768),
         ("dq", 65536, 65536, 128),
         ("dc", 1664, 1536, 768),
         ("fwd3", 1536, 1664, 768),
+        ("fwd3", 16384, 16384, 256),
         ("dq3", 16384, 16384, 256),
         ("dc3", 1664, 1536, 1000),
     ],
@@ -519,9 +521,24 @@ def test_gpu_launch_heuristic_gives_tensor_core_tiles(kind, rows, cols, d):
         value = cfg[key]
         assert value >= 16 and value & (value - 1) == 0, (key, value)
     assert cfg["BLOCK_D"] <= 64 and cfg["BLOCK_DO"] <= 256
+    p2d = max(16, 1 << (d - 1).bit_length())
+    assert cfg["FULL_D"] == (d <= 256)
+    if cfg["FULL_D"]:  # one dot per score tile; the backward owns the whole width
+        assert cfg["BLOCK_DO"] == p2d
     if d <= 256 and not kind.startswith("fwd"):  # scores recomputed once per backward kernel
         assert cfg["BLOCK_DO"] >= d
     assert cfg["num_warps"] in (4, 8) and cfg["num_stages"] in (2, 3)
+
+
+def test_forward_split_fills_the_gpu_at_paper_scale():
+    """R = 1536 gives 24 row tiles: the column split must bring >= 2 programs per SM."""
+    for kind in ("fwd", "fwd3"):
+        cfg = K._config(kind, 1536, 1664, 768, interpret=False)
+        row_tiles, col_tiles = -(-1536 // cfg["BLOCK_T"]), -(-1664 // cfg["BLOCK_W"])
+        per = K._fwd_split(row_tiles, col_tiles, 132)
+        assert row_tiles * -(-col_tiles // per) >= 2 * 132
+    assert K._fwd_split(1024, 1024, 132) == 1024  # enough rows: one split
+    assert K._fwd_split(3, 3, 0) == 3 and K._fwd_split(3, 3, 64) == 1
 
 
 def test_launch_falls_back_deterministically_when_the_gpu_refuses_the_tiles():
@@ -533,15 +550,164 @@ def test_launch_falls_back_deterministically_when_the_gpu_refuses_the_tiles():
         def __getitem__(self, grid):
             def run(*args, **meta):
                 calls.append((grid, meta))
-                if meta["num_stages"] > 1 or meta["BLOCK_DO"] > 128:
+                if meta["num_stages"] > 1 or meta["FULL_D"]:
                     raise OutOfResources(300000, 232448, "shared memory")
 
             return run
 
+    def make(c):
+        return K._bwd_grid(c, 16384, 256), ("arg",), K._tile_meta(c, True, True)
+
     cfg = K._config("dq3", 16384, 16384, 256, interpret=False)
-    K._launch(FakeKernel(), cfg, 16384, 256, (), {"X": 1}, grid_over_rows=True, with_do=True)
+    used, args = K._launch("fake", FakeKernel(), cfg, make, with_do=True)
     assert [c[1]["num_stages"] for c in calls] == [2, 1, 1]
     grid, meta = calls[-1]
-    assert meta["BLOCK_DO"] == 128 and grid == (16384 // meta["BLOCK_R"], 2) and meta["X"] == 1
+    assert not meta["FULL_D"] and meta["BLOCK_DO"] == 128 and used["BLOCK_DO"] == 128
+    assert grid == (16384 // meta["BLOCK_R"], 2) and args == ("arg",)
+    calls.clear()
+
+    class Refuses(FakeKernel):
+        def __getitem__(self, grid):
+            def run(*args, **meta):
+                calls.append(meta)
+                raise OutOfResources(300000, 232448, "shared memory")
+
+            return run
+
     with pytest.raises(OutOfResources):
-        K._launch(FakeKernel(), {**cfg, "BLOCK_DO": 1024}, 16384, 1024, (), {}, grid_over_rows=False, with_do=True)
+        K._launch("fake", Refuses(), cfg, make, with_do=True)
+    assert len(calls) == len(K._fallbacks(cfg, True)) == 4
+
+
+# --------------------------------------------------------------------------------------
+# Kernel paths: full-width dot vs d chunks, column splits, resident vs chunked excluded ids,
+# int32 vs int64 id compares
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["full_d", "chunked_d"])
+def d_path(request, monkeypatch):
+    if request.param == "chunked_d":
+        monkeypatch.setattr(K, "_FULL_D_MAX", 0)
+    return request.param
+
+
+@pytest.fixture(params=["one_split", "many_splits"])
+def split_path(request, monkeypatch):
+    monkeypatch.setattr(K, "_SM_OVERRIDE", 0 if request.param == "one_split" else 64)
+    return request.param
+
+
+@pytest.mark.parametrize("excl,S", [("none", 0), ("full", 0), ("expanded", 3), ("transposed", 7), ("full", 21)])
+def test_ce_paths_match_reference(d_path, split_path, excl, S):
+    """S = 0 given as an empty (R, 0) tensor, S not a power of two, S > 16 (chunked ids)."""
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        11 + S,
+        35,
+        37,
+        40,
+        30,
+        pad_frac=0.1,
+        ignore_frac=0.2,
+        excl=excl,
+        S=S,
+        lq="normal",
+        all_but_target_rows=0,
+        dtype=torch.float32,
+        branches=1,
+    )
+    if excl != "none" and S == 0:
+        assert exclude.shape == (35, 0)
+    _check_ce(qs, cs, target, cand, exclude, log_q, "none", torch.float32)
+
+
+@pytest.mark.parametrize("S,detach", [(5, False), (20, True)])
+def test_mutual_distillation_paths_match_reference(d_path, split_path, S, detach):
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        12 + S,
+        34,
+        37,
+        33,
+        25,
+        pad_frac=0.1,
+        ignore_frac=0.2,
+        excl="expanded" if detach else "full",
+        S=S,
+        lq="extreme",
+        all_but_target_rows=1,
+        dtype=torch.float32,
+        branches=3,
+    )
+    _check_odmt(qs, cs, target, cand, exclude, log_q, 0.7, detach, "kl", "sum", torch.float32)
+
+
+def _wide_ids(cand: torch.Tensor, exclude: torch.Tensor, *, wide_candidates: bool):
+    """Ids past int32: excluded ids that alias an in-batch id in their low 32 bits (a plain
+    int32 cast would wrongly exclude it), and, optionally, candidates past int32 too."""
+    big = 2**40
+    exclude = exclude.clone()
+    exclude[:, 0] = exclude[:, 0] + 2**32  # aliases exclude[:, 0] after truncation
+    exclude[::3, 1] = big + 5  # matches nothing, or a wide candidate below
+    if wide_candidates:
+        cand = cand.clone()
+        cand[1::4] = torch.where(cand[1::4] != PAD, cand[1::4] + big, cand[1::4])
+        cand[2] = big + 5
+    return cand, exclude
+
+
+@pytest.mark.parametrize("wide_candidates", [False, True])
+def test_ids_past_int32_are_compared_exactly(d_path, wide_candidates):
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        13,
+        33,
+        40,
+        24,
+        12,
+        pad_frac=0.1,
+        ignore_frac=0.1,
+        excl="full",
+        S=4,
+        lq="normal",
+        all_but_target_rows=0,
+        dtype=torch.float32,
+        branches=3,
+    )
+    cand, exclude = _wide_ids(cand, exclude, wide_candidates=wide_candidates)
+    target = torch.where((target >= 0) & (cand[target.clamp(min=0)] == PAD), IGNORE, target)
+    _check_ce(qs, cs, target, cand, exclude, log_q, "none", torch.float32)
+    _check_odmt(qs, cs, target, cand, exclude, log_q, 1.3, False, "ce", "mean", torch.float32)
+
+
+def test_pad_id_past_int32_and_int32_id_tensors():
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        14,
+        30,
+        33,
+        20,
+        8,
+        pad_frac=0.2,
+        ignore_frac=0.2,
+        excl="expanded",
+        S=3,
+        lq="none",
+        all_but_target_rows=1,
+        dtype=torch.float32,
+        branches=1,
+    )
+    wide_pad = 2**35
+    cand_w = torch.where(cand == PAD, wide_pad, cand)
+    ex_w = torch.where(exclude == PAD, wide_pad, exclude)
+    _check_ce(qs, cs, target, cand_w, ex_w, log_q, "none", torch.float32, pad=wide_pad)
+    _check_ce(qs, cs, target.int(), cand.int(), exclude.int(), log_q, "sum", torch.float32)
+
+
+def test_kernel_stats_report_only_compiled_launches():
+    """Under the interpreter no compiled kernel exists, so nothing is recorded; on a GPU the
+    benchmark prints the registers and spills of every kernel."""
+    K.KERNEL_STATS.clear()
+    qs, cs, target, cand, exclude, log_q = _small(1)
+    K.debiased_inbatch_cross_entropy(qs[0], cs[0], target, cand, exclude, log_q, PAD, IGNORE, "mean").backward()
+    if qs[0].device.type == "cpu":
+        assert K.KERNEL_STATS == {}
+    else:
+        assert {"ce_fwd", "ce_combine", "ce_dq", "ce_dc"} <= set(K.KERNEL_STATS)
