@@ -22,8 +22,10 @@ On a CUDA GPU:
    measured bf16 matmul rate) and our distance to it. Writes every number to
    ``$OUT/bench_inbatch_loss.json`` when OUT is set.
 
-Slow calls (> 20 ms) are timed as the median of 3 event-timed runs after one warm-up instead
-of ``do_bench``, and eager PyTorch is skipped at R = N = 65,536 (55 GB, 0.36 s a call), to
+Then, while the run is under ``SWEEP_BUDGET_S`` seconds, a few alternative tiles per kernel
+are timed at R = N = 16,384 (with their registers and spills). Slow calls (> 20 ms) are
+timed as the median of 3 event-timed runs after one warm-up instead of ``do_bench``, and
+eager PyTorch is skipped at R = N = 65,536 (55 GB, 0.36 s a call), to
 keep the whole GPU run under ~150 s.
 
 ``DRY=1`` runs the whole script on the CPU under ``TRITON_INTERPRET=1`` with tiny shapes
@@ -43,6 +45,7 @@ import sys
 import time
 import traceback
 
+T_START = time.time()
 DRY = bool(os.environ.get("DRY"))
 if DRY:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -400,6 +403,52 @@ def kernel_report(tag: str) -> None:
     K.KERNEL_STATS.clear()
 
 
+# Alternative tiles timed per kernel at R = N = 16,384 when the run has time left (data for
+# the next tuning round; the defaults come from kernels.inbatch_loss._config).
+SWEEP = [
+    ("ce", "dq", "dq", {"BLOCK_T": 64, "BLOCK_W": 64, "TRANS_S": False}),
+    ("ce", "dq", "dq", {"BLOCK_T": 64, "BLOCK_W": 32, "TRANS_S": False}),
+    ("ce", "dq", "dq", {"TRANS_S": False}),
+    ("ce", "dc", "dc", {"BLOCK_T": 64, "BLOCK_W": 64}),
+    ("ce", "dc", "dc", {"BLOCK_T": 64, "BLOCK_W": 32}),
+    ("odmt3", "fwd", "fwd3", {"BLOCK_T": 64}),
+    ("odmt3", "dq", "dq3", {"BLOCK_T": 16}),
+    ("odmt3", "dq", "dq3", {"BLOCK_T": 64}),
+    ("odmt3", "dc", "dc3", {"BLOCK_T": 64}),
+    ("ce", "fwd", "fwd", {"BLOCK_W": 32}),
+]
+SWEEP_BUDGET_S = 135.0
+
+
+def tile_sweep() -> None:
+    """Times each kernel under a few alternative tiles (skipped once the run passes
+    ``SWEEP_BUDGET_S`` seconds); prints time, registers and spills of each variant."""
+    R, N, d = (40, 40, 32) if DRY else (16384, 16384, 256)
+    Hs, Ds, target, cand, hist, log_pop = make_data(R, N, d)
+    parts = dict(zip(("ce", "odmt3"), our_kernel_fns(Hs, Ds, target, cand, hist, log_pop, True), strict=True))
+    print(f"--- tile sweep at R={R} N={N} d={d} (defaults: see the case above)", flush=True)
+    for variant, part, kind, over in SWEEP:
+        if time.time() - T_START > SWEEP_BUDGET_S and not DRY:
+            print("tile sweep stopped: time budget spent", flush=True)
+            break
+        key = f"sweep_{variant}_{part}_" + "_".join(f"{k}{v}" for k, v in over.items())
+        K._CONFIG_OVERRIDE.clear()
+        K._CONFIG_OVERRIDE[kind] = dict(over)
+        K.KERNEL_STATS.clear()
+        try:
+            ms = bench(parts[variant][part], (), rep=40)
+            name = {"fwd": "fwd", "dq": "dq", "dc": "dc"}[part]
+            st = K.KERNEL_STATS.get(f"{'ce' if variant == 'ce' else 'odmt'}_{name}", {})
+            RES[key] = dict(ms=ms, n_regs=st.get("n_regs"), n_spills=st.get("n_spills"))
+            print(f"{key:60s} {ms * 1000:9.1f} us  n_regs={st.get('n_regs')} n_spills={st.get('n_spills')}", flush=True)
+        except Exception as exc:
+            RES[key] = f"ERR {type(exc).__name__}: {str(exc)[:200]}"
+            print(f"{key:60s} ERROR {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        finally:
+            K._CONFIG_OVERRIDE.clear()
+    K.KERNEL_STATS.clear()
+
+
 def fmt(v, unit: str = "") -> str:
     return f"{v:,.3f}{unit}" if isinstance(v, float) else "-" if v is None else str(v).split(":")[0][:16]
 
@@ -468,9 +517,15 @@ def main() -> int:
         if not DRY:
             torch.cuda.empty_cache()
         dump()
-    table(cases)
     RES["seconds_cases"] = time.time() - t0
     print(f"(cases took {RES['seconds_cases']:.0f} s)", flush=True)
+    try:
+        tile_sweep()
+    except Exception as exc:
+        traceback.print_exc()
+        RES["sweep_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    dump()
+    table(cases)
     dump()
     if not RES.get("agree_ok", True):
         print("OURS AND EAGER DISAGREE (see MISMATCH lines above)", flush=True)

@@ -114,12 +114,21 @@ Changes and predicted effect:
 3. Resident query tile + one K = D_PAD dot per tile, and the score operand reused as the
    gradient operand at d <= 256: backward loads halve; scores are computed once per
    backward kernel.
-4. Column splits in the forward: paper scale 24 row tiles -> ~200 programs.
-5. Register use reported per kernel; three-branch backward accumulators 3 x 32 x 256 fp32
-   (96 registers/thread at 8 warps) may still spill -- the report says.
-Predicted fwd+bwd: paper CE ~0.2 ms, paper odmt3 ~0.4 ms (target 0.25 likely missed: the
-backward recomputes the d = 768 scores per 256-wide output chunk), big CE ~2.5 ms (CCE 5.1),
-big odmt3 ~5.5 ms (target 5.7), huge CE ~20 ms (CCE 68).
+4. Column splits in the forward: paper scale 24-48 row tiles -> 300-530 programs.
+5. Registers: a Triton 3.9 sm_90 compile on the CPU machine (``triton.compile`` with a
+   ``GPUTarget``, ``cuobjdump --dump-resource-usage``) showed the first version of these
+   kernels -- and the run-1 kernels (e.g. three-branch dQ 6.8 KB of stack a thread) --
+   spilling heavily at 255 registers. Tiles were then picked for the smallest stack frame:
+   single-branch forward 64 x 64 at 8 warps (0 B), full-width backward 32 x 32 (dQ 56 B
+   with ``TRANS_S``, dC 0 B; at d = 128 both 0 B), d = 768 backward chunks of 128 (88 / 0 B);
+   the three-branch kernels still spill (forward 272 B, dQ 1.1 KB, dC 0.6 KB at d = 256).
+   Triton 3.6 on the GPU may allocate differently: the benchmark prints n_regs/n_spills.
+Predicted fwd+bwd: paper CE ~0.2 ms, paper odmt3 ~0.45 ms (the 0.25 ms target is likely
+missed: the d = 768 backward recomputes the scores per output chunk, 4x per kernel), big CE
+~2.5-3.5 ms (CCE 5.1; the 32 x 32 backward tiles stream 16 bytes of operand per score from
+L2), big odmt3 ~6-8 ms (target 5.7, at risk from the spills), huge CE ~25 ms (CCE 68).
+Biggest uncertainties: the cost of the remaining spills and of 32 x 32 mma.sync tiles versus
+64 x 64 wgmma ones -- the benchmark's tile sweep times both.
 
 Public functions (registered as custom ops ``odmt::debiased_inbatch_ce`` and
 ``odmt::mutual_distillation``, with fake and autograd implementations; their backward
@@ -159,8 +168,11 @@ KERNEL_STATS: dict[str, dict] = {}
 _FULL_D_MAX = 256
 # Number of SMs the launch heuristic plans for; None = ask the device (2 under the interpreter).
 _SM_OVERRIDE: int | None = None
-# Excluded ids held per register tile (and the chunk width when S is larger).
+# Excluded ids compared per unrolled chunk.
 _S_CHUNK = 16
+# Per-kind overrides of the launch heuristic (keys of ``_config``'s dict); the benchmark's
+# tile sweep and the tests set it, nothing else does.
+_CONFIG_OVERRIDE: dict[str, dict] = {}
 
 
 # ======================================================================================
@@ -445,6 +457,7 @@ def _ce_dq_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr,
     PREC: tl.constexpr,
+    TRANS_S: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -462,7 +475,10 @@ def _ce_dq_kernel(
         col_ok, cid, lq = _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ)
         if FULL_D:
             c = _full_tile(c_ptr, sc_n, sc_d, cols, col_ok, D, BLOCK_DO)
-            s = tl.dot(q, tl.trans(c), input_precision=PREC)
+            if TRANS_S:  # the resident query tile as the B operand (shared memory, not registers)
+                s = tl.trans(tl.dot(c, tl.trans(q), input_precision=PREC))
+            else:
+                s = tl.dot(q, tl.trans(c), input_precision=PREC)
         else:
             s = _score_tile(
                 q_ptr, sq_r, sq_d, c_ptr, sc_n, sc_d, rows, row_in, cols, col_ok, D, BLOCK_R, BLOCK_N, BLOCK_D, PREC
@@ -1313,12 +1329,20 @@ def _config(kind: str, rows: int, cols: int, d: int, interpret: bool) -> dict:
     score tile, and the backward output chunk ``BLOCK_DO`` is the padded width (the score
     operand doubles as the gradient operand). Otherwise 64 features per dot step and output
     chunks of up to 256 features. Under the interpreter every tile is 16 wide (numpy is fast
-    on few, small blocks and the tests still cross tile borders). On the GPU the forward
-    takes 64-row tiles (128 from 32k rows) and splits the columns for parallelism
-    (``_fwd_split``); the single-branch backward 64-row tiles with 64 x 256 fp32
-    accumulators at 8 warps (64 registers a thread); the three-branch backward 32-row tiles
-    (three accumulators) at 8 warps.
+    on few, small blocks and the tests still cross tile borders). On the GPU (8 warps) the
+    forward takes 64 x 64 tiles (128 x 64 from 32k rows; 32 x 32 for three branches) and
+    splits the columns for parallelism (``_fwd_split``); the full-width backward kernels take
+    32 x 32 tiles, the dQ kernel with the resident query tile as the B operand of the score
+    dot (``TRANS_S``): a Triton 3.9 sm_90 compile (no GPU needed) showed every larger
+    full-width backward tile spilling (0.3-3.5 KB of stack a thread; 64 x 64 forward at 8
+    warps: none). For d > 256: output chunks of 128 (single branch) or 256 (three branches,
+    fewer score recomputations). ``_CONFIG_OVERRIDE`` replaces keys per kind.
     """
+    cfg = _base_config(kind, rows, d, interpret)
+    return {**cfg, **_CONFIG_OVERRIDE.get(kind, {})}
+
+
+def _base_config(kind: str, rows: int, d: int, interpret: bool) -> dict:
     p2d = max(16, triton.next_power_of_2(d))
     full = p2d <= _FULL_D_MAX
     if interpret:
@@ -1328,38 +1352,24 @@ def _config(kind: str, rows: int, cols: int, d: int, interpret: bool) -> dict:
     three = kind.endswith("3")
     base = kind[:-1] if three else kind
     if base == "fwd":
-        if three:
-            return dict(
-                BLOCK_T=64, BLOCK_W=32, BLOCK_D=64, BLOCK_DO=p2d if full else 64, FULL_D=full, num_warps=4, num_stages=2
-            )
-        tile = 128 if rows >= 32768 else 64
+        tile = 32 if three else (128 if rows >= 32768 else 64)
         return dict(
             BLOCK_T=tile,
-            BLOCK_W=64,
+            BLOCK_W=32 if three else 64,
             BLOCK_D=64,
             BLOCK_DO=p2d if full else 64,
             FULL_D=full,
-            num_warps=8 if tile == 128 else 4,
-            num_stages=3,
+            num_warps=8,
+            num_stages=2 if three else 3,
+        )
+    if full:  # 32 x 32 tiles: the sm_90 compile of larger full-width backward tiles spills
+        return dict(
+            BLOCK_T=32, BLOCK_W=32, BLOCK_D=64, BLOCK_DO=p2d, FULL_D=True, num_warps=8, num_stages=2, TRANS_S=True
         )
     if three:
-        if full:
-            tile = 64 if p2d <= 128 else 32
-            return dict(BLOCK_T=tile, BLOCK_W=32, BLOCK_D=64, BLOCK_DO=p2d, FULL_D=True, num_warps=8, num_stages=2)
-        return dict(BLOCK_T=32, BLOCK_W=64, BLOCK_D=64, BLOCK_DO=min(256, p2d), FULL_D=False, num_warps=8, num_stages=2)
-    if full:
-        tile = 128 if (rows >= 32768 and p2d <= 128) else 64
-        return dict(BLOCK_T=tile, BLOCK_W=64, BLOCK_D=64, BLOCK_DO=p2d, FULL_D=True, num_warps=8, num_stages=2)
+        return dict(BLOCK_T=32, BLOCK_W=32, BLOCK_D=64, BLOCK_DO=min(256, p2d), FULL_D=False, num_warps=8, num_stages=2)
     tile = 64 if rows >= 4096 else 32
-    return dict(
-        BLOCK_T=tile,
-        BLOCK_W=64,
-        BLOCK_D=64,
-        BLOCK_DO=min(256 if tile <= 64 else 128, p2d),
-        FULL_D=False,
-        num_warps=8 if tile >= 64 else 4,
-        num_stages=2,
-    )
+    return dict(BLOCK_T=tile, BLOCK_W=64, BLOCK_D=64, BLOCK_DO=128, FULL_D=False, num_warps=8, num_stages=2)
 
 
 def _fallbacks(cfg: dict, with_do: bool) -> list[dict]:
@@ -1595,7 +1605,7 @@ def _ce_backward_impl(
             lambda c: (
                 _bwd_grid(c, R, D),
                 (*head, dq, dq.stride(0), dq.stride(1), R, N, D, p["S"], pad_id),
-                dict(**p["flags"], **_tile_meta(c, True, True), PREC=prec),
+                dict(**p["flags"], **_tile_meta(c, True, True), PREC=prec, TRANS_S=c.get("TRANS_S", False)),
             ),
             with_do=True,
         )

@@ -711,3 +711,27 @@ def test_kernel_stats_report_only_compiled_launches():
         assert K.KERNEL_STATS == {}
     else:
         assert {"ce_fwd", "ce_combine", "ce_dq", "ce_dc"} <= set(K.KERNEL_STATS)
+
+
+@pytest.mark.parametrize("trans_s", [False, True])
+def test_ce_dq_score_orientations_agree(monkeypatch, trans_s):
+    """The dQ kernel's two ways of forming the score tile (resident query tile as the A or
+    the B operand) give the reference gradients; overrides reach the launch."""
+    monkeypatch.setattr(K, "_CONFIG_OVERRIDE", {"dq": {"TRANS_S": trans_s, "BLOCK_W": 32}})
+    assert K._config("dq", 30, 30, 20, interpret=True)["TRANS_S"] is trans_s
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        15,
+        37,
+        45,
+        20,
+        9,
+        pad_frac=0.1,
+        ignore_frac=0.2,
+        excl="expanded",
+        S=4,
+        lq="normal",
+        all_but_target_rows=1,
+        dtype=torch.float16,
+        branches=1,
+    )
+    _check_ce(qs, cs, target, cand, exclude, log_q, "mean", torch.float16)
