@@ -413,7 +413,7 @@ SWEEP = [
     ("ce", "dc", "dc", {"BLOCK_T": 64, "BLOCK_W": 32}),
     ("odmt3", "fwd", "fwd3", {"BLOCK_T": 64}),
     ("odmt3", "dq", "dq3", {"BLOCK_T": 16}),
-    ("odmt3", "dq", "dq3", {"BLOCK_T": 64}),
+    ("odmt3", "dq", "dq3", {"BLOCK_T": 64, "TRANS_S": False}),
     ("odmt3", "dc", "dc3", {"BLOCK_T": 64}),
     ("ce", "fwd", "fwd", {"BLOCK_W": 32}),
 ]

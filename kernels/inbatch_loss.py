@@ -121,7 +121,8 @@ Changes and predicted effect:
    spilling heavily at 255 registers. Tiles were then picked for the smallest stack frame:
    single-branch forward 64 x 64 at 8 warps (0 B), full-width backward 32 x 32 (dQ 56 B
    with ``TRANS_S``, dC 0 B; at d = 128 both 0 B), d = 768 backward chunks of 128 (88 / 0 B);
-   the three-branch kernels still spill (forward 272 B, dQ 1.1 KB, dC 0.6 KB at d = 256).
+   the three-branch kernels still spill (forward 272 B, dQ 0.7 KB with ``TRANS_S``, dC
+   0.6 KB at d = 256; about 1 KB each at d = 768).
    Triton 3.6 on the GPU may allocate differently: the benchmark prints n_regs/n_spills.
 Predicted fwd+bwd: paper CE ~0.2 ms, paper odmt3 ~0.45 ms (the 0.25 ms target is likely
 missed: the d = 768 backward recomputes the scores per output chunk, 4x per kernel), big CE
@@ -1050,6 +1051,7 @@ def _odmt_dq_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr,
     PREC: tl.constexpr,
+    TRANS_S: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -1075,9 +1077,14 @@ def _odmt_dq_kernel(
             c_i = _full_tile(ci_ptr, sc_i, sc_d, cols, col_ok, D, BLOCK_DO)
             c_t = _full_tile(ct_ptr, sc_t, sc_d, cols, col_ok, D, BLOCK_DO)
             c_v = _full_tile(cv_ptr, sc_v, sc_d, cols, col_ok, D, BLOCK_DO)
-            s_i = tl.dot(qi, tl.trans(c_i), input_precision=PREC) - lq[None, :]
-            s_t = tl.dot(qt, tl.trans(c_t), input_precision=PREC) - lq[None, :]
-            s_v = tl.dot(qv, tl.trans(c_v), input_precision=PREC) - lq[None, :]
+            if TRANS_S:  # the resident query tiles as B operands (shared memory, not registers)
+                s_i = tl.trans(tl.dot(c_i, tl.trans(qi), input_precision=PREC)) - lq[None, :]
+                s_t = tl.trans(tl.dot(c_t, tl.trans(qt), input_precision=PREC)) - lq[None, :]
+                s_v = tl.trans(tl.dot(c_v, tl.trans(qv), input_precision=PREC)) - lq[None, :]
+            else:
+                s_i = tl.dot(qi, tl.trans(c_i), input_precision=PREC) - lq[None, :]
+                s_t = tl.dot(qt, tl.trans(c_t), input_precision=PREC) - lq[None, :]
+                s_v = tl.dot(qv, tl.trans(c_v), input_precision=PREC) - lq[None, :]
         else:
             s_i, s_t, s_v = _odmt_scores(
                 qi_ptr,
@@ -1855,7 +1862,11 @@ def _odmt_backward_impl(
             "odmt_dq",
             _odmt_dq_kernel,
             _config("dq3", R, N, D, interp),
-            lambda c: (_bwd_grid(c, R, D), (*head, dq, *tail), dict(**flags, **_tile_meta(c, True, True))),
+            lambda c: (
+                _bwd_grid(c, R, D),
+                (*head, dq, *tail),
+                dict(**flags, **_tile_meta(c, True, True), TRANS_S=c.get("TRANS_S", False)),
+            ),
             with_do=True,
         )
     if "dc" in parts:

@@ -735,3 +735,24 @@ def test_ce_dq_score_orientations_agree(monkeypatch, trans_s):
         branches=1,
     )
     _check_ce(qs, cs, target, cand, exclude, log_q, "mean", torch.float16)
+
+
+@pytest.mark.parametrize("trans_s", [False, True])
+def test_odmt_dq_score_orientations_agree(monkeypatch, trans_s):
+    monkeypatch.setattr(K, "_CONFIG_OVERRIDE", {"dq3": {"TRANS_S": trans_s}})
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        16,
+        34,
+        36,
+        24,
+        9,
+        pad_frac=0.1,
+        ignore_frac=0.2,
+        excl="full",
+        S=3,
+        lq="normal",
+        all_but_target_rows=1,
+        dtype=torch.float32,
+        branches=3,
+    )
+    _check_odmt(qs, cs, target, cand, exclude, log_q, 0.6, False, "kl", "mean", torch.float32)
