@@ -397,9 +397,16 @@ def kernel_report(tag: str) -> None:
         return
     for name, st in sorted(stats.items()):
         tiles = " ".join(
-            f"{k}={st[k]}" for k in ("BLOCK_T", "BLOCK_W", "BLOCK_DO", "FULL_D", "num_warps", "num_stages") if k in st
+            f"{k}={st[k]}"
+            for k in ("BLOCK_T", "BLOCK_W", "BLOCK_DO", "FULL_D", "TRANS_S", "num_warps", "num_stages")
+            if k in st
         )
-        print(f"  {name:14s} n_regs={st['n_regs']:4} n_spills={st['n_spills']:4} grid={st['grid']} {tiles}", flush=True)
+        print(
+            f"  {name:14s} n_regs={st['n_regs']!s:>4} n_spills={st['n_spills']!s:>4} grid={st['grid']} {tiles}",
+            flush=True,
+        )
+        for why in st.get("refused", []):
+            print(f"    (an earlier tile was refused: {why})", flush=True)
     K.KERNEL_STATS.clear()
 
 

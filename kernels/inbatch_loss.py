@@ -148,6 +148,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
 from .reference import DistillationLosses
@@ -1381,9 +1382,10 @@ def _base_config(kind: str, rows: int, d: int, interpret: bool) -> dict:
 
 def _fallbacks(cfg: dict, with_do: bool) -> list[dict]:
     """The fixed retry chain when a GPU refuses a tile (``OutOfResources``: shared memory or
-    registers): one pipeline stage, then the chunked-d path (output chunk <= 128), then half
-    the output chunk, then half the grid tile -- deterministic, not autotuning."""
-    tries = [cfg, {**cfg, "num_stages": 1}]
+    registers) or the compiler fails on it: one pipeline stage and the plain score dot, then
+    the chunked-d path (output chunk <= 128), then half the output chunk, then half the grid
+    tile -- deterministic, not autotuning."""
+    tries = [cfg, {**cfg, "num_stages": 1, "TRANS_S": False}]
     if cfg["FULL_D"]:
         tries.append({**tries[-1], "FULL_D": False, "BLOCK_DO": min(128, cfg["BLOCK_DO"])})
     elif with_do and cfg["BLOCK_DO"] > 32:
@@ -1393,27 +1395,39 @@ def _fallbacks(cfg: dict, with_do: bool) -> list[dict]:
     return tries
 
 
-def _record(name: str, compiled, cfg: dict, grid: tuple) -> None:
-    """Registers/spills of a compiled launch (absent under the interpreter)."""
+def _record(name: str, compiled, cfg: dict, grid: tuple, refused: list[str] | None = None) -> None:
+    """Registers/spills of a compiled launch (absent under the interpreter), and why earlier
+    tiles of the fallback chain were refused."""
     n_regs = getattr(compiled, "n_regs", None)
     if n_regs is None:
         return
     KERNEL_STATS[name] = dict(n_regs=n_regs, n_spills=getattr(compiled, "n_spills", None), grid=list(grid), **cfg)
+    if refused:
+        KERNEL_STATS[name]["refused"] = list(refused)
+
+
+def _compiler_failure(exc: Exception) -> bool:
+    """A Triton/MLIR/ptxas failure on a tile (not a wrong argument or a bug in the caller)."""
+    return isinstance(exc, CompilationError) or (
+        isinstance(exc, RuntimeError) and any(k in str(exc) for k in ("PassManager", "ptxas", "MLIR"))
+    )
 
 
 def _launch(name: str, kernel, cfg: dict, make, *, with_do: bool):
     """Launch ``kernel`` with ``make(cfg) -> (grid, args, meta)``, falling back along
-    :func:`_fallbacks` on ``OutOfResources``; returns ``(cfg used, args)``."""
+    :func:`_fallbacks` on ``OutOfResources`` or a compiler failure; returns ``(cfg used, args)``."""
     tries = _fallbacks(cfg, with_do)
+    refused = []
     for i, c in enumerate(tries):
         grid, args, meta = make(c)
         try:
             compiled = kernel[grid](*args, **meta, num_warps=c["num_warps"], num_stages=c["num_stages"])
-        except OutOfResources:
-            if i == len(tries) - 1:
+        except Exception as exc:
+            if i == len(tries) - 1 or not (isinstance(exc, OutOfResources) or _compiler_failure(exc)):
                 raise
+            refused.append(f"{type(exc).__name__}: {str(exc)[:160]}")
             continue
-        _record(name, compiled, c, grid)
+        _record(name, compiled, c, grid, refused)
         return c, args
     raise AssertionError("unreachable")
 

@@ -756,3 +756,31 @@ def test_odmt_dq_score_orientations_agree(monkeypatch, trans_s):
         branches=3,
     )
     _check_odmt(qs, cs, target, cand, exclude, log_q, 0.6, False, "kl", "mean", torch.float32)
+
+
+def test_launch_falls_back_on_a_compiler_failure_but_not_on_other_errors():
+    calls = []
+
+    def kernel_raising(exc_for):
+        class Fake:
+            def __getitem__(self, grid):
+                def run(*args, **meta):
+                    calls.append(meta)
+                    exc = exc_for(meta)
+                    if exc is not None:
+                        raise exc
+
+                return run
+
+        return Fake()
+
+    def make(c):
+        return K._bwd_grid(c, 4096, 256), (), dict(K._tile_meta(c, True, True), TRANS_S=c.get("TRANS_S", False))
+
+    cfg = K._config("dq", 4096, 4096, 256, interpret=False)
+    assert cfg["TRANS_S"]
+    failing = kernel_raising(lambda m: RuntimeError("PassManager::run failed") if m["TRANS_S"] else None)
+    used, _ = K._launch("fake", failing, cfg, make, with_do=True)
+    assert [m["TRANS_S"] for m in calls] == [True, False] and not used["TRANS_S"]
+    with pytest.raises(ValueError, match="a bug"):
+        K._launch("fake", kernel_raising(lambda m: ValueError("a bug")), cfg, make, with_do=True)
