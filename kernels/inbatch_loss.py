@@ -183,6 +183,18 @@ _CONFIG_OVERRIDE: dict[str, dict] = {}
 
 
 @triton.jit
+def _row_prep_kernel(tgt_in_ptr, s_tg, cid_ptr, s_cid, tgt_ptr, tid_ptr, R, ignore_index, BLOCK: tl.constexpr):
+    """``tgt = target`` or -1 on ignored rows (int32); ``tid = candidate_ids[target]`` (int64)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_in = rows < R
+    t = tl.load(tgt_in_ptr + rows.to(tl.int64) * s_tg, mask=row_in, other=ignore_index)
+    valid = row_in & (t != ignore_index)
+    tid = tl.load(cid_ptr + tl.where(valid, t, 0).to(tl.int64) * s_cid, mask=valid, other=0)
+    tl.store(tgt_ptr + rows, tl.where(valid, t, -1).to(tl.int32), mask=row_in)
+    tl.store(tid_ptr + rows, tid.to(tl.int64), mask=row_in)
+
+
+@triton.jit
 def _row_setup(tgt_ptr, tid_ptr, rows, R):
     """Per-row data of a row tile: (rows in range, valid rows, target column or -1, target
     item id as int64). ``tgt``/``tid`` are contiguous vectors the wrapper gathered."""
@@ -1459,12 +1471,16 @@ def _lq_args(log_q: torch.Tensor | None, candidate_ids: torch.Tensor):
 
 
 def _row_targets(target: torch.Tensor, candidate_ids: torch.Tensor, ignore_index: int):
-    """Per-row target column (int32, -1 on ignored rows) and target item id (int64): one
-    tiny gather here instead of a dependent load chain in every kernel."""
-    valid = target != ignore_index
-    tgt = torch.where(valid, target, torch.full_like(target, -1)).to(torch.int32).contiguous()
-    tid = candidate_ids[torch.where(valid, target, torch.zeros_like(target))].to(torch.int64)
-    return tgt, tid.contiguous()
+    """Per-row target column (int32, -1 on ignored rows) and target item id (int64), by one
+    small kernel launch here instead of a dependent load chain in every tile loop."""
+    R = target.shape[0]
+    tgt = torch.empty(R, device=target.device, dtype=torch.int32)
+    tid = torch.empty(R, device=target.device, dtype=torch.int64)
+    grid = (triton.cdiv(R, _ROW_BLOCK),)
+    _row_prep_kernel[grid](
+        target, target.stride(0), candidate_ids, candidate_ids.stride(0), tgt, tid, R, ignore_index, BLOCK=_ROW_BLOCK
+    )
+    return tgt, tid
 
 
 def _ids32(pad_id: int) -> bool:
@@ -1483,6 +1499,7 @@ def _excl_flags(exclude_ids, candidate_ids, pad_id: int):
 
 
 _COMBINE_BLOCK = 128
+_ROW_BLOCK = 256
 
 
 def _prep(target, candidate_ids, exclude_ids, log_q, pad_id: int, ignore_index: int) -> dict:
