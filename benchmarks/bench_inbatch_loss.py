@@ -28,6 +28,10 @@ timed as the median of 3 event-timed runs after one warm-up instead of ``do_benc
 eager PyTorch is skipped at R = N = 65,536 (55 GB, 0.36 s a call), to
 keep the whole GPU run under ~150 s.
 
+``AOT=1`` needs no GPU: it compiles every kernel of ours at each case's launch configuration
+for sm_90 (Triton's own ptxas) and prints registers and stack frame (spills) per kernel, as
+read by Triton's bundled ``cuobjdump`` -- the resource report, before any GPU time.
+
 ``DRY=1`` runs the whole script on the CPU under ``TRITON_INTERPRET=1`` with tiny shapes
 (plumbing only, no timing). Without a GPU and without DRY it says so and exits 0.
 ``SKIP_COMPILE=1`` leaves out the torch.compile competitors (their warm-up is the slowest
@@ -47,13 +51,14 @@ import traceback
 
 T_START = time.time()
 DRY = bool(os.environ.get("DRY"))
+AOT = bool(os.environ.get("AOT"))
 if DRY:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-if not DRY and not torch.cuda.is_available():
+if not DRY and not AOT and not torch.cuda.is_available():
     print("bench_inbatch_loss: no CUDA GPU here; nothing measured (DRY=1 runs a CPU dry run).")
     sys.exit(0)
 
@@ -71,7 +76,8 @@ T = 0.5
 HIST = 15
 PAD = -1  # no candidate id is -1: the anchors' data has no padding columns
 IGNORE = -100
-RES: dict = {"device": "cpu (DRY)" if DRY else torch.cuda.get_device_name(), "torch": torch.__version__}
+DEVICE_NAME = "cpu (DRY)" if DRY else "sm_90 compile (AOT)" if AOT else torch.cuda.get_device_name()
+RES: dict = {"device": DEVICE_NAME, "torch": torch.__version__}
 
 try:
     import triton
@@ -497,7 +503,71 @@ def table(cases) -> None:
             print("| " + " | ".join(cells) + " |")
 
 
+def aot_report() -> int:
+    """Compile our kernels for sm_90 without a GPU and print their resource use."""
+    import re
+    import subprocess
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    ptr = {"tgt_ptr": "*i32", "tid_ptr": "*i64", "cid_ptr": "*i64", "ex_ptr": "*i64"}
+    fp32 = {"lq_ptr", "part_ptr", "loss_ptr", "lse_ptr", "stats_ptr", "g_ptr", "gmax_ptr"}
+    flags = dict(HAS_LQ=True, S_PAD=16, EX_ONE=True, IDS32=True, PREC="tf32", FORM_KL=True, DETACH=True)
+    kernels = [
+        ("ce_fwd", K._ce_fwd_kernel, "fwd"),
+        ("ce_dq", K._ce_dq_kernel, "dq"),
+        ("ce_dc", K._ce_dc_kernel, "dc"),
+        ("odmt_fwd", K._odmt_fwd_kernel, "fwd3"),
+        ("odmt_dq", K._odmt_dq_kernel, "dq3"),
+        ("odmt_dc", K._odmt_dc_kernel, "dc3"),
+    ]
+    cases = [("paper", 1536, 1664, 768), ("big", 16384, 16384, 256), ("huge", 65536, 65536, 128)]
+    for tag, R, N, d in cases:
+        for name, kernel, kind in kernels:
+            if tag == "huge" and kind.endswith("3"):
+                continue
+            rows, cols = (N, R) if kind.startswith("dc") else (R, N)
+            cfg = K._config(kind, rows, cols, d, interpret=False)
+            meta = dict(flags, **K._tile_meta(cfg, not kind.startswith("dc"), not kind.startswith("fwd")))
+            meta["D_PAD"] = max(16, triton.next_power_of_2(d)) if cfg["FULL_D"] else cfg["BLOCK_D"]
+            meta["TRANS_S"] = cfg.get("TRANS_S", False)
+            consts = {k: v for k, v in meta.items() if k in kernel.arg_names}
+            sig = {}
+            for arg in kernel.arg_names:
+                if arg in consts:
+                    sig[arg] = "constexpr"
+                elif arg.endswith("_ptr"):
+                    sig[arg] = ptr.get(arg, "*fp32" if arg in fp32 else "*bf16")
+                else:
+                    sig[arg] = "fp32" if arg == "temperature" else "i32"
+            label = f"{tag}_{name}"
+            try:
+                ck = triton.compile(
+                    ASTSource(kernel, sig, constexprs=consts),
+                    target=GPUTarget("cuda", 90, 32),
+                    options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
+                )
+                path = os.path.join(os.environ.get("OUT") or "/tmp", f"{label}.cubin")
+                with open(path, "wb") as fh:
+                    fh.write(ck.asm["cubin"])
+                res = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True)
+                regs = re.findall(r"REG:(\d+)", res.stdout)
+                stack = re.findall(r"STACK:(\d+)", res.stdout)
+                info = dict(regs=regs[0] if regs else "?", stack=stack[0] if stack else "?", smem=ck.metadata.shared)
+            except Exception as exc:  # report and go on: this mode only informs
+                info = dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
+            RES[f"aot_{label}"] = info
+            tiles = " ".join(f"{k}={cfg[k]}" for k in ("BLOCK_T", "BLOCK_W", "BLOCK_DO", "FULL_D", "num_warps"))
+            print(f"{label:18s} {info}  {tiles}", flush=True)
+    dump()
+    return 0
+
+
 def main() -> int:
+    if AOT:
+        return aot_report()
     ceilings()
     ok = correctness()
     dump()

@@ -60,15 +60,15 @@ and ``dQ^m_r = sum_j dz^m_rj c^m_j``, ``dC^m_j = sum_r dz^m_rj q^m_r``. No gradi
 Tiling
 ------
 Forward (``_ce_fwd_kernel``, ``_odmt_fwd_kernel``): grid = row tiles x column splits. A
-program loads its row tile's per-row data once (target column, target item id -- gathered
-in the wrapper --, the ``(BLOCK_R, S_PAD)`` tile of excluded ids and, when the padded width
-``D_PAD <= 256``, the whole ``(BLOCK_R, D_PAD)`` query tile), then walks its columns in
-``BLOCK_N`` tiles: one ``tl.dot(q, c^T)`` with K = D_PAD per tile (the candidate tile is one
-load that the software pipeline overlaps with the previous tile's math), or, for d > 256, a
-loop over ``BLOCK_D`` chunks; then the exclusion mask of the tile (shared by the three
-branches), then the online statistics. Each split writes its partial statistics (running
-max, exp-sums, target score, weighted sums); a small combine kernel merges the splits and
-stores the losses and the statistics the backward needs (lse's, ``wbar``).
+program loads its row tile's per-row data once (target column and target item id, gathered
+by ``_row_prep_kernel``, and, when the padded width ``D_PAD <= 256``, the whole
+``(BLOCK_R, D_PAD)`` query tile), then walks its columns in ``BLOCK_N`` tiles: one
+``tl.dot(q, c^T)`` with K = D_PAD per tile (the candidate tile is one load that the software
+pipeline overlaps with the previous tile's math), or, for d > 256, a loop over ``BLOCK_D``
+chunks; then the exclusion mask of the tile (shared by the three branches), then the online
+statistics. Each split writes its partial statistics (running max, exp-sums, target score,
+weighted sums); a small combine kernel merges the splits and stores the losses and the
+statistics the backward needs (lse's, ``wbar``).
 
 Backward, deterministic, no atomics: a row-wise kernel (``_ce_dq_kernel``,
 ``_odmt_dq_kernel``) recomputes the score tiles, forms ``dz`` and accumulates ``dQ += dz @
