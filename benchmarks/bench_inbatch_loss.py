@@ -430,7 +430,7 @@ SWEEP = [
     ("odmt3", "dc", "dc3", {"BLOCK_T": 64}),
     ("ce", "fwd", "fwd", {"BLOCK_W": 32}),
 ]
-SWEEP_BUDGET_S = 135.0
+SWEEP_BUDGET_S = 125.0
 
 
 def tile_sweep() -> None:
