@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     feat.add_argument("--image-pca-dim", type=int,
                       help="reduce the image token width to this many principal components "
                       "(e.g. the text width, for the paper's mean ID initialisation)")
+    feat.add_argument("--text-pca-dim", type=int,
+                      help="reduce the text token width to this many principal components "
+                      "(fitted on non-padding tokens)")
     feat.add_argument("--missing-images", default="drop", choices=MISSING_IMAGE_POLICIES,
                       help="items without an image file: drop them, use a blank white image, "
                       "or stop with an error")
@@ -188,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             image_batch_size=args.batch_size, device=args.device,
             cache_dir=None if args.no_cache else args.cache_dir, out_dtype=args.dtype,
             progress=not args.quiet, image_pca_dim=args.image_pca_dim,
+            text_pca_dim=args.text_pca_dim,
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

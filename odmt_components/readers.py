@@ -751,24 +751,30 @@ def select_interactions(
     return order[keep]
 
 
-def pca_reduce_tokens(tokens: np.ndarray, dim: int, *, chunk: int = 256
-                      ) -> tuple[np.ndarray, dict[str, Any]]:
+def pca_reduce_tokens(tokens: np.ndarray, dim: int, *, padding: np.ndarray | None = None,
+                      chunk: int = 256) -> tuple[np.ndarray, dict[str, Any]]:
     """Project ``(n, L, d)`` token features onto their top ``dim`` principal components.
 
-    The PCA is fitted on every token of every row (float64 covariance, accumulated in chunks
-    of ``chunk`` rows), tokens are centred with the mean token and projected; each component's
-    sign is fixed so that its largest-magnitude loading is positive (deterministic output).
-    Returns the float32 ``(n, L, dim)`` tokens and ``{"pca_dim", "explained_variance"}`` (the
-    fraction of the total variance kept).
+    The PCA is fitted on every token of every row that is not padding (``padding``: optional
+    ``(n, L)`` bool, True = padding; float64 covariance accumulated in chunks of ``chunk``
+    rows); all tokens (padding included) are centred with the mean token and projected. Each
+    component's sign is fixed so that its largest-magnitude loading is positive (deterministic
+    output). Returns the float32 ``(n, L, dim)`` tokens and ``{"pca_dim",
+    "explained_variance"}`` (the fraction of the total variance kept).
     """
     n, length, d = tokens.shape
     if not isinstance(dim, int) or not 1 <= dim <= d:
-        raise ValueError(f"image_pca_dim must be an int in 1..{d} (the feature width), got {dim!r}")
-    count = n * length
+        raise ValueError(f"the PCA width must be an int in 1..{d} (the feature width), got {dim!r}")
+    if padding is not None and padding.shape != (n, length):
+        raise ValueError(f"padding must have shape {(n, length)}, got {padding.shape}")
+    count = 0
     total = np.zeros(d, dtype=np.float64)
     gram = np.zeros((d, d), dtype=np.float64)
     for start in range(0, n, chunk):
         x = np.asarray(tokens[start:start + chunk], dtype=np.float64).reshape(-1, d)
+        if padding is not None:
+            x = x[~np.asarray(padding[start:start + chunk]).reshape(-1)]
+        count += x.shape[0]
         total += x.sum(0)
         gram += x.T @ x
     mean = total / count
@@ -813,6 +819,7 @@ def build_dataset_folder(
     out_dtype: str = "float16",
     progress: bool = True,
     image_pca_dim: int | None = None,
+    text_pca_dim: int | None = None,
 ) -> Path:
     """Filter ``raw``, extract (or take precomputed) token features and write an
     ``odmt-dataset/1`` folder at ``out`` with :func:`odmt_components.data.save_dataset_folder`.
@@ -824,9 +831,10 @@ def build_dataset_folder(
     missing-image policy and the filter. The settings and the counts of what was dropped go
     into ``meta.json`` under ``"prepare"``.
 
-    ``image_pca_dim`` optionally reduces the image token width with a PCA fitted on the kept
-    items' image tokens (:func:`pca_reduce_tokens`), e.g. to give image and text CLS features
-    the same width, which the paper's ID-embedding initialisation (mean of both) needs.
+    ``image_pca_dim`` / ``text_pca_dim`` optionally reduce the token width with a PCA fitted
+    on the kept items' tokens (non-padding ones for text; :func:`pca_reduce_tokens`), e.g. to
+    give image and text CLS features the same width, which the paper's ID-embedding
+    initialisation (mean of both) needs, or to make the folder smaller.
 
     Returns:
         The folder path.
@@ -917,11 +925,16 @@ def build_dataset_folder(
         raise ValueError("image features must not have padding tokens")
     pca_info: dict[str, Any] = {}
     image_tokens_np: np.ndarray = image.tokens
+    text_tokens_np: np.ndarray = text.tokens
     if image_pca_dim is not None:
-        image_tokens_np, pca_info = pca_reduce_tokens(image.tokens, image_pca_dim)
-        pca_info = {"image_" + k: v for k, v in pca_info.items()}
+        image_tokens_np, info = pca_reduce_tokens(image.tokens, image_pca_dim)
+        pca_info.update({"image_" + k: v for k, v in info.items()})
+    if text_pca_dim is not None:
+        text_tokens_np, info = pca_reduce_tokens(text.tokens, text_pca_dim,
+                                                 padding=np.asarray(text.padding))
+        pca_info.update({"text_" + k: v for k, v in info.items()})
 
-    text_tokens = np.asarray(text.tokens, dtype=np_dtype)
+    text_tokens = np.asarray(text_tokens_np, dtype=np_dtype)
     image_tokens = np.asarray(image_tokens_np, dtype=np_dtype)
     users = raw.users[sel]
     n_blank = int(sum(raw.item_images[i] is None for i in kept_items)) \

@@ -283,9 +283,12 @@ def test_tsv_precomputed_features_are_aligned_by_item_id(tmp_path, models):
         np.testing.assert_array_equal(ds.text_tokens[i].numpy(), txt[["i1", "i2", "i3"].index(key)])
     assert ds.text_padding[1].tolist() == [False, True]
     out = build(raw, tmp_path / "pca", {"text_model": None, "image_model": None},
-                text_features=load_token_features(tmp_path / "txt.npy"), image_pca_dim=2)
-    assert load_dataset_folder(out, min_interactions=2).image_tokens.shape == (4, 3, 2)
-    assert "image_explained_variance" in json.loads((out / "meta.json").read_text())["prepare"]
+                text_features=load_token_features(tmp_path / "txt.npy"), image_pca_dim=2,
+                text_pca_dim=2)
+    ds = load_dataset_folder(out, min_interactions=2)
+    assert ds.image_tokens.shape == (4, 3, 2) and ds.text_tokens.shape == (4, 2, 2)
+    prep = json.loads((out / "meta.json").read_text())["prepare"]
+    assert {"image_explained_variance", "text_explained_variance"} <= prep.keys()
     bad = TokenFeatures(img[:3], np.zeros((3, 3), bool))
     with pytest.raises(ValueError, match="3 rows but the item table lists 4"):
         read_tsv(root / "interactions.tsv", root / "items.tsv", image_features=bad)
@@ -433,5 +436,13 @@ def test_pca_reduce_tokens():
     out1, info1 = pca_reduce_tokens(tokens, 1)
     assert 0.5 < info1["explained_variance"] < 1.0
     np.testing.assert_allclose(out1[..., 0], out[..., 0], atol=1e-4)
-    with pytest.raises(ValueError, match="image_pca_dim"):
+    with pytest.raises(ValueError, match="PCA width"):
         pca_reduce_tokens(tokens, 9)
+    # Padding tokens do not enter the fit: garbage there changes nothing of the real tokens.
+    padding = np.zeros((40, 5), dtype=bool)
+    padding[:, 3:] = True
+    noisy = tokens.copy()
+    noisy[:, 3:] = 100 * rng.standard_normal((40, 2, 8))
+    clean, _ = pca_reduce_tokens(tokens[:, :3].copy(), 3)
+    masked, _ = pca_reduce_tokens(noisy, 3, padding=padding)
+    np.testing.assert_allclose(masked[:, :3], clean, atol=1e-4)
