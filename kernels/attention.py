@@ -44,12 +44,13 @@ or Q/dO (dkdv) blocks that several programs re-read are served from L2. No atomi
 output block is owned by exactly one program. The log-sum-exp (float32, ``(B, H, L)``) is
 the only extra tensor the forward saves for the backward.
 
-Block sizes come from a small deterministic rule (:func:`_blocks`): blocks of 32 rows cover
-the typical ODMT ``L = 81`` with 15 rows of waste (64 would waste 47), and above ``D = 128``
-the register-resident accumulators (``BM x D`` float32 in the forward and dq, two ``BN x D``
-in dkdv) decide: 32-row query blocks and 16-row key blocks with 8 warps at ``D = 384``. If a
-configuration does not fit the card's shared memory, the launch falls back to fewer pipeline
-stages, then to smaller blocks (a deterministic list, not an autotuner).
+Block sizes come from a small deterministic rule (:func:`_blocks`), set from a sweep measured
+on an H100 at the ODMT shape ``L = 81`` (``benchmarks/RESULTS.md``): 4 warps up to ``D = 384``;
+64-row query blocks and 64-key dK/dV blocks at ``D <= 128``; 32-row query blocks and 16-key
+dK/dV blocks at ``D = 384`` (the ``BM x D`` float32 accumulators of the forward and dq, and
+the two ``BN x D`` ones of dkdv, decide). If a configuration does not fit the card's shared
+memory, the launch falls back to fewer pipeline stages, then to smaller blocks (a
+deterministic list, not an autotuner).
 
 Registered as the custom op ``odmt::id_masked_attention`` (returns the output and the
 log-sum-exp) with a fake implementation and an autograd formula that calls the custom op
@@ -390,15 +391,20 @@ def _blocks(kind: str, length: int, width: int) -> list[tuple[int, int, int, int
     ``width`` = BD0 + BD1. The first entry is the heuristic; the rest are the fallbacks used
     only when a launch raises ``OutOfResources`` (fewer stages, then smaller blocks).
     """
+    # Measured on an H100 at L = 81 (benchmarks/RESULTS.md, run 3: a sweep of every kernel kind,
+    # each configuration checked against this rule's output): 4 warps beat 8 up to D = 384
+    # (forward 501 vs 821 us at 2 x 384); at D <= 128, 64-row query blocks and 64-key dK/dV
+    # blocks beat 32 (forward 176 vs 267 us at 4 x 64). Wider heads keep the 8-warp choice
+    # (unmeasured; their float32 accumulators need the registers).
     tiny = length <= 16
-    warps = 4 if width <= 128 else 8
+    warps = 4 if width <= 384 else 8
     if kind == "fwd" or kind == "dq":
         # BM = query rows owned by the program, BN = key rows streamed per iteration.
-        bm = 16 if tiny else (64 if (width <= 128 and length > 192) else 32)
+        bm = 16 if tiny else (64 if width <= 128 else 32)
         bn = 16 if tiny else (64 if (width <= 128 and length > 96) else 32)
     else:  # dkdv: BN = key rows owned (two float32 accumulators), BM = query rows streamed
-        bn = 16 if (tiny or width > 256) else 32
-        bm = 16 if tiny else 32
+        bn = 16 if (tiny or width > 256) else (64 if width <= 128 else 32)
+        bm = 16 if tiny else (64 if width <= 128 else 32)
     first = (bm, bn, warps, 2)
     out = [first, (bm, bn, warps, 1)]
     small = (min(bm, 32), 16, warps, 1)

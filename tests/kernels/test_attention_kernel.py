@@ -272,9 +272,14 @@ def test_head_dim_split_and_block_heuristic():
     assert attn._split_head_dim(80) == (64, 16)
     assert attn._split_head_dim(384) == (256, 128)
     assert attn._split_head_dim(512) == (512, 0)
-    assert attn._blocks("fwd", 81, 384)[0] == (32, 32, 8, 2)
-    assert attn._blocks("dkdv", 81, 384)[0] == (32, 16, 8, 2)
-    assert attn._blocks("fwd", 81, 64)[0] == (32, 32, 4, 2)
+    # the rule picked from the H100 sweep (benchmarks/RESULTS.md, run 3)
+    assert attn._blocks("fwd", 81, 384)[0] == (32, 32, 4, 2)
+    assert attn._blocks("dq", 81, 384)[0] == (32, 32, 4, 2)
+    assert attn._blocks("dkdv", 81, 384)[0] == (32, 16, 4, 2)
+    assert attn._blocks("fwd", 81, 64)[0] == (64, 32, 4, 2)
+    assert attn._blocks("dq", 81, 64)[0] == (64, 32, 4, 2)
+    assert attn._blocks("dkdv", 81, 64)[0] == (64, 64, 4, 2)
+    assert attn._blocks("fwd", 81, 512)[0][2] == 8
 
 
 def test_launch_falls_back_when_out_of_resources():
@@ -290,7 +295,7 @@ def test_launch_falls_back_when_out_of_resources():
             return run
 
     attn._launch("fwd", FakeKernel(), 3, 81, 384, "fake-dtype", lambda n_blk: (), {"HEAD_DIM": 384})
-    assert launched == [((9,), 32, 32, 8, 1)]
+    assert launched == [((9,), 32, 32, 4, 1)]
     attn._CHOSEN.clear()
 
 
