@@ -137,11 +137,6 @@ def _autocast(*tensors: object) -> tuple:
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
 
 
-def _check_finite(name: str, value: torch.Tensor) -> None:
-    if not torch.isfinite(value).all():
-        raise ValueError(f"{name} contains NaN or inf")
-
-
 # --------------------------------------------------------------------------------------
 # ID-masked attention
 # --------------------------------------------------------------------------------------
@@ -231,6 +226,7 @@ def _validate_inbatch(
     ignore_index: int,
     queries_name: str = "queries",
     candidates_name: str = "candidates",
+    check_values: bool = True,
 ) -> None:
     _check_tensor(queries_name, queries)
     _check_tensor(candidates_name, candidates)
@@ -269,7 +265,6 @@ def _validate_inbatch(
         _check_float("log_q", log_q)
         if log_q.shape != (columns,):
             raise ValueError(f"log_q must have shape (N,) = ({columns},), got {tuple(log_q.shape)}")
-        _check_finite("log_q", log_q)
     _check_same_device(
         queries_name,
         queries,
@@ -279,15 +274,34 @@ def _validate_inbatch(
         exclude_ids=exclude_ids,
         log_q=log_q,
     )
+    if check_values:
+        _check_inbatch_values(target, candidate_ids, log_q, pad_id, ignore_index, columns)
+
+
+def _check_inbatch_values(
+    target: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    log_q: torch.Tensor | None,
+    pad_id: int,
+    ignore_index: int,
+    columns: int,
+) -> None:
+    """The checks that read values: one device-to-host transfer for all of them."""
     valid = target != ignore_index
-    valid_target = target[valid]
-    if valid_target.numel():
-        if bool(((valid_target < 0) | (valid_target >= columns)).any()):
-            raise ValueError(
-                f"target holds column indices outside [0, N={columns}) that are not ignore_index={ignore_index}"
-            )
-        if bool((candidate_ids[valid_target] == pad_id).any()):
-            raise ValueError(f"target points at a padding column (candidate_ids == pad_id={pad_id})")
+    outside = valid & ((target < 0) | (target >= columns))
+    on_padding = valid & ~outside & (candidate_ids[torch.where(outside | ~valid, 0, target)] == pad_id)
+    flags = [outside.any(), on_padding.any()]
+    if log_q is not None:
+        flags.append(~torch.isfinite(log_q).all())
+    target_outside, target_on_padding, *log_q_bad = torch.stack(flags).tolist()
+    if target_outside:
+        raise ValueError(
+            f"target holds column indices outside [0, N={columns}) that are not ignore_index={ignore_index}"
+        )
+    if target_on_padding:
+        raise ValueError(f"target points at a padding column (candidate_ids == pad_id={pad_id})")
+    if log_q_bad and log_q_bad[0]:
+        raise ValueError("log_q contains NaN or inf")
 
 
 def debiased_inbatch_cross_entropy(
@@ -404,6 +418,7 @@ def mutual_distillation_loss(
             ignore_index,
             queries_name=f"queries[{m!r}]",
             candidates_name=f"candidates[{m!r}]",
+            check_values=m == BRANCHES[0],  # the shared arguments' values are checked once
         )
     rows, columns = queries["id"].shape[0], candidates["id"].shape[0]
     for m in BRANCHES[1:]:
