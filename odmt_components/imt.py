@@ -205,8 +205,6 @@ class IMT(nn.Module):
                 "text_tokens and image_tokens must share one floating dtype, "
                 f"got {text_tokens.dtype} and {image_tokens.dtype}"
             )
-        if bool(text_padding[:, 0].any()):
-            raise ValueError("text_padding marks a text CLS token (position 0) as padding")
         if self.use_id:
             if item_ids is None:
                 raise ValueError("item_ids (B,) is required when use_id=True")
@@ -214,15 +212,25 @@ class IMT(nn.Module):
                 raise ValueError(
                     f"item_ids must be int64 of shape ({batch},), got {item_ids.dtype} {tuple(item_ids.shape)}"
                 )
-            n_rows = self.id_embedding.num_embeddings
-            if bool(((item_ids < 0) | (item_ids >= n_rows)).any()):
-                raise ValueError(f"item_ids must lie in [0, {n_rows}) (0 = padding item)")
         devices = {t.device for t in (text_tokens, text_padding, image_tokens) if t is not None}
         if item_ids is not None:
             devices.add(item_ids.device)
         if len(devices) > 1:
             raise ValueError(f"inputs are on several devices: {sorted(map(str, devices))}")
-        if not (torch.isfinite(text_tokens).all() and torch.isfinite(image_tokens).all()):
+        # The checks that read values, with one device-to-host transfer for all of them.
+        n_rows = self.id_embedding.num_embeddings if self.use_id else 0
+        flags = [
+            text_padding[:, 0].any(),
+            ~(torch.isfinite(text_tokens).all() & torch.isfinite(image_tokens).all()),
+        ]
+        if self.use_id:
+            flags.append(((item_ids < 0) | (item_ids >= n_rows)).any())
+        cls_padded, not_finite, *ids_outside = torch.stack(flags).tolist()
+        if cls_padded:
+            raise ValueError("text_padding marks a text CLS token (position 0) as padding")
+        if ids_outside and ids_outside[0]:
+            raise ValueError(f"item_ids must lie in [0, {n_rows}) (0 = padding item)")
+        if not_finite:
             raise ValueError("text_tokens or image_tokens contain NaN or inf")
 
     def forward(
