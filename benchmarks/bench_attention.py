@@ -28,6 +28,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -40,8 +41,9 @@ if DRY:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-if not DRY and not torch.cuda.is_available():
-    print("bench_attention: no CUDA GPU present, nothing to measure (DRY=1 runs a CPU dry run).")
+AOT = os.environ.get("AOT", "0") not in ("", "0")
+if not DRY and not AOT and not torch.cuda.is_available():
+    print("bench_attention: no CUDA GPU present, nothing to measure (DRY=1 runs a CPU dry run, AOT=1 compiles).")
     sys.exit(0)
 
 import triton  # noqa: E402
@@ -67,12 +69,107 @@ def _load_kernels():
 
 attention, reference = _load_kernels()
 
+
+def _unit_stride(arg: str) -> bool:
+    """Innermost strides of the kernels' tensors (``sqd``, ``sdod``, ..., ``spl``)."""
+    return arg == "spl" or (arg.startswith("s") and arg.endswith("d") and arg != "seed")
+
+
+def aot_report() -> int:
+    """Compile every kernel for sm_90 at the anchor shapes without a GPU; print registers,
+    stack frame (spills) and shared memory per kernel and configuration. Compile-only numbers
+    (this machine's Triton and ptxas), no timings."""
+    import re
+    import subprocess
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    length = 81
+    kernels = [
+        ("fwd_short", attention._attn_fwd_short_kernel),
+        ("bwd_short", attention._attn_bwd_short_kernel),
+        ("fwd", attention._attn_fwd_kernel),
+        ("dq", attention._attn_bwd_dq_kernel),
+        ("dkdv", attention._attn_bwd_dkdv_kernel),
+    ]
+    extra = [int(x) for x in os.environ.get("AOT_WARPS", "").split(",") if x]
+    print(f"triton {triton.__version__}, sm_90 compile, L = {length}, bf16; stack = spill bytes a thread")
+    for dim in (384, 64):
+        for dropout in (False, True):
+            for kind, kernel in kernels:
+                if kind.endswith("short"):
+                    configs = [
+                        dict(BL=128, BD=c[0], num_warps=c[1], num_stages=c[2])
+                        for c in attention._short_configs(kind, length, dim)[:1]
+                    ]
+                    configs += [dict(configs[0], num_warps=w) for w in extra if w != configs[0]["num_warps"]]
+                else:
+                    bd0, bd1 = attention._split_head_dim(dim)
+                    bm, bn, warps, stages = attention._blocks(kind, length, bd0 + bd1)[0]
+                    configs = [dict(BD0=bd0, BD1=bd1, BM=bm, BN=bn, num_warps=warps, num_stages=stages)]
+                for cfg in configs:
+                    consts = dict(HEAD_DIM=dim, HAS_PAD=True, DROPOUT=dropout, PREC="tf32")
+                    consts.update({key: val for key, val in cfg.items() if key in kernel.arg_names})
+                    # what the launcher specialises on contiguous inputs: unit strides are
+                    # constants, pointers and other strides divisible by 16 (vector loads)
+                    consts.update({arg: 1 for arg in kernel.arg_names if _unit_stride(arg)})
+                    sig = {}
+                    for arg in kernel.arg_names:
+                        if arg in consts:
+                            sig[arg] = "constexpr"
+                        elif arg in ("LSE", "DELTA"):
+                            sig[arg] = "*fp32"
+                        elif arg == "PAD":
+                            sig[arg] = "*u8"
+                        elif arg.isupper() and arg not in ("H", "L", "ID", "N_QBLK", "N_KBLK"):
+                            sig[arg] = "*bf16"
+                        elif arg in ("qk_scale", "sm_scale", "dropout_p"):
+                            sig[arg] = "fp32"
+                        else:
+                            sig[arg] = "i32"
+                    label = f"d{dim}{'_drop' if dropout else ''}_{kind}"
+                    try:
+                        aligned = [
+                            i
+                            for i, arg in enumerate(kernel.arg_names)
+                            if sig[arg].startswith("*") or (arg.startswith("s") and sig[arg] == "i32" and arg != "seed")
+                        ]
+                        compiled = triton.compile(
+                            ASTSource(
+                                kernel, sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in aligned}
+                            ),
+                            target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
+                        )
+                        path = os.path.join(os.environ.get("OUT") or "/tmp", f"attn_{label}.cubin")
+                        with open(path, "wb") as fh:
+                            fh.write(compiled.asm["cubin"])
+                        dump_ = subprocess.run(
+                            [cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True
+                        )
+                        regs = re.findall(r"REG:(\d+)", dump_.stdout)
+                        stack = re.findall(r"STACK:(\d+)", dump_.stdout)
+                        regs, stack = (regs or ["?"])[0], (stack or ["?"])[0]
+                        info = f"regs={regs} stack={stack} smem={compiled.metadata.shared}"
+                    except Exception as exc:  # report and go on: this mode only informs
+                        info = f"ERROR {type(exc).__name__}: {str(exc)[:200]}"
+                    tiles = " ".join(f"{key}={val}" for key, val in cfg.items())
+                    print(f"  {label:18s} {info:40s} {tiles}", flush=True)
+    return 0
+
+
+if AOT:
+    sys.exit(aot_report())
+
 DEV = "cpu" if DRY else "cuda"
 DTYPE = torch.float32 if DRY else torch.bfloat16  # bf16 is wrong in the interpreter
 ITEMS = 2 if DRY else 1664
 N_IMG, N_TXT = (5, 6) if DRY else (50, 30)
 CHECK_ITEMS = 2 if DRY else 48  # items checked against the float64 reference
 MAX_REL_ERR = 2e-2
+SHORT_MAX = attention._SHORT_MAX  # the default path switch (L = 81 takes the short kernels)
 CONFIGS = [(2, 384, "h2d384"), (12, 64, "h12d64"), (4, 64, "h4d64")]
 
 res: dict = {
@@ -145,25 +242,31 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
-def sweep_configs(dim: int) -> dict[str, list[tuple[int, int, int, int]]]:
-    """A few (BM, BN, num_warps, num_stages) alternatives to the heuristic, per kernel."""
+def sweep_configs(dim: int) -> dict[str, list[tuple[int, ...]]]:
+    """Alternatives to the heuristic, per kernel kind, most promising first.
+
+    Short kernels (L <= 128, the default path at L = 81): ``(BD, num_warps, num_stages)``.
+    Blocked kernels (forced with ``_SHORT_MAX = 0``): ``(BM, BN, num_warps, num_stages)``.
+    """
+    chunks = (64, 32) if dim % 64 == 0 else (32, 16)
+    short = [(chunks[0], 16, 2), (chunks[0], 4, 2), (chunks[0], 8, 3), (chunks[1], 8, 2), (chunks[1], 16, 2)]
+    out: dict[str, list[tuple[int, ...]]] = {"fwd_short": short, "bwd_short": short}
     if dim > 128:
-        rows = [(64, 32, 8, 2), (16, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1), (16, 16, 4, 2)]
-        return {"fwd": rows, "dq": rows, "dkdv": [(32, 32, 8, 2), (16, 16, 4, 2), (64, 16, 8, 2), (32, 16, 4, 2)]}
-    rows = [(64, 32, 4, 2), (32, 32, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (128, 128, 8, 1)]
-    return {
-        "fwd": rows,
-        "dq": rows,
-        "dkdv": [(32, 16, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 128, 8, 1)],
-    }
+        rows = [(64, 32, 8, 2), (16, 32, 4, 2), (64, 64, 8, 1)]
+        out.update(fwd=rows, dq=rows, dkdv=[(32, 32, 8, 2), (16, 16, 4, 2), (64, 16, 8, 2)])
+    else:
+        rows = [(32, 32, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2)]
+        out.update(fwd=rows, dq=rows, dkdv=[(32, 16, 4, 2), (64, 32, 4, 2), (64, 128, 8, 2)])
+    return out
 
 
 def sweep(tag: str, dim: int, fwd, fwd_bwd, outputs=None) -> None:
     """Time our kernel with other block sizes (one kernel kind forced at a time).
 
-    ``fwd`` configs are timed on the forward, ``dq`` / ``dkdv`` on forward+backward (the other
-    kernels at the heuristic), so each number compares with ``{tag}_ours_fwd`` /
-    ``{tag}_ours_fwdbwd``. Skipped once the run is past ``SWEEP_BUDGET_S`` seconds.
+    ``fwd`` / ``fwd_short`` configs are timed on the forward, the backward kinds on
+    forward+backward (the other kernels at the heuristic), so each number compares with
+    ``{tag}_ours_fwd`` / ``{tag}_ours_fwdbwd`` (short kinds) or ``{tag}_blocked_fwd`` /
+    ``{tag}_blocked_fwdbwd`` (blocked kinds). Skipped once the run is past ``SWEEP_BUDGET_S``.
     ``outputs()`` (output and gradients) is compared with the heuristic's for every config, so
     a faster configuration is also known to compute the same thing.
     """
@@ -174,6 +277,8 @@ def sweep(tag: str, dim: int, fwd, fwd_bwd, outputs=None) -> None:
                 res[f"{tag}_sweep_skipped"] = f"time budget {SWEEP_BUDGET_S} s reached"
                 return
             attention._OVERRIDE[kind] = cfg
+            if not kind.endswith("_short"):
+                attention._SHORT_MAX = 0
             try:
                 if baseline is not None:
                     try:
@@ -187,9 +292,11 @@ def sweep(tag: str, dim: int, fwd, fwd_bwd, outputs=None) -> None:
                             failures.append(f"{tag} sweep {kind} {cfg}: relative error {worst:.2e} vs the heuristic")
                     except Exception as e:  # an unfit configuration is reported by its timing too
                         print(f"  {kind} {cfg} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                record(f"{tag}_sweep_{kind}_{'x'.join(map(str, cfg))}", fwd if kind == "fwd" else fwd_bwd, rep=40)
+                timed_fn = fwd if kind.startswith("fwd") else fwd_bwd
+                record(f"{tag}_sweep_{kind}_{'x'.join(map(str, cfg))}", timed_fn, rep=40)
             finally:
                 attention._OVERRIDE.clear()
+                attention._SHORT_MAX = SHORT_MAX
 
 
 def inputs(heads: int, dim: int):
@@ -215,20 +322,16 @@ def case(heads: int, dim: int, tag: str) -> None:
     def ours(q, k, v, p: float = 0.0, seed: int = 0) -> torch.Tensor:
         return attention.id_masked_attention(q, k, v, key_padding_mask, id_pos, p, scale, seed)
 
-    # -- correctness (bf16 kernel vs float64 reference on the first CHECK_ITEMS items)
+    # -- correctness (bf16 kernels vs float64 reference on the first CHECK_ITEMS items), both
+    # paths: the short kernels (the default at L = 81) and the blocked ones (longer sequences)
     s = slice(0, CHECK_ITEMS)
-    out = ours(q, k, v)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
     q64, k64, v64 = (t_[s].detach().double().requires_grad_() for t_ in (q, k, v))
     ref = reference.id_masked_attention_reference(q64, k64, v64, key_padding_mask[s], id_pos, scale=scale)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad_out[s].double())
-    errs = {"out": rel_err(out[s], ref)}
-    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, strict=True):
-        errs[name] = rel_err(got[s], want)
+    seed, p = 1234, 0.1
+    keep = attention.dropout_keep_mask(CHECK_ITEMS, heads, length, p, seed, DEV)
+    res[f"{tag}_dropout_keep_fraction"] = keep.float().mean().item()
     with torch.no_grad():
-        seed, p = 1234, 0.1
-        out_drop = ours(q, k, v, p, seed)
-        keep = attention.dropout_keep_mask(CHECK_ITEMS, heads, length, p, seed, DEV)
         ref_drop = reference.id_masked_attention_reference(
             q64.detach(),
             k64.detach(),
@@ -239,15 +342,37 @@ def case(heads: int, dim: int, tag: str) -> None:
             scale=scale,
             dropout_keep=keep,
         )
-        errs["out_dropout0.1"] = rel_err(out_drop[s], ref_drop)
-        res[f"{tag}_dropout_keep_fraction"] = keep.float().mean().item()
-    for name, e in errs.items():
-        res[f"{tag}_relerr_{name}"] = e
-        flag = "ok" if e <= MAX_REL_ERR else "FAIL"
-        print(f"  rel err {name:16s} {e:.2e} {flag}", flush=True)
-        if not e <= MAX_REL_ERR:
-            failures.append(f"{tag} {name} rel err {e:.3e} > {MAX_REL_ERR}")
-    del out, dq, dk, dv, q64, k64, v64, ref, ref_grads, out_drop, keep, ref_drop
+    for path, short_max in (("", SHORT_MAX), ("blocked_", 0)):
+        attention._SHORT_MAX = short_max
+        try:
+            out = ours(q, k, v)
+            dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+            errs = {"out": rel_err(out[s], ref)}
+            for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, strict=True):
+                errs[name] = rel_err(got[s], want)
+            with torch.no_grad():
+                errs["out_dropout0.1"] = rel_err(ours(q, k, v, p, seed)[s], ref_drop)
+            # the dropout backward against the reference's, with the replayed mask
+            q_, k_, v_ = (t_[s].detach().requires_grad_() for t_ in (q, k, v))
+            out_ = attention.id_masked_attention(q_, k_, v_, key_padding_mask[s], id_pos, p, scale, seed)
+            got_grads = torch.autograd.grad(out_, (q_, k_, v_), grad_out[s])
+            q64d, k64d, v64d = (t_.detach().requires_grad_() for t_ in (q64, k64, v64))
+            ref_d = reference.id_masked_attention_reference(
+                q64d, k64d, v64d, key_padding_mask[s], id_pos, dropout_p=p, scale=scale, dropout_keep=keep
+            )
+            want_grads = torch.autograd.grad(ref_d, (q64d, k64d, v64d), grad_out[s].double())
+            for name, got, want in zip(("dq", "dk", "dv"), got_grads, want_grads, strict=True):
+                errs[f"{name}_dropout0.1"] = rel_err(got, want)
+        finally:
+            attention._SHORT_MAX = SHORT_MAX
+        for name, e in errs.items():
+            res[f"{tag}_{path}relerr_{name}"] = e
+            flag = "ok" if e <= MAX_REL_ERR else "FAIL"
+            print(f"  {path or 'short_'}rel err {name:16s} {e:.2e} {flag}", flush=True)
+            if not e <= MAX_REL_ERR:
+                failures.append(f"{tag} {path}{name} rel err {e:.3e} > {MAX_REL_ERR}")
+        del out, dq, dk, dv, out_, got_grads, ref_d, want_grads
+    del q64, k64, v64, ref, ref_grads, keep, ref_drop
 
     # -- anchors, built exactly like anchors_gpu.py
     allow = key_valid[:, None, :].expand(ITEMS, length, length).clone()
@@ -292,7 +417,13 @@ def case(heads: int, dim: int, tag: str) -> None:
     nbytes = 4 * q.numel() * q.element_size()
     res[f"{tag}_bytes_fwd"] = nbytes
     res[f"{tag}_roofline_fwd_us"] = nbytes / (res["copy_GBps"] * 1e9) * 1e6
-    print(f"  fwd roofline (Q,K,V,O once) {res[f'{tag}_roofline_fwd_us']:.1f} us", flush=True)
+    # forward + backward: the forward's 4 tensors, then Q, K, V, dO read and dQ, dK, dV written
+    res[f"{tag}_roofline_fwdbwd_us"] = res[f"{tag}_roofline_fwd_us"] * 11 / 4
+    print(
+        f"  fwd roofline (Q,K,V,O once) {res[f'{tag}_roofline_fwd_us']:.1f} us, "
+        f"fwd+bwd (11 tensors once) {res[f'{tag}_roofline_fwdbwd_us']:.1f} us",
+        flush=True,
+    )
 
     slow = dim > 128  # FlexAttention at D=384 takes ~55 ms a call: fewer repetitions
     timed = (("ours", ours), ("eager", eager), ("sdpa_boolmask", sdpa), ("flex_compiled", flex))
@@ -315,6 +446,28 @@ def case(heads: int, dim: int, tag: str) -> None:
             ours(qd, kd, vd, 0.1, 7)
 
     record(f"{tag}_ours_fwd_dropout0.1", fwd_dropout)
+
+    def fwd_bwd_dropout():
+        ours(q, k, v, 0.1, 7).backward(grad_out)
+
+    record(f"{tag}_ours_fwdbwd_dropout0.1", fwd_bwd_dropout, rep=100)
+
+    # the blocked (FlashAttention-2 style) kernels on the same inputs: what L > 128 runs
+    attention._SHORT_MAX = 0
+    try:
+
+        def blocked_fwd():
+            with torch.no_grad():
+                ours(qd, kd, vd)
+
+        def blocked_fwd_bwd():
+            ours(q, k, v).backward(grad_out)
+
+        record(f"{tag}_blocked_fwd", blocked_fwd)
+        record(f"{tag}_blocked_fwdbwd", blocked_fwd_bwd, rep=100)
+    finally:
+        attention._SHORT_MAX = SHORT_MAX
+    q.grad = k.grad = v.grad = None
     res[f"{tag}_block_configs"] = {key[0]: list(cfg) for key, cfg in attention._CHOSEN.items()}
 
 
@@ -375,35 +528,48 @@ def ratio(anchor: float | None, ours: float | None) -> float | None:
 print(f"\n=== ID-masked attention, {res['device']}, {DTYPE}, items={ITEMS}, L={res['L']} (times in us) ===")
 print(f"copy {res['copy_GBps']:.0f} GB/s, bf16 matmul {res['bf16_mm_TFLOPs']:.0f} TFLOP/s")
 head = (
-    f"{'config':8s} | {'ours fwd':>8s} {'fwd+bwd':>8s} {'fwd p.1':>8s} | {'roofline':>8s} {'frac':>5s} | "
+    f"{'config':8s} | {'ours fwd':>8s} {'fwd+bwd':>8s} {'fwd p.1':>8s} {'fb p.1':>8s} | {'roof fwd':>8s} {'frac':>5s} "
+    f"{'roof fb':>8s} {'frac':>5s} | {'blocked fwd/fb':>15s} | "
     f"{'eager fwd/fb':>15s} {'x':>11s} | {'sdpa fwd/fb':>15s} {'x':>11s} | {'flex fwd/fb':>15s} {'x':>11s}"
 )
 print(head)
 print("-" * len(head))
 for _, _, tag in CONFIGS:
     of, ofb = num(f"{tag}_ours_fwd"), num(f"{tag}_ours_fwdbwd")
-    roof = num(f"{tag}_roofline_fwd_us")
+    roof, roof_fb = num(f"{tag}_roofline_fwd_us"), num(f"{tag}_roofline_fwdbwd_us")
     frac = None if (roof is None or not of) else roof / of
+    frac_fb = None if (roof_fb is None or not ofb) else roof_fb / ofb
     res[f"{tag}_ours_fwd_roofline_fraction"] = frac
-    row = f"{tag:8s} | {fmt(of):>8s} {fmt(ofb):>8s} {fmt(num(f'{tag}_ours_fwd_dropout0.1')):>8s} | "
-    row += f"{fmt(roof):>8s} {fmt(frac, '.2f'):>5s}"
+    res[f"{tag}_ours_fwdbwd_roofline_fraction"] = frac_fb
+    row = f"{tag:8s} | {fmt(of):>8s} {fmt(ofb):>8s} {fmt(num(f'{tag}_ours_fwd_dropout0.1')):>8s} "
+    row += f"{fmt(num(f'{tag}_ours_fwdbwd_dropout0.1')):>8s} | {fmt(roof):>8s} {fmt(frac, '.2f'):>5s} "
+    row += f"{fmt(roof_fb):>8s} {fmt(frac_fb, '.2f'):>5s} | "
+    row += f"{fmt(num(f'{tag}_blocked_fwd')):>7s}/{fmt(num(f'{tag}_blocked_fwdbwd')):<7s}"
+    best_anchor_fb = None
     for anchor in ("eager", "sdpa_boolmask", "flex_compiled"):
         af, afb = num(f"{tag}_{anchor}_fwd"), num(f"{tag}_{anchor}_fwdbwd")
         rf, rfb = ratio(af, of), ratio(afb, ofb)
         res[f"{tag}_{anchor}_over_ours_fwd"], res[f"{tag}_{anchor}_over_ours_fwdbwd"] = rf, rfb
+        if afb is not None and (best_anchor_fb is None or afb < best_anchor_fb):
+            best_anchor_fb = afb
         row += f" | {fmt(af):>7s}/{fmt(afb):<7s} {fmt(rf, '.1f'):>5s}/{fmt(rfb, '.1f'):<5s}"
+    res[f"{tag}_fastest_anchor_fwdbwd_over_ours"] = ratio(best_anchor_fb, ofb)
     print(row)
-print("x = anchor time / our time (fwd / fwd+bwd); frac = roofline time / our fwd time")
-print("block sizes (BMxBNxwarpsxstages): heuristic, and the sweep's best where it was faster")
+print("x = anchor time / our time (fwd / fwd+bwd); frac = roofline time / our time; p.1 = dropout 0.1;")
+print("blocked = the FlashAttention-2 style kernels that sequences longer than 128 take")
+print("configs: short kernels BDxwarpsxstages, blocked BMxBNxwarpsxstages; the sweep's best where faster")
 for _, _, tag in CONFIGS:
     used = res.get(f"{tag}_block_configs", {})
     line = f"  {tag:8s} used " + ", ".join(f"{kind}={'x'.join(map(str, cfg))}" for kind, cfg in used.items())
     for kind, base in (
-        ("fwd", num(f"{tag}_ours_fwd")),
-        ("dq", num(f"{tag}_ours_fwdbwd")),
-        ("dkdv", num(f"{tag}_ours_fwdbwd")),
+        ("fwd_short", num(f"{tag}_ours_fwd")),
+        ("bwd_short", num(f"{tag}_ours_fwdbwd")),
+        ("fwd", num(f"{tag}_blocked_fwd")),
+        ("dq", num(f"{tag}_blocked_fwdbwd")),
+        ("dkdv", num(f"{tag}_blocked_fwdbwd")),
     ):
-        timed = {k_: v_ for k_, v_ in res.items() if k_.startswith(f"{tag}_sweep_{kind}_") and isinstance(v_, float)}
+        pattern = re.compile(rf"^{tag}_sweep_{kind}_[0-9x]+$")
+        timed = {k_: v_ for k_, v_ in res.items() if pattern.match(k_) and isinstance(v_, float)}
         if timed and base is not None:
             best = min(timed, key=timed.get)
             if timed[best] < base:

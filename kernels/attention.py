@@ -17,11 +17,39 @@ ID query alone; the ID query attends every non-padding key. A query with no atte
 (all keys padded) outputs zeros and receives zero gradient.
 
 Dropout draws ``keep[i, j] = rand >= p`` from Philox (``tl.rand``) keyed by ``(seed, b*H+h)``
-with counter ``i*L + j``: the backward regenerates exactly the same mask, and
-:func:`dropout_keep_mask` materialises it for tests.
+with counter ``i*L + j``: the backward regenerates exactly the same mask, both kernel
+families below draw the same one, and :func:`dropout_keep_mask` materialises it for tests.
 
-Tiling
-------
+Tiling: short sequences (``L <= 128``, the default path; ODMT's items have ``L = 81``)
+----------------------------------------------------------------------------------------
+One program per ``(b, h)`` holds every query and every key (``BL = next_power_of_two(L)``):
+``S`` is accumulated over head-dim chunks of ``BD`` columns (the largest power of two dividing
+``D``, clamped to 16..64: 384 = 6 x 64), so Q, K, V are each read exactly once and O written
+once -- the memory roofline's traffic, where a blocked kernel re-reads K and V once per query
+block. With the whole row in registers the softmax needs no online rescaling::
+
+    forward, per (b, h)                         backward, per (b, h): one kernel
+    ---------------------------------------     ----------------------------------------------
+    S = sum_chunks Q_c K_c^T  (BL x BL fp32)    S = sum_c Q_c K_c^T;  P = exp2(S - lse) (16-bit)
+    mask A, P = softmax(S) (* keep / (1-p))     dP = sum_c dO_c V_c^T (* keep / (1-p))
+    for each chunk c: O_c = P V_c, store        delta = rowsum(P * dP)   (= rowsum(dO * O): O is
+    lse = m + log2(l)                                                     never read)
+                                                dS = P (dP - delta)
+                                                for each chunk c: dV_c = P~^T dO_c, dQ_c = dS K_c,
+                                                                  dK_c = dS^T Q_c, stored at once
+
+The backward reads Q, K twice and V, dO once or twice (the second reads are recent, mostly L2
+hits) and writes dQ, dK, dV once; no atomics, no ``delta`` tensor, one launch. The two
+``(BL x BL)`` float32 tiles (S, then dP; P kept in 16 bits between them) take 8 warps at
+``BL = 128``: an sm_90 compile on the CPU machine (``AOT=1 python benchmarks/bench_attention.py``,
+Triton 3.9, unit strides specialised as the launcher does) gives forward 170 / 119 registers a
+thread at D = 384 / 64 and backward 255 / 236, no spills (with dropout the Philox draws add
+0-0.6 KB of spills; at 4 warps everything spills 0.2-3.5 KB). Compile-only numbers: timings
+come from the benchmark on a GPU. If no configuration fits the card (shared memory), the
+blocked kernels below run instead.
+
+Tiling: blocked kernels (longer sequences)
+------------------------------------------
 ``D`` is split into a power-of-two part ``BD0`` (largest power of two <= D) and, when
 needed, a second power-of-two part ``BD1`` (384 = 256 + 128, 80 = 64 + 16), so head dims that
 are not powers of two waste little; columns past ``D`` are masked loads. Every matmul over
@@ -44,7 +72,7 @@ or Q/dO (dkdv) blocks that several programs re-read are served from L2. No atomi
 output block is owned by exactly one program. The log-sum-exp (float32, ``(B, H, L)``) is
 the only extra tensor the forward saves for the backward.
 
-Block sizes come from a small deterministic rule (:func:`_blocks`), set from a sweep measured
+Block sizes of the blocked kernels come from a small deterministic rule (:func:`_blocks`), set from a sweep measured
 on an H100 at the ODMT shape ``L = 81`` (``benchmarks/RESULTS.md``): 4 warps up to ``D = 384``;
 64-row query blocks and 64-key dK/dV blocks at ``D <= 128``; 32-row query blocks and 16-key
 dK/dV blocks at ``D = 384`` (the ``BM x D`` float32 accumulators of the forward and dq, and
@@ -351,6 +379,134 @@ def _attn_bwd_dkdv_kernel(
 
 
 # --------------------------------------------------------------------------------------
+# Short sequences (L <= 128, ODMT's 81 tokens): one program per (b, h) holds every query and
+# every key, so Q, K, V are read once in the forward and the whole backward is one kernel.
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["ID", "seed"])
+def _attn_fwd_short_kernel(
+    Q, K, V, O, LSE, PAD,
+    sqb, sqh, sql, sqd,
+    skb, skh, skl, skd,
+    svb, svh, svl, svd,
+    sob, soh, sol, sod,
+    spb, spl,
+    H, L, ID, qk_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr,
+    HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    o_base = O + b * sob + h * soh
+    offs = tl.arange(0, BL)
+
+    # S = Q K^T over head-dim chunks: the whole (BL x BL) score tile stays in registers
+    s = tl.zeros([BL, BL], dtype=tl.float32)
+    for d_start in range(0, HEAD_DIM, BD):
+        cols = d_start + tl.arange(0, BD)
+        q = _load_tile(q_base, offs, sql, cols, sqd, L, HEAD_DIM)
+        k = _load_tile(k_base, offs, skl, cols, skd, L, HEAD_DIM)
+        s += tl.dot(q, tl.trans(k), input_precision=PREC)
+    allowed = _allowed(_key_ok(PAD + b * spb, offs, L, HAS_PAD), offs, offs, ID)
+    s = tl.where(allowed, s * qk_scale, float("-inf"))
+    # every key of the row is in the tile: a plain (not online) softmax in the log2 domain
+    m = tl.max(s, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp2(s - m_safe[:, None])
+    l_sum = tl.sum(p, 1)
+    has_key = l_sum > 0.0
+    inv_l = 1.0 / tl.where(has_key, l_sum, 1.0)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, offs, offs, L, dropout_p)
+        p = tl.where(keep, p, 0.0)
+        inv_l = inv_l / (1.0 - dropout_p)
+    p = (p * inv_l[:, None]).to(V.dtype.element_ty)
+
+    for d_start in range(0, HEAD_DIM, BD):
+        cols = d_start + tl.arange(0, BD)
+        v = _load_tile(v_base, offs, svl, cols, svd, L, HEAD_DIM)
+        o = tl.dot(p, v, input_precision=PREC)
+        _store_tile(o_base, o.to(O.dtype.element_ty), offs, sol, cols, sod, L, HEAD_DIM)
+    lse = tl.where(has_key, m_safe + tl.log2(tl.where(has_key, l_sum, 1.0)), float("inf"))
+    tl.store(LSE + bh.to(tl.int64) * L + offs, lse, mask=offs < L)
+
+
+@triton.jit(do_not_specialize=["ID", "seed"])
+def _attn_bwd_short_kernel(
+    Q, K, V, DO, LSE, DQ, DK, DV, PAD,
+    sqb, sqh, sql, sqd,
+    skb, skh, skl, skd,
+    svb, svh, svl, svd,
+    sdob, sdoh, sdol, sdod,
+    sdqb, sdqh, sdql, sdqd,
+    sdkb, sdkh, sdkl, sdkd,
+    sdvb, sdvh, sdvl, sdvd,
+    spb, spl,
+    H, L, ID, qk_scale, sm_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr,
+    HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    do_base = DO + b * sdob + h * sdoh
+    dq_base = DQ + b * sdqb + h * sdqh
+    dk_base = DK + b * sdkb + h * sdkh
+    dv_base = DV + b * sdvb + h * sdvh
+    offs = tl.arange(0, BL)
+
+    # S = Q K^T, then P in the input dtype, then dP = dO V^T: two chunk loops, so that only one
+    # (BL x BL) float32 accumulator is live at a time (the 16-bit P is half of one)
+    s = tl.zeros([BL, BL], dtype=tl.float32)
+    for d_start in range(0, HEAD_DIM, BD):
+        cols = d_start + tl.arange(0, BD)
+        q = _load_tile(q_base, offs, sql, cols, sqd, L, HEAD_DIM)
+        k = _load_tile(k_base, offs, skl, cols, skd, L, HEAD_DIM)
+        s += tl.dot(q, tl.trans(k), input_precision=PREC)
+    allowed = _allowed(_key_ok(PAD + b * spb, offs, L, HAS_PAD), offs, offs, ID)
+    lse = tl.load(LSE + bh.to(tl.int64) * L + offs, mask=offs < L, other=float("inf"))
+    p = tl.where(allowed, tl.exp2(s * qk_scale - lse[:, None]), 0.0).to(Q.dtype.element_ty)
+    dp = tl.zeros([BL, BL], dtype=tl.float32)
+    for d_start in range(0, HEAD_DIM, BD):
+        cols = d_start + tl.arange(0, BD)
+        do = _load_tile(do_base, offs, sdol, cols, sdod, L, HEAD_DIM)
+        v = _load_tile(v_base, offs, svl, cols, svd, L, HEAD_DIM)
+        dp += tl.dot(do, tl.trans(v), input_precision=PREC)
+    p32 = p.to(tl.float32)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, offs, offs, L, dropout_p)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        dp = tl.where(keep, dp * inv_keep, 0.0)
+        p_drop = tl.where(keep, p32 * inv_keep, 0.0).to(DO.dtype.element_ty)
+    else:
+        p_drop = p
+    # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the full row is here, so O is never read
+    delta = tl.sum(p32 * dp, 1)
+    ds = (p32 * (dp - delta[:, None])).to(Q.dtype.element_ty)
+
+    # pass 2 over head-dim chunks: dV = P^T dO, dQ = dS K, dK = dS^T Q, each chunk stored at once
+    for d_start in range(0, HEAD_DIM, BD):
+        cols = d_start + tl.arange(0, BD)
+        do = _load_tile(do_base, offs, sdol, cols, sdod, L, HEAD_DIM)
+        dv = tl.dot(tl.trans(p_drop), do, input_precision=PREC)
+        _store_tile(dv_base, dv.to(DV.dtype.element_ty), offs, sdvl, cols, sdvd, L, HEAD_DIM)
+        k = _load_tile(k_base, offs, skl, cols, skd, L, HEAD_DIM)
+        dq = tl.dot(ds, k, input_precision=PREC) * sm_scale
+        _store_tile(dq_base, dq.to(DQ.dtype.element_ty), offs, sdql, cols, sdqd, L, HEAD_DIM)
+        q = _load_tile(q_base, offs, sql, cols, sqd, L, HEAD_DIM)
+        dk = tl.dot(tl.trans(ds), q, input_precision=PREC) * sm_scale
+        _store_tile(dk_base, dk.to(DK.dtype.element_ty), offs, sdkl, cols, sdkd, L, HEAD_DIM)
+
+
+# --------------------------------------------------------------------------------------
 # Dropout keep-mask, materialised (tests only)
 # --------------------------------------------------------------------------------------
 
@@ -415,10 +571,12 @@ def _blocks(kind: str, length: int, width: int) -> list[tuple[int, int, int, int
     return out
 
 
-_CHOSEN: dict[tuple, tuple[int, int, int, int]] = {}
-# Benchmark hook: kind ("fwd", "dq", "dkdv") -> (BM, BN, num_warps, num_stages) forced for every
-# launch of that kind (benchmarks/bench_attention.py sweeps a few; empty in normal use).
-_OVERRIDE: dict[str, tuple[int, int, int, int]] = {}
+_CHOSEN: dict[tuple, tuple[int, ...]] = {}
+# Benchmark hook: kind -> configuration forced for every launch of that kind (benchmarks/
+# bench_attention.py sweeps a few; empty in normal use): "fwd", "dq", "dkdv" -> (BM, BN,
+# num_warps, num_stages) of the blocked kernels; "fwd_short", "bwd_short" -> (BD, num_warps,
+# num_stages) of the short ones.
+_OVERRIDE: dict[str, tuple[int, ...]] = {}
 
 
 def _launch(kind: str, kernel, bh: int, length: int, width: int, dtype, args, meta) -> None:
@@ -442,6 +600,56 @@ def _launch(kind: str, kernel, bh: int, length: int, width: int, dtype, args, me
             _CHOSEN[cache_key] = (bm, bn, warps, stages)
         return
     raise RuntimeError(f"id_masked_attention: no block configuration fits this device ({last_error})")
+
+
+# Sequences up to this length take the one-program-per-(b, h) kernels (``*_short_kernel``);
+# longer ones the FlashAttention-style blocked kernels. Benchmarks set it to 0 to time the
+# blocked kernels on the same inputs.
+_SHORT_MAX = 128
+
+
+def _head_chunk(head_dim: int) -> int:
+    """Head-dim chunk of the short kernels: the largest power of two dividing ``head_dim``,
+    clamped to [16, 64] (384 -> 64 exactly; 80 -> 16; 24 -> 16 with a masked half chunk)."""
+    return max(16, min(64, head_dim & -head_dim))
+
+
+def _short_configs(kind: str, length: int, head_dim: int) -> list[tuple[int, int, int]]:
+    """Candidate ``(BD, num_warps, num_stages)`` of a short kernel, in order of preference.
+
+    The ``(BL, BL)`` float32 score tile (and, in the backward, the dP tile beside it) decides
+    the warps: 8 at BL = 128 (64 registers a thread per tile), 4 below. Two pipeline stages
+    overlap the next chunk's loads with the current chunk's dots; the fallbacks (one stage,
+    then 16-wide chunks) shrink shared memory for cards that refuse the first.
+    """
+    block_len = max(16, triton.next_power_of_2(length))
+    warps = 8 if block_len >= 128 else 4
+    chunk = _head_chunk(head_dim)
+    out = [(chunk, warps, 2), (chunk, warps, 1)]
+    if chunk > 16:
+        out.append((16, warps, 1))
+    return out
+
+
+def _launch_short(kind: str, kernel, bh: int, length: int, head_dim: int, args: tuple, meta: dict) -> bool:
+    """Launch a short kernel with the first configuration that fits; False if none does."""
+    block_len = max(16, triton.next_power_of_2(length))
+    cache_key = (kind, block_len, head_dim, args[0].dtype, meta["DROPOUT"])
+    if kind in _OVERRIDE:
+        candidates = [_OVERRIDE[kind]]
+    elif cache_key in _CHOSEN:
+        candidates = [_CHOSEN[cache_key]]
+    else:
+        candidates = _short_configs(kind, length, head_dim)
+    for chunk, warps, stages in candidates:
+        try:
+            kernel[(bh,)](*args, BL=block_len, BD=chunk, num_warps=warps, num_stages=stages, **meta)
+        except OutOfResources:  # shared memory / registers: try the next, smaller config
+            continue
+        if kind not in _OVERRIDE:
+            _CHOSEN[cache_key] = (chunk, warps, stages)
+        return True
+    return False
 
 
 def _check_device(q: torch.Tensor) -> None:
@@ -491,12 +699,15 @@ def _attention_forward(
         DROPOUT=dropout, PREC=_precision(q.dtype),
     )
 
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(out), spb, spl)
+    if length <= _SHORT_MAX:
+        short_meta = {key: meta[key] for key in ("HEAD_DIM", "HAS_PAD", "DROPOUT", "PREC")}
+        short_args = (q, k, v, out, lse, pad, *strides, heads, length, id_index, scale * _LOG2E, dropout_p, seed)
+        if _launch_short("fwd_short", _attn_fwd_short_kernel, batch * heads, length, head_dim, short_args, short_meta):
+            return out, lse
+
     def args(n_blk: int) -> tuple:
-        return (
-            q, k, v, out, lse, pad,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(out), spb, spl,
-            heads, length, n_blk, id_index, scale * _LOG2E, dropout_p, seed,
-        )
+        return (q, k, v, out, lse, pad, *strides, heads, length, n_blk, id_index, scale * _LOG2E, dropout_p, seed)
 
     _launch("fwd", _attn_fwd_kernel, batch * heads, length, bd0 + bd1, q.dtype, args, meta)
     return out, lse
@@ -523,7 +734,6 @@ def _attention_backward(
     if q.numel() == 0:
         return dq, dk, dv
     grad_out = grad_out.to(q.dtype)
-    delta = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
     lse = lse.contiguous()
     bd0, bd1 = _split_head_dim(head_dim)
     pad, spb, spl = _pad_arg(key_padding_mask, q)
@@ -531,6 +741,17 @@ def _attention_backward(
         HEAD_DIM=head_dim, BD0=bd0, BD1=bd1, HAS_PAD=key_padding_mask is not None,
         DROPOUT=dropout_p > 0.0, PREC=_precision(q.dtype),
     )
+    if length <= _SHORT_MAX:
+        short_meta = {key: meta[key] for key in ("HEAD_DIM", "HAS_PAD", "DROPOUT", "PREC")}
+        short_args = (
+            q, k, v, grad_out, lse, dq, dk, dv, pad,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
+            *_strides(dq), *_strides(dk), *_strides(dv), spb, spl,
+            heads, length, id_index, scale * _LOG2E, scale, dropout_p, seed,
+        )
+        if _launch_short("bwd_short", _attn_bwd_short_kernel, batch * heads, length, head_dim, short_args, short_meta):
+            return dq, dk, dv
+    delta = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
     common = (heads, length)
     tail = (id_index, scale * _LOG2E, scale, dropout_p, seed)
 

@@ -65,6 +65,26 @@ def _assert_matches_reference(q, k, v, pad, id_index, dtype, **kw):
     return out, grads
 
 
+# The two kernel families: "short" (one program per (b, h), L <= attn._SHORT_MAX, the default at
+# ODMT's L = 81) and "blocked" (FlashAttention-2 style, longer sequences; forced here by
+# setting the threshold to 0 so that tiny shapes exercise it).
+PATHS = ("short", "blocked")
+
+
+class _kernel_path:
+    """Context manager selecting the kernel family for the duration of a test body."""
+
+    def __init__(self, path: str):
+        self.threshold = {"short": 128, "blocked": 0}[path]
+
+    def __enter__(self):
+        self.saved = attn._SHORT_MAX
+        attn._SHORT_MAX = self.threshold
+
+    def __exit__(self, *exc):
+        attn._SHORT_MAX = self.saved
+
+
 def _padding(pattern: str, batch: int, length: int, seed: int) -> torch.Tensor | None:
     if pattern == "none":
         return None
@@ -90,28 +110,59 @@ def _padding(pattern: str, batch: int, length: int, seed: int) -> torch.Tensor |
     id_pos=st.sampled_from(["middle", "first", "last", None]),
     dtype=st.sampled_from([torch.float32, torch.float16]),
     pad_seed=st.integers(0, 2**16),
+    path=st.sampled_from(PATHS),
 )
-@example(2, 1, 33, 64, "random", "first", torch.float16, 3).via("ODMT-like, fp16")
-@example(1, 2, 16, 16, "none", None, torch.float32, 0).via("no mask at all")
-def test_matches_reference(batch, heads, length, dim, pattern, id_pos, dtype, pad_seed):
+@example(2, 1, 33, 64, "random", "first", torch.float16, 3, "short").via("ODMT-like, fp16")
+@example(2, 1, 33, 64, "random", "first", torch.float16, 3, "blocked").via("ODMT-like, fp16, blocked")
+@example(1, 2, 16, 16, "none", None, torch.float32, 0, "short").via("no mask at all")
+def test_matches_reference(batch, heads, length, dim, pattern, id_pos, dtype, pad_seed, path):
     q, k, v = _inputs(batch, heads, length, dim, dtype, seed=length * dim)
     pad = _padding(pattern, batch, length, pad_seed)
     id_index = {"first": 0, "middle": length // 2, "last": length - 1, None: None}[id_pos]
-    _assert_matches_reference(q, k, v, pad, id_index, dtype)
+    with _kernel_path(path):
+        _assert_matches_reference(q, k, v, pad, id_index, dtype)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dim", [80, 384])
-def test_head_dims_not_power_of_two(dim):
-    """Split head dims (80 = 64 + 16, 384 = 256 + 128: the reference ODMT width)."""
+def test_head_dims_not_power_of_two(dim, path):
+    """Head dims that are not powers of two: blocked kernels split them (80 = 64 + 16, 384 = 256
+    + 128: the reference ODMT width), short kernels loop over chunks (5 x 16, 6 x 64)."""
     q, k, v = _inputs(1, 2, 11, dim, torch.float32)
     pad = torch.tensor([[False] * 8 + [True] * 3], device=DEVICE)
-    _assert_matches_reference(q, k, v, pad, 4, torch.float32)
+    with _kernel_path(path):
+        _assert_matches_reference(q, k, v, pad, 4, torch.float32)
+
+
+def test_long_sequences_take_the_blocked_kernels():
+    """L above the short kernels' limit (129 > 128) runs the blocked kernels by default."""
+    length = attn._SHORT_MAX + 1
+    q, k, v = _inputs(1, 1, length, 16, torch.float32)
+    pad = (torch.arange(length) >= length - 7)[None].to(DEVICE)
+    attn._CHOSEN.clear()
+    _assert_matches_reference(q, k, v, pad, 40, torch.float32)
+    launched = {key[0] for key in attn._CHOSEN}
+    assert launched == {"fwd", "dq", "dkdv"}, launched
+    attn._CHOSEN.clear()
+
+
+@pytest.mark.parametrize("config", [(16, 4, 1), (32, 8, 2)])
+def test_other_short_configurations(config, monkeypatch):
+    """Short-kernel chunk widths other than the rule's: 16 = three chunks of 48 (masked loop
+    tail with D = 40), 32 = a half-masked chunk; same results, with dropout too."""
+    monkeypatch.setattr(attn, "_OVERRIDE", {"fwd_short": config, "bwd_short": config})
+    q, k, v = _inputs(2, 1, 21, 40, torch.float32)
+    pad = torch.zeros(2, 21, dtype=torch.bool, device=DEVICE)
+    pad[1, 15:] = True
+    _assert_matches_reference(q, k, v, pad, 10, torch.float32, dropout_p=0.2, seed=3,
+                              keep=attn.dropout_keep_mask(2, 1, 21, 0.2, 3, DEVICE))
 
 
 @pytest.mark.parametrize("config", [(64, 16, 4, 2), (16, 64, 4, 1)])
 def test_other_block_sizes(config, monkeypatch):
     """Block sizes other than the heuristic's (fallbacks, benchmark sweeps) give the same result."""
     monkeypatch.setattr(attn, "_OVERRIDE", {"fwd": config, "dq": config, "dkdv": config})
+    monkeypatch.setattr(attn, "_SHORT_MAX", 0)
     q, k, v = _inputs(2, 1, 41, 24, torch.float32)
     pad = torch.zeros(2, 41, dtype=torch.bool, device=DEVICE)
     pad[1, 30:] = True
@@ -194,7 +245,8 @@ def test_dropout_same_seed_same_result_different_seed_differs():
     assert not torch.equal(out1, out3) and not torch.equal(grads1[0], grads3[0])
 
 
-def test_dropout_matches_reference_with_replayed_mask():
+@pytest.mark.parametrize("path", PATHS)
+def test_dropout_matches_reference_with_replayed_mask(path):
     q, k, v, pad, id_index = _dropout_case()
     batch, heads, length, _ = q.shape
     for seed in (0, 2**31 - 5):
@@ -202,7 +254,24 @@ def test_dropout_matches_reference_with_replayed_mask():
         assert keep.shape == (batch, heads, length, length) and keep.dtype == torch.bool
         assert 0.6 < keep.float().mean().item() < 0.9
         assert not torch.equal(keep[0, 0], keep[0, 1])  # heads draw independent masks
-        _assert_matches_reference(q, k, v, pad, id_index, torch.float32, dropout_p=0.25, keep=keep, seed=seed)
+        with _kernel_path(path):
+            _assert_matches_reference(q, k, v, pad, id_index, torch.float32, dropout_p=0.25, keep=keep, seed=seed)
+
+
+def test_both_kernel_families_draw_the_same_dropout_mask():
+    """Same (seed, p): the short and the blocked kernels drop the same probabilities."""
+    q, k, v, pad, id_index = _dropout_case()
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    results = []
+    for path in PATHS:
+        with _kernel_path(path):
+            results.append(_kernel(q, k, v, pad, id_index, grad_out, dropout_p=0.3, seed=77))
+    (out_s, grads_s), (out_b, grads_b) = results
+    torch.testing.assert_close(out_s, out_b, **TOL[torch.float32])
+    for got, want in zip(grads_s, grads_b, strict=True):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+    _, no_drop = _kernel(q, k, v, pad, id_index, grad_out)
+    assert not torch.allclose(grads_s[2], no_drop[2], atol=1e-3)  # dropout did act
 
 
 def test_dropout_expectation_approaches_no_dropout_output():
@@ -222,7 +291,9 @@ def test_dropout_expectation_approaches_no_dropout_output():
 # ------------------------------------------------------------------- registration, compile
 
 
-def test_opcheck_custom_ops():
+@pytest.mark.parametrize("path", PATHS)
+def test_opcheck_custom_ops(path, monkeypatch):
+    monkeypatch.setattr(attn, "_SHORT_MAX", 128 if path == "short" else 0)
     q, k, v = (x.requires_grad_() for x in _inputs(2, 1, 9, 16, torch.float32))
     pad = torch.zeros(2, 9, dtype=torch.bool, device=DEVICE)
     pad[0, 5:] = True
@@ -297,6 +368,35 @@ def test_launch_falls_back_when_out_of_resources():
     attn._launch("fwd", FakeKernel(), 3, 81, 384, "fake-dtype", lambda n_blk: (), {"HEAD_DIM": 384})
     assert launched == [((9,), 32, 32, 4, 1)]
     attn._CHOSEN.clear()
+
+
+def test_short_kernel_rule():
+    assert [attn._head_chunk(d) for d in (16, 24, 64, 80, 96, 384, 512)] == [16, 16, 64, 16, 32, 64, 64]
+    # 8 warps for the 128 x 128 score tile of L = 81 (no spills in an sm_90 compile), 4 below
+    assert attn._short_configs("fwd_short", 81, 384)[0] == (64, 8, 2)
+    assert attn._short_configs("bwd_short", 81, 64)[0] == (64, 8, 2)
+    assert attn._short_configs("bwd_short", 33, 80)[0] == (16, 4, 2)
+    assert attn._short_configs("fwd_short", 81, 384)[-1] == (16, 8, 1)
+
+
+def test_short_launch_reports_when_nothing_fits():
+    """Every short configuration refused: ``_launch_short`` says so, so the caller runs the
+    blocked kernels instead (they have their own smaller-tile chain)."""
+    tried = []
+
+    class RefusingKernel:
+        def __getitem__(self, grid):
+            def run(*args, BL, BD, num_warps, num_stages, **meta):
+                tried.append((grid, BL, BD, num_warps, num_stages))
+                raise OutOfResources(300000, 232448, "shared memory")
+
+            return run
+
+    meta = {"HEAD_DIM": 384, "DROPOUT": False}
+    args = (torch.empty(0),)
+    assert not attn._launch_short("fwd_short", RefusingKernel(), 6, 81, 384, args, meta)
+    assert tried == [((6,), 128, 64, 8, 2), ((6,), 128, 64, 8, 1), ((6,), 128, 16, 8, 1)]
+    assert not any(key[0] == "fwd_short" for key in attn._CHOSEN)
 
 
 def test_bad_inputs_raise_clear_errors():
