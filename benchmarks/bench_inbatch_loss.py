@@ -185,6 +185,39 @@ def make_data(R: int, N: int, d: int, seed: int = 1):
     return Hs, Ds, target, cand, hist, log_pop
 
 
+def make_seq_data(B: int, L: int, d: int, seed: int = 1):
+    """The layout ``odmt_components.data.collate_train`` produces: B users of L + 1 items
+    (uniform over 4N items, no padding), row ``b * L + t`` predicts column ``b * (L + 1) + t + 1``
+    and excludes the user's whole item row (``S = L + 1``)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    N = B * (L + 1)
+    items = torch.randint(0, 4 * N, (B, L + 1), generator=g).to(DEV)
+    cand = items.flatten()
+    target = (torch.arange(B)[:, None] * (L + 1) + torch.arange(L)[None, :] + 1).flatten().to(DEV)
+    hist = items.repeat_interleave(L, dim=0)  # as collate_train
+    log_pop = torch.rand(N, generator=g).add(1e-3).log().to(DEV)
+    R = B * L
+    Hs = [torch.randn(R, d, generator=g).to(DEV, DTYPE).requires_grad_(True) for _ in range(3)]
+    Ds = [torch.randn(N, d, generator=g).to(DEV, DTYPE).requires_grad_(True) for _ in range(3)]
+    return Hs, Ds, target, cand, hist, log_pop
+
+
+def flag_fractions(tag: str, target, cand, hist, d: int) -> None:
+    """Share of tile pairs whose exclusion-present flag is set (they run the full exclusion
+    test; the others only the padding compare), per kernel at its launch tile."""
+    R, N = target.numel(), cand.numel()
+    p = K._prep(target, cand, hist, None, PAD, IGNORE)
+    parts = []
+    for kind in ("fwd", "dq", "dc", "fwd3", "dq3", "dc3"):
+        rows, cols = (N, R) if kind.startswith("dc") else (R, N)
+        cfg = K._config(kind, rows, cols, d, interpret=DRY)
+        br, bn = (cfg["BLOCK_W"], cfg["BLOCK_T"]) if kind.startswith("dc") else (cfg["BLOCK_T"], cfg["BLOCK_W"])
+        frac = K._tile_flags(p, br, bn).float().mean().item()
+        RES[f"{tag}_flagged_{kind}"] = frac
+        parts.append(f"{kind} {br}x{bn}: {100 * frac:.1f}%")
+    print("tile pairs with the exclusion test on: " + ", ".join(parts), flush=True)
+
+
 def eager_fns(Hs, Ds, target, cand, hist, log_pop):
     R = target.shape[0]
 
@@ -330,11 +363,37 @@ def correctness() -> bool:
 # ---------------------------------------------------------------------------------------
 
 
-def loss_case(R: int, N: int, d: int, tag: str, odmt: bool) -> None:
+def lib_timings(tag: str, Hs, Ds, target, log_pop, grads) -> None:
+    """Liger's fused linear CE and Cut Cross-Entropy on the plain CE."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as lflce
+
+        bias = (-log_pop).to(DTYPE)
+        measure(f"{tag}_liger_plain", lambda: lflce(Hs[0], Ds[0], target, bias=bias).backward(), grads)
+    except Exception as exc:
+        RES[f"{tag}_liger_plain_ms"] = "unavailable"
+        print(f"liger unavailable: {type(exc).__name__}: {str(exc)[:150]}", flush=True)
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        measure(f"{tag}_cce_plain", lambda: linear_cross_entropy(Hs[0], Ds[0], target).backward(), grads)
+    except Exception as exc:
+        RES[f"{tag}_cce_plain_ms"] = "unavailable"
+        print(f"cut cross entropy unavailable: {type(exc).__name__}: {str(exc)[:150]}", flush=True)
+
+
+def loss_case(R: int, N: int, d: int, tag: str, odmt: bool, seq_users: int = 0) -> None:
+    """One case; ``seq_users > 0``: the ``collate_train`` layout (:func:`make_seq_data`,
+    ``seq_users`` users of ``R / seq_users + 1`` items) and our kernels only."""
     t_start = time.time()
-    Hs, Ds, target, cand, hist, log_pop = make_data(R, N, d)
+    if seq_users:
+        Hs, Ds, target, cand, hist, log_pop = make_seq_data(seq_users, R // seq_users, d)
+        R, N = target.numel(), cand.numel()
+    else:
+        Hs, Ds, target, cand, hist, log_pop = make_data(R, N, d)
     grads = Hs + Ds
     print(f"--- {tag}: R={R} N={N} d={d} ({DTYPE}); one fp32 logits matrix = {R * N * 4 / 1e6:.0f} MB", flush=True)
+    flag_fractions(tag, target, cand, hist, d)
     eager_ce, eager_odmt = eager_fns(Hs, Ds, target, cand, hist, log_pop)
     ours_ce, ours_odmt = our_fns(Hs, Ds, target, cand, hist, log_pop)
     parts_ce, parts_odmt = our_kernel_fns(Hs, Ds, target, cand, hist, log_pop, odmt)
@@ -348,6 +407,8 @@ def loss_case(R: int, N: int, d: int, tag: str, odmt: bool) -> None:
         for part, fn in parts.items():
             measure(f"{tag}_{name}_ours_{part}", fn, (), rep=40)
         need = 14 * R * N * (3 if name == "odmt3" else 1)
+        if seq_users:
+            continue
         if R * N > 2**31 and not DRY:
             RES[f"{tag}_{name}_eager_ms"] = "skipped: 0.36 s a call at 65k (run 1), to save time"
             print(f"{tag}_{name}_eager skipped (R*N > 2^31; run 1 measured 356 ms)", flush=True)
@@ -369,22 +430,10 @@ def loss_case(R: int, N: int, d: int, tag: str, odmt: bool) -> None:
             measure(f"{tag}_{name}_compiled", lambda f=compiled: f().backward(), grads)
         if not DRY:
             torch.cuda.empty_cache()
-    # fused linear-CE libraries: plain CE (no exclusion; Liger with the logQ bias)
-    try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as lflce
-
-        bias = (-log_pop).to(DTYPE)
-        measure(f"{tag}_liger_plain", lambda: lflce(Hs[0], Ds[0], target, bias=bias).backward(), grads)
-    except Exception as exc:
-        RES[f"{tag}_liger_plain_ms"] = "unavailable"
-        print(f"liger unavailable: {type(exc).__name__}: {str(exc)[:150]}", flush=True)
-    try:
-        from cut_cross_entropy import linear_cross_entropy
-
-        measure(f"{tag}_cce_plain", lambda: linear_cross_entropy(Hs[0], Ds[0], target).backward(), grads)
-    except Exception as exc:
-        RES[f"{tag}_cce_plain_ms"] = "unavailable"
-        print(f"cut cross entropy unavailable: {type(exc).__name__}: {str(exc)[:150]}", flush=True)
+    # fused linear-CE libraries: plain CE (no exclusion; Liger with the logQ bias); their time
+    # does not depend on the ids, so the sequence layout skips them
+    if not seq_users:
+        lib_timings(tag, Hs, Ds, target, log_pop, grads)
     for name, *_ in variants:
         branches = 3 if name == "odmt3" else 1
         flops = branches * 8 * R * N * d
@@ -419,15 +468,21 @@ def kernel_report(tag: str) -> None:
 # Alternative tiles timed per kernel at R = N = 16,384 when the run has time left (data for
 # the next tuning round; the defaults come from kernels.inbatch_loss._config).
 SWEEP = [
-    ("ce", "dq", "dq", {"BLOCK_T": 64, "BLOCK_W": 64, "TRANS_S": False}),
     ("ce", "dq", "dq", {"BLOCK_T": 64, "BLOCK_W": 32, "TRANS_S": False}),
-    ("ce", "dq", "dq", {"TRANS_S": False}),
-    ("ce", "dc", "dc", {"BLOCK_T": 64, "BLOCK_W": 64}),
+    ("ce", "dq", "dq", {"BLOCK_T": 64, "BLOCK_W": 32, "TRANS_S": False, "num_warps": 4}),
+    ("ce", "dq", "dq", {"BLOCK_T": 64, "BLOCK_W": 64, "TRANS_S": False}),
+    ("ce", "dq", "dq", {"BLOCK_T": 64, "BLOCK_W": 64, "TRANS_S": False, "num_warps": 4}),
+    ("ce", "dq", "dq", {"BLOCK_T": 32, "BLOCK_W": 32, "TRANS_S": True}),
     ("ce", "dc", "dc", {"BLOCK_T": 64, "BLOCK_W": 32}),
+    ("ce", "dc", "dc", {"BLOCK_T": 64, "BLOCK_W": 32, "num_warps": 4}),
+    ("ce", "dc", "dc", {"BLOCK_T": 64, "BLOCK_W": 64}),
+    ("ce", "dc", "dc", {"BLOCK_T": 64, "BLOCK_W": 64, "num_warps": 4}),
+    ("ce", "dc", "dc", {"BLOCK_T": 32, "BLOCK_W": 32}),
+    ("odmt3", "dq", "dq3", {"BLOCK_T": 64, "BLOCK_W": 32, "TRANS_S": False}),
+    ("odmt3", "dq", "dq3", {"BLOCK_T": 32, "BLOCK_W": 32, "TRANS_S": True}),
+    ("odmt3", "dc", "dc3", {"BLOCK_T": 64, "BLOCK_W": 32}),
+    ("odmt3", "dc", "dc3", {"BLOCK_T": 32, "BLOCK_W": 32}),
     ("odmt3", "fwd", "fwd3", {"BLOCK_T": 64}),
-    ("odmt3", "dq", "dq3", {"BLOCK_T": 16}),
-    ("odmt3", "dq", "dq3", {"BLOCK_T": 64, "TRANS_S": False}),
-    ("odmt3", "dc", "dc3", {"BLOCK_T": 64}),
     ("ce", "fwd", "fwd", {"BLOCK_W": 32}),
 ]
 SWEEP_BUDGET_S = 125.0
@@ -503,17 +558,59 @@ def table(cases) -> None:
             print("| " + " | ".join(cells) + " |")
 
 
-def aot_report() -> int:
-    """Compile our kernels for sm_90 without a GPU and print their resource use."""
+# Alternative backward tiles compiled by ``AOT_TILES=1`` (BLOCK_T x BLOCK_W, warps): the
+# candidates of the tile rule in ``inbatch_loss._base_config``.
+AOT_TILES = [
+    dict(BLOCK_T=32, BLOCK_W=32, num_warps=8),
+    dict(BLOCK_T=32, BLOCK_W=32, num_warps=4),
+    dict(BLOCK_T=64, BLOCK_W=32, num_warps=8),
+    dict(BLOCK_T=64, BLOCK_W=32, num_warps=4),
+    dict(BLOCK_T=64, BLOCK_W=64, num_warps=8),
+    dict(BLOCK_T=64, BLOCK_W=64, num_warps=4),
+]
+
+
+def _aot_compile(label: str, kernel, cfg: dict, meta: dict, cuobjdump: str) -> dict:
+    """Compiles one kernel for sm_90 and reads its registers / stack frame / shared memory."""
     import re
     import subprocess
 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    ptr = {"tgt_ptr": "*i32", "tid_ptr": "*i64", "cid_ptr": "*i64", "ex_ptr": "*i64"}
+    ptr = {"tgt_ptr": "*i32", "tid_ptr": "*i64", "cid_ptr": "*i64", "ex_ptr": "*i64", "fl_ptr": "*i8"}
+    ptr.update({k: "*i64" for k in ("vals_ptr", "order_ptr", "pos_ptr", "gstart_ptr")})
     fp32 = {"lq_ptr", "part_ptr", "loss_ptr", "lse_ptr", "stats_ptr", "g_ptr", "gmax_ptr"}
+    consts = {k: v for k, v in meta.items() if k in kernel.arg_names}
+    sig = {}
+    for arg in kernel.arg_names:
+        if arg in consts:
+            sig[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            sig[arg] = ptr.get(arg, "*fp32" if arg in fp32 else "*bf16")
+        else:
+            sig[arg] = "fp32" if arg == "temperature" else "i32"
+    try:
+        ck = triton.compile(
+            ASTSource(kernel, sig, constexprs=consts),
+            target=GPUTarget("cuda", 90, 32),
+            options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
+        )
+        path = os.path.join(os.environ.get("OUT") or "/tmp", f"{label}.cubin")
+        with open(path, "wb") as fh:
+            fh.write(ck.asm["cubin"])
+        res = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True)
+        regs = re.findall(r"REG:(\d+)", res.stdout)
+        stack = re.findall(r"STACK:(\d+)", res.stdout)
+        return dict(regs=regs[0] if regs else "?", stack=stack[0] if stack else "?", smem=ck.metadata.shared)
+    except Exception as exc:  # report and go on: this mode only informs
+        return dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
+def aot_report() -> int:
+    """Compile our kernels for sm_90 without a GPU and print their resource use (and, with
+    ``AOT_TILES=1``, the backward kernels at each tile of :data:`AOT_TILES` too)."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     flags = dict(HAS_LQ=True, S_PAD=16, EX_ONE=True, IDS32=True, PREC="tf32", FORM_KL=True, DETACH=True)
     kernels = [
         ("ce_fwd", K._ce_fwd_kernel, "fwd"),
@@ -524,43 +621,44 @@ def aot_report() -> int:
         ("odmt_dc", K._odmt_dc_kernel, "dc3"),
     ]
     cases = [("paper", 1536, 1664, 768), ("big", 16384, 16384, 256), ("huge", 65536, 65536, 128)]
+    sweep = bool(os.environ.get("AOT_TILES"))
     for tag, R, N, d in cases:
         for name, kernel, kind in kernels:
             if tag == "huge" and kind.endswith("3"):
                 continue
             rows, cols = (N, R) if kind.startswith("dc") else (R, N)
-            cfg = K._config(kind, rows, cols, d, interpret=False)
-            meta = dict(flags, **K._tile_meta(cfg, not kind.startswith("dc"), not kind.startswith("fwd")))
-            meta["D_PAD"] = max(16, triton.next_power_of_2(d)) if cfg["FULL_D"] else cfg["BLOCK_D"]
-            meta["TRANS_S"] = cfg.get("TRANS_S", False)
-            consts = {k: v for k, v in meta.items() if k in kernel.arg_names}
-            sig = {}
-            for arg in kernel.arg_names:
-                if arg in consts:
-                    sig[arg] = "constexpr"
-                elif arg.endswith("_ptr"):
-                    sig[arg] = ptr.get(arg, "*fp32" if arg in fp32 else "*bf16")
-                else:
-                    sig[arg] = "fp32" if arg == "temperature" else "i32"
-            label = f"{tag}_{name}"
-            try:
-                ck = triton.compile(
-                    ASTSource(kernel, sig, constexprs=consts),
-                    target=GPUTarget("cuda", 90, 32),
-                    options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
+            base = K._config(kind, rows, cols, d, interpret=False)
+            variants = [("", base)]
+            if sweep and not kind.startswith("fwd"):
+                for over in AOT_TILES:
+                    cfg = {**base, **over}
+                    if kind.startswith("dq") and cfg["BLOCK_T"] > 32:
+                        cfg["TRANS_S"] = False  # TRANS_S is the 32 x 32 dq variant
+                    if cfg != base:
+                        variants.append((f"_{cfg['BLOCK_T']}x{cfg['BLOCK_W']}w{cfg['num_warps']}", cfg))
+            for suffix, cfg in variants:
+                meta = dict(flags, **K._tile_meta(cfg, not kind.startswith("dc"), not kind.startswith("fwd")))
+                meta["D_PAD"] = max(16, triton.next_power_of_2(d)) if cfg["FULL_D"] else cfg["BLOCK_D"]
+                meta["TRANS_S"] = cfg.get("TRANS_S", False)
+                label = f"{tag}_{name}{suffix}"
+                info = _aot_compile(label, kernel, cfg, meta, cuobjdump)
+                RES[f"aot_{label}"] = info
+                tiles = " ".join(
+                    f"{k}={cfg[k]}"
+                    for k in ("BLOCK_T", "BLOCK_W", "BLOCK_DO", "FULL_D", "TRANS_S", "num_warps")
+                    if k in cfg
                 )
-                path = os.path.join(os.environ.get("OUT") or "/tmp", f"{label}.cubin")
-                with open(path, "wb") as fh:
-                    fh.write(ck.asm["cubin"])
-                res = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True)
-                regs = re.findall(r"REG:(\d+)", res.stdout)
-                stack = re.findall(r"STACK:(\d+)", res.stdout)
-                info = dict(regs=regs[0] if regs else "?", stack=stack[0] if stack else "?", smem=ck.metadata.shared)
-            except Exception as exc:  # report and go on: this mode only informs
-                info = dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
-            RES[f"aot_{label}"] = info
-            tiles = " ".join(f"{k}={cfg[k]}" for k in ("BLOCK_T", "BLOCK_W", "BLOCK_DO", "FULL_D", "num_warps"))
-            print(f"{label:18s} {info}  {tiles}", flush=True)
+                print(f"{label:28s} {info}  {tiles}", flush=True)
+    for br, bn in ((64, 64), (32, 32)):
+        info = _aot_compile(
+            f"flags_{br}x{bn}",
+            K._flag_kernel,
+            dict(num_warps=4, num_stages=1),
+            dict(BLOCK_R=br, BLOCK_N=bn, BLOCK=K._FLAG_BLOCK),
+            cuobjdump,
+        )
+        RES[f"aot_flags_{br}x{bn}"] = info
+        print(f"{'flags_' + str(br) + 'x' + str(bn):28s} {info}", flush=True)
     dump()
     return 0
 
@@ -575,17 +673,19 @@ def main() -> int:
         print("bf16 CORRECTNESS CHECK FAILED: timings skipped", flush=True)
         return 1
     if DRY:
-        cases = [("dry", (24, 26, 16), True), ("dry_single", (33, 17, 20), False)]
+        cases = [("dry", (24, 26, 16), True), ("dry_single", (33, 17, 20), False), ("dry_seq", (30, 32, 16), True)]
     else:
         cases = [
             ("paper", (1536, 1664, 768), True),
             ("big", (16384, 16384, 256), True),
+            ("big_seq", (16380, 17472, 256), True),
             ("huge", (65536, 65536, 128), False),
         ]
     t0 = time.time()
     for tag, (R, N, d), odmt in cases:
         try:
-            loss_case(R, N, d, tag, odmt)  # its tensors are freed when it returns
+            # *_seq: the collate_train layout, 15 positions (16 items) per user
+            loss_case(R, N, d, tag, odmt, seq_users=R // 15 if tag.endswith("_seq") else 0)
         except Exception as exc:
             traceback.print_exc()
             RES[f"{tag}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"

@@ -80,56 +80,95 @@ are recomputed per chunk). ``dz`` is cast to the input dtype for the tensor-core
 fp16 from underflowing (``g = 1/n_valid`` times ``p ~ 1/N``), the per-row weights are divided
 by their largest magnitude inside the kernels and the accumulators multiplied back at the end.
 
-Exclusion test: the excluded ids of a row tile are read as ``S_PAD <= 16`` unrolled 1-D loads
-per tile, issued together straight into the compare's row layout (L1 hits after the first
-tile; ``S > 16`` loops over 16-wide chunks), one compare-or per element each. A register tile
-of the ids loaded once before the loop, with each id column pulled out by a masked row sum,
-was tried first: the compiler hoists the sixteen extracted vectors (and their layout
-conversions) out of the loop and the compiled forward spilled ~2.5 KB a thread (sm_90
-compile, no GPU needed), against 0.2 KB now. The comparisons run in int32 whenever the pad id
-fits and the column tile's ids fit (checked per tile, a uniform branch); excluded ids outside
-int32 are replaced by the pad id there (they can match no in-range candidate, and padding is
-excluded anyway). Raw int64 inputs and stride-0 views are read in place.
+Exclusion-present flags: for almost every (row tile, column tile) pair no column of the
+tile is another copy of a row's target item or one of its excluded ids, so the kernels run
+the exclusion test only where it can change something. ``_tile_flags`` builds, per call and
+per tile shape ``(BLOCK_R, BLOCK_N)``, a ``(cdiv(R, BLOCK_R), cdiv(N, BLOCK_N))`` byte grid:
+``flag[r // BLOCK_R, j // BLOCK_N] = 1`` iff row ``r`` is valid, ``j != target[r]``,
+``candidate_ids[j] != pad_id`` and ``candidate_ids[j]`` is ``r``'s target item or one of
+``exclude_ids[r, :]``. Construction, no host sync and nothing of size ``R x N``: the candidate
+ids are sorted once per call (stable: values and original columns); per column-tile width a
+few PyTorch ops group the sorted run of each id by column tile (``pos``: group of each sorted
+position, ``gstart``: first position of each group, all fixed-size ``O(N)`` tensors); then
+one launch of ``_flag_kernel`` per tile shape binary-searches each of the ``R (S + 1)`` ids of
+the rows in the sorted ids (ids equal to ``pad_id`` skipped; absent ids find an empty range)
+and stores a 1 for each column tile holding that id -- skipping the tile whose only such
+column is the row's target column -- by idempotent byte stores, no atomics. The work is
+``R (S + 1) log N`` plus one store per (row, id, column tile of the id): even the
+pathological batch of one item repeated in every column costs ``R (S + 1) N / BLOCK_N``
+stores, a ``BLOCK_N``-th of one pass of the old compare, and then flags every pair (the
+kernels do what they did before). Forward, dQ and dC use different tiles (and the fallback
+chain may shrink a tile), so each launch asks for the grid of exactly its own tile shape
+(built once per call and shape, cached in the call's prep dict): every tile reads one byte,
+with no OR over finer flags. dQ/forward programs read ``flag[program row tile, n0 //
+BLOCK_N]``, dC programs ``flag[r0 // BLOCK_R, program column tile]``.
+
+In the kernels (``_keep_tile``), per tile, a uniform branch on the flag: unset, ``keep =
+(not padding or target) and column in range and row valid`` (one compare per column, one
+per element for the target one-hot); set, the full test of the old kernels: the target item
+id and the excluded ids of the row tile read as ``S_PAD <= 16`` unrolled 1-D loads issued
+together straight into the compare's row layout (L1 hits after the first tile; ``S > 16``
+loops over 16-wide chunks), one compare-or per element each, in int32 whenever the pad id and
+the column tile's ids fit (checked per tile, a uniform branch; excluded ids outside int32 are
+replaced by the pad id there: they can match no in-range candidate, and padding is excluded
+anyway). Both paths keep the same entries on an unflagged tile (the target column is always
+kept; nothing else in the tile is excluded but padding). Raw int64 inputs and stride-0 views
+of ``exclude_ids`` are read in place, by the flag builder too. A register tile of the ids
+loaded once before the loop (tried first) made the compiler hoist sixteen extracted vectors
+and spill ~2.5 KB a thread.
+
+How many pairs are flagged depends on the data (printed by the benchmark for each case).
+Measured with ``_tile_flags`` on the CPU at R = N = 16,384, 15 excluded ids: the anchors'
+layout (targets and histories drawn at random over all columns, so each row tile's
+``BLOCK_R x 16`` ids land in random column tiles) flags 99.2% of the 64 x 64 pairs, 90.6% of
+64 x 32, 90.9% of 32 x 64 and 69.6% of 32 x 32 -- little to skip there; the ``collate_train``
+layout (1,092 users x 16 items, uniform over 4N items, rows excluding their user's items)
+flags 8.7% (64 x 64), 4.6% (64 x 32), 5.3% (32 x 64), 2.8% (32 x 32).
 
 Block sizes come from a fixed heuristic (``_config``), not autotuning, with a fixed
 fallback chain when a GPU refuses a tile (``_launch``); small 16-wide tiles under
 ``TRITON_INTERPRET=1``. Every launch records the compiled kernel's registers and spills in
 :data:`KERNEL_STATS` (the benchmark prints them).
 
-Performance notes (H100, bf16; predictions written before the second GPU run)
-----------------------------------------------------------------------------
-Run 1 (old kernels): 30-90x the matmul floor; big CE 23.7 ms, big odmt3 57.9 ms, paper
-odmt3 4.26 ms, huge CE 493 ms. Cause: latency, not arithmetic -- per score tile ``S = 15``
-serialized global loads of ``exclude_ids`` (~15 x 300-600 cycles vs ~600 cycles of tensor
-work for a 64 x 64 x 256 tile), a dependent ``target -> candidate_ids[target]`` load chain,
-the query re-read in 64-wide chunks per tile, 48 forward programs for 132 SMs at paper scale.
-Changes and predicted effect:
+Performance notes (H100, bf16)
+------------------------------
+Measured (``benchmarks/RESULTS.md``, run 3, the kernels before the flags): 16k CE 17.0 ms
+(fwd / dQ / dC = 2.6 / 6.6 / 8.2 ms) vs Cut Cross-Entropy 6.4 ms, floor 0.69 ms; 16k ODMT
+54.0 ms; 65k CE 209 ms. Believed dominant: the exclusion compare, ``S + 1 = 16`` id compares
+per logit on the CUDA cores in each of the three passes.
 
-1. Excluded ids loaded together per tile (not 15 serialized round trips), int32 compares:
-   the per-tile cost becomes ~1 compare-or per
-   element per id, ~1,000 cycles per 64 x 64 tile (INT32 rate 64/clk/SM), ~0.3 ms per pass
-   at 16k, ~5 ms per pass at 65k. Expected to remove most of the 4-20x gap alone.
-2. Target item ids gathered in the wrapper: one dependent load chain less per tile
-   (small; matters in the column-wise kernel which redoes it per row tile).
-3. Resident query tile + one K = D_PAD dot per tile, and the score operand reused as the
-   gradient operand at d <= 256: backward loads halve; scores are computed once per
-   backward kernel.
-4. Column splits in the forward: paper scale 24-48 row tiles -> 300-530 programs.
-5. Registers: a Triton 3.9 sm_90 compile on the CPU machine (``triton.compile`` with a
-   ``GPUTarget``, ``cuobjdump --dump-resource-usage``) showed the first version of these
-   kernels -- and the run-1 kernels (e.g. three-branch dQ 6.8 KB of stack a thread) --
-   spilling heavily at 255 registers. Tiles were then picked for the smallest stack frame:
-   single-branch forward 64 x 64 at 8 warps (0 B), full-width backward 32 x 32 (dQ 56 B
-   with ``TRANS_S``, dC 0 B; at d = 128 both 0 B), d = 768 backward chunks of 128 (88 / 0 B);
-   the three-branch kernels still spill (forward 272 B, dQ 0.7 KB with ``TRANS_S``, dC
-   0.6 KB at d = 256; about 1 KB each at d = 768).
-   Triton 3.6 on the GPU may allocate differently: the benchmark prints n_regs/n_spills.
-Predicted fwd+bwd: paper CE ~0.2 ms, paper odmt3 ~0.45 ms (the 0.25 ms target is likely
-missed: the d = 768 backward recomputes the scores per output chunk, 4x per kernel), big CE
-~2.5-3.5 ms (CCE 5.1; the 32 x 32 backward tiles stream 16 bytes of operand per score from
-L2), big odmt3 ~6-8 ms (target 5.7, at risk from the spills), huge CE ~25 ms (CCE 68).
-Biggest uncertainties: the cost of the remaining spills and of 32 x 32 mma.sync tiles versus
-64 x 64 wgmma ones -- the benchmark's tile sweep times both.
+Registers and stack (spills) a thread, **compile only, not timings**: Triton 3.9 sm_90
+compile on the CPU machine (``AOT=1 AOT_TILES=1 python benchmarks/bench_inbatch_loss.py``,
+registers and stack read by ``cuobjdump --dump-resource-usage``; Triton 3.6 on the GPU may
+allocate differently: the benchmark prints n_regs/n_spills). Kernels at their launch tiles,
+before the flags -> with the flags (stack bytes; registers 255 unless noted):
+
+* paper (1,536 x 1,664, d = 768, chunked d): ce_fwd 0 (250 regs) -> 16; ce_dq 88 (32 x 64)
+  -> 0 (32 x 32, 242 regs); ce_dc 0 -> 0 (243 regs); odmt fwd 40 -> 8; odmt dq 1,104 ->
+  1,152; odmt dc 1,000 -> 1,016.
+* big (16k, d = 256): ce_fwd 0 -> 56; ce_dq 56 -> 80 (32 x 32, TRANS_S); ce_dc 0 (32 x 32)
+  -> 8 (64 x 32; 0 at 32 x 32, 230 regs); odmt fwd 272 -> 544; odmt dq 720 -> 704; odmt dc
+  608 -> 696.
+* huge (65k, d = 128): ce_fwd 8 -> 24; ce_dq 0 (32 x 32, 219 regs) -> 0 (64 x 32 at 4 warps);
+  ce_dc 0 (32 x 32, 242 regs) -> 0 (64 x 32, 234 regs).
+
+The flagged branch keeps the whole old test, so the register allocation still holds it; the
+forward kernels grew by 16-272 B. Larger backward tiles with the flags, 8 warps / 4 warps:
+ce dQ 64 x 32: 152 / 632 (big), 48 / 0 (huge), 160 / 720 (paper); ce dQ 64 x 64: 920 /
+1,696 (big); ce dC 64 x 32: 8 / 952 (big), 0 / 272 (huge), 0 / 856 (paper); ce dC 64 x 64:
+1,200 / 2,088 (big); three-branch dQ / dC at 64 x 32: 2.4 / 2.8 KB, at 64 x 64: 4.2 / 5.2 KB
+(big). Hence the rule: single-branch dC 64 x 32 at 8 warps (full width), single-branch dQ
+64 x 32 at 4 warps for d <= 128 and 32 x 32 (``TRANS_S``) at d = 256, chunked-d dQ 32-column
+steps (0 B instead of 88 B at 64), three-branch backward 32 x 32. The benchmark's tile sweep
+times 32 x 32 / 64 x 32 / 64 x 64 at 4 and 8 warps for the single-branch backward and 64 x 32
+for the three-branch one.
+
+Expected on the GPU (prediction, unmeasured): on the anchors' layout, the benchmark's timed
+cases, almost every pair is flagged, so the time stays about where run 3 left it (plus the
+flag build, a few small launches, and the forward's new 16-272 B of stack); on the
+``collate_train`` layout (the ``big_seq`` case) 3-9% of the pairs run the test, so each pass
+should approach its dot-product and softmax cost -- if the exclusion test is what run 3's
+gap to the floor is made of, several times faster per pass.
 
 Public functions (registered as custom ops ``odmt::debiased_inbatch_ce`` and
 ``odmt::mutual_distillation``, with fake and autograd implementations; their backward
@@ -195,6 +234,88 @@ def _row_prep_kernel(tgt_in_ptr, s_tg, cid_ptr, s_cid, tgt_ptr, tid_ptr, R, igno
 
 
 @triton.jit
+def _lower_bound(vals_ptr, x, N, n_iter, UPPER: tl.constexpr):
+    """Per lane, the first index of the sorted ``vals[:N]`` whose value is ``>= x`` (``> x``
+    when ``UPPER``): a branch-free binary search of ``n_iter`` (= bit length of N) steps."""
+    lo = (x * 0).to(tl.int64)
+    hi = lo + N
+    for _ in range(0, n_iter):
+        act = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(vals_ptr + mid, mask=act, other=0)
+        if UPPER:
+            right = act & (v <= x)
+        else:
+            right = act & (v < x)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(act & (~right), mid, hi)
+    return lo
+
+
+@triton.jit
+def _mark_id(x, ok, tid, tgt, fl_rows, vals_ptr, order_ptr, pos_ptr, gstart_ptr, N, n_iter, BLOCK_N: tl.constexpr):
+    """Marks, for each lane (a row and one id ``x`` of it), every column tile holding a column
+    whose id is ``x`` -- except a tile whose only such column is the row's target column
+    (``x`` is the target item there; the target is always kept, nothing is excluded).
+    Column tiles of ``x`` are the groups ``[pos[lo], pos[hi])`` of the (id, column tile)
+    grouping, ``lo``/``hi`` the bounds of ``x`` in the sorted ids; at most one store per
+    (lane, column tile)."""
+    lo = _lower_bound(vals_ptr, x, N, n_iter, False)
+    hi = _lower_bound(vals_ptr, x, N, n_iter, True)
+    g_lo = tl.load(pos_ptr + lo, mask=ok, other=0)
+    cnt = tl.where(ok, tl.load(pos_ptr + hi, mask=ok, other=0) - g_lo, 0)
+    t_tile = tgt // BLOCK_N
+    for k in range(0, tl.max(cnt, axis=0)):
+        m = k < cnt
+        st = tl.load(gstart_ptr + g_lo + k, mask=m, other=0)
+        en = tl.load(gstart_ptr + g_lo + k + 1, mask=m, other=0)
+        ct = tl.load(order_ptr + st, mask=m, other=0) // BLOCK_N
+        only_target = (x == tid) & (ct == t_tile) & (en - st == 1)
+        tl.store(fl_rows + ct, tl.full(ct.shape, 1, tl.int8), mask=m & (~only_target))
+
+
+@triton.jit
+def _flag_kernel(
+    tgt_ptr,
+    tid_ptr,
+    ex_ptr,
+    ex_sr,
+    ex_ss,
+    vals_ptr,
+    order_ptr,
+    pos_ptr,
+    gstart_ptr,
+    fl_ptr,
+    R,
+    N,
+    S,
+    pad_id,
+    n_iter,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The exclusion-present grid of one tile shape: ``flag[r // BLOCK_R, j // BLOCK_N] = 1``
+    when ``candidate_ids[j]`` is row ``r``'s target item (other than its target column) or one
+    of ``exclude_ids[r, :S]`` (ids equal to ``pad_id`` skipped: padding is excluded per
+    column anyway). Ignored rows mark nothing. Idempotent byte stores, no atomics."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_in = rows < R
+    tgt = tl.load(tgt_ptr + rows, mask=row_in, other=-1)
+    valid = tgt >= 0
+    tid = tl.load(tid_ptr + rows, mask=valid, other=0).to(tl.int64)
+    fl_rows = fl_ptr + (rows // BLOCK_R).to(tl.int64) * tl.cdiv(N, BLOCK_N)
+    _mark_id(
+        tid, valid & (tid != pad_id), tid, tgt, fl_rows, vals_ptr, order_ptr, pos_ptr, gstart_ptr, N, n_iter, BLOCK_N
+    )
+    ex_rows = ex_ptr + rows.to(tl.int64) * ex_sr
+    for s in range(0, S):
+        x = tl.load(ex_rows + s * ex_ss, mask=valid, other=pad_id).to(tl.int64)
+        ok = valid & (x != pad_id)
+        _mark_id(x, ok, tid, tgt, fl_rows, vals_ptr, order_ptr, pos_ptr, gstart_ptr, N, n_iter, BLOCK_N)
+
+
+@triton.jit
 def _row_setup(tgt_ptr, tid_ptr, rows, R):
     """Per-row data of a row tile: (rows in range, valid rows, target column or -1, target
     item id as int64). ``tgt``/``tid`` are contiguous vectors the wrapper gathered."""
@@ -248,25 +369,36 @@ def _keep_tile(
     ex_ss,
     S,
     pad_id,
+    flag,
     S_PAD: tl.constexpr,
     EX_ONE: tl.constexpr,
     IDS32: tl.constexpr,
 ):
-    """Exclusion rule for one (rows x cols) tile: returns (kept, is_target). The excluded-id
-    compares run in int32 when the column tile's ids fit (a uniform branch per tile)."""
-    excl = (cid[None, :] == tid[:, None]) | (cid == pad_id)[None, :]
-    if S_PAD > 0:
-        ex_rows = ex_ptr + rows.to(tl.int64) * ex_sr
-        if IDS32:
-            fits = (tl.min(cid, axis=0) >= -2147483648) & (tl.max(cid, axis=0) <= 2147483647)
-            if fits:
-                excl = excl | _excl_ids(cid.to(tl.int32), ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, True)
+    """Exclusion rule for one (rows x cols) tile: returns (kept, is_target).
+
+    ``flag`` (the tile pair's byte of the exclusion-present grid, see :func:`_tile_flags`)
+    picks the path by a uniform branch: unset, no column of the tile is another copy of a
+    row's target or one of its excluded ids, so only padding (one compare per column) and
+    the row/column bounds decide; set, the full test of the target item id and the ``S``
+    excluded ids runs (int32 compares when the column tile's ids fit, again a uniform
+    branch). Both paths keep the same entries on an unflagged tile."""
+    is_pad = cid == pad_id
+    is_t = (cols[None, :] == tgt[:, None]) & valid[:, None]
+    if flag != 0:
+        excl = (cid[None, :] == tid[:, None]) | is_pad[None, :]
+        if S_PAD > 0:
+            ex_rows = ex_ptr + rows.to(tl.int64) * ex_sr
+            if IDS32:
+                fits = (tl.min(cid, axis=0) >= -2147483648) & (tl.max(cid, axis=0) <= 2147483647)
+                if fits:
+                    excl = excl | _excl_ids(cid.to(tl.int32), ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, True)
+                else:
+                    excl = excl | _excl_ids(cid, ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, False)
             else:
                 excl = excl | _excl_ids(cid, ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, False)
-        else:
-            excl = excl | _excl_ids(cid, ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, False)
-    is_t = (cols[None, :] == tgt[:, None]) & valid[:, None]
-    keep = ((~excl) | is_t) & col_ok[None, :] & valid[:, None]
+        keep = ((~excl) | is_t) & col_ok[None, :] & valid[:, None]
+    else:
+        keep = ((~is_pad)[None, :] | is_t) & col_ok[None, :] & valid[:, None]
     return keep, is_t
 
 
@@ -346,6 +478,7 @@ def _ce_fwd_kernel(
     ex_ss,
     lq_ptr,
     s_lq,
+    fl_ptr,
     part_ptr,
     R,
     N,
@@ -375,8 +508,10 @@ def _ce_fwd_kernel(
     m = tl.full((BLOCK_R,), -1.0e30, tl.float32)
     lsum = tl.zeros((BLOCK_R,), tl.float32)
     zt = tl.zeros((BLOCK_R,), tl.float32)
+    fl_row = fl_ptr + tl.program_id(0) * tl.cdiv(N, BLOCK_N)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
+        flag = tl.load(fl_row + n0 // BLOCK_N)
         col_ok, cid, lq = _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ)
         if FULL_D:
             c = _full_tile(c_ptr, sc_n, sc_d, cols, col_ok, D, D_PAD)
@@ -387,7 +522,7 @@ def _ce_fwd_kernel(
             )
         s = s - lq[None, :]
         keep, is_t = _keep_tile(
-            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32
+            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, flag, S_PAD, EX_ONE, IDS32
         )
         zt += tl.sum(tl.where(is_t, s, 0.0), axis=1)
         s = tl.where(keep, s, float("-inf"))
@@ -450,6 +585,7 @@ def _ce_dq_kernel(
     ex_ss,
     lq_ptr,
     s_lq,
+    fl_ptr,
     lse_ptr,
     g_ptr,
     gmax_ptr,
@@ -484,8 +620,10 @@ def _ce_dq_kernel(
     if FULL_D:  # BLOCK_DO is the padded width, one output chunk
         q = _full_tile(q_ptr, sq_r, sq_d, rows, row_in, D, BLOCK_DO)
     acc = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
+    fl_row = fl_ptr + tl.program_id(0) * tl.cdiv(N, BLOCK_N)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
+        flag = tl.load(fl_row + n0 // BLOCK_N)
         col_ok, cid, lq = _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ)
         if FULL_D:
             c = _full_tile(c_ptr, sc_n, sc_d, cols, col_ok, D, BLOCK_DO)
@@ -504,7 +642,7 @@ def _ce_dq_kernel(
             )
         s = s - lq[None, :]
         keep, is_t = _keep_tile(
-            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32
+            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, flag, S_PAD, EX_ONE, IDS32
         )
         dz = _ce_dz(s, keep, is_t, lse, g)
         acc = tl.dot(dz.to(c.dtype), c, acc=acc, input_precision=PREC)
@@ -533,6 +671,7 @@ def _ce_dc_kernel(
     ex_ss,
     lq_ptr,
     s_lq,
+    fl_ptr,
     lse_ptr,
     g_ptr,
     gmax_ptr,
@@ -564,8 +703,11 @@ def _ce_dc_kernel(
     if FULL_D:
         c = _full_tile(c_ptr, sc_n, sc_d, cols, col_ok, D, BLOCK_DO)
     acc = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
+    fl_col = fl_ptr + tl.program_id(0)
+    n_ct = tl.cdiv(N, BLOCK_N)
     for r0 in range(0, R, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
+        flag = tl.load(fl_col + (r0 // BLOCK_R) * n_ct)
         row_in, valid, tgt, tid = _row_setup(tgt_ptr, tid_ptr, rows, R)
         lse = tl.load(lse_ptr + rows, mask=valid, other=0.0)
         g = tl.load(g_ptr + rows, mask=valid, other=0.0) / gmax
@@ -583,7 +725,7 @@ def _ce_dc_kernel(
             )
         s = s - lq[None, :]
         keep, is_t = _keep_tile(
-            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32
+            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, flag, S_PAD, EX_ONE, IDS32
         )
         dz = _ce_dz(s, keep, is_t, lse, g)
         acc = tl.dot(tl.trans(dz.to(q.dtype)), q, acc=acc, input_precision=PREC)
@@ -699,6 +841,7 @@ def _odmt_fwd_kernel(
     ex_ss,
     lq_ptr,
     s_lq,
+    fl_ptr,
     part_ptr,
     R,
     N,
@@ -749,8 +892,10 @@ def _odmt_fwd_kernel(
     zt_i = zero
     zt_t = zero
     zt_v = zero
+    fl_row = fl_ptr + tl.program_id(0) * tl.cdiv(N, BLOCK_N)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
+        flag = tl.load(fl_row + n0 // BLOCK_N)
         col_ok, cid, lq = _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ)
         if FULL_D:
             c = _full_tile(ci_ptr, sc_i, sc_d, cols, col_ok, D, D_PAD)
@@ -788,7 +933,7 @@ def _odmt_fwd_kernel(
             )
         s_e = (s_i + s_t + s_v) / 3.0
         keep, is_t = _keep_tile(
-            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32
+            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, flag, S_PAD, EX_ONE, IDS32
         )
         zt_i += tl.sum(tl.where(is_t, s_i, 0.0), axis=1)
         zt_t += tl.sum(tl.where(is_t, s_t, 0.0), axis=1)
@@ -1042,6 +1187,7 @@ def _odmt_dq_kernel(
     ex_ss,
     lq_ptr,
     s_lq,
+    fl_ptr,
     stats_ptr,
     g_ptr,
     gmax_ptr,
@@ -1083,8 +1229,10 @@ def _odmt_dq_kernel(
     acc_i = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
     acc_t = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
     acc_v = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
+    fl_row = fl_ptr + tl.program_id(0) * tl.cdiv(N, BLOCK_N)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
+        flag = tl.load(fl_row + n0 // BLOCK_N)
         col_ok, cid, lq = _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ)
         if FULL_D:
             c_i = _full_tile(ci_ptr, sc_i, sc_d, cols, col_ok, D, BLOCK_DO)
@@ -1131,7 +1279,7 @@ def _odmt_dq_kernel(
             c_t = tl.load(ct_ptr + c_off * sc_t + offs_o[None, :] * sc_d, mask=cm, other=0.0)
             c_v = tl.load(cv_ptr + c_off * sc_v + offs_o[None, :] * sc_d, mask=cm, other=0.0)
         keep, is_t = _keep_tile(
-            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32
+            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, flag, S_PAD, EX_ONE, IDS32
         )
         dz_i, dz_t, dz_v = _odmt_dz(
             s_i,
@@ -1195,6 +1343,7 @@ def _odmt_dc_kernel(
     ex_ss,
     lq_ptr,
     s_lq,
+    fl_ptr,
     stats_ptr,
     g_ptr,
     gmax_ptr,
@@ -1232,8 +1381,11 @@ def _odmt_dc_kernel(
     acc_i = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
     acc_t = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
     acc_v = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
+    fl_col = fl_ptr + tl.program_id(0)
+    n_ct = tl.cdiv(N, BLOCK_N)
     for r0 in range(0, R, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
+        flag = tl.load(fl_col + (r0 // BLOCK_R) * n_ct)
         row_in, valid, tgt, tid = _row_setup(tgt_ptr, tid_ptr, rows, R)
         (lse_i, lse_t, lse_v, lt_i, lt_t, lt_v, lt_e, wb_it, wb_iv, wb_ei, gc_i, gc_t, gc_v, g_it, g_iv, g_ei) = (
             _odmt_row_stats(stats_ptr, g_ptr, gmax, rows, valid, R, temperature)
@@ -1278,7 +1430,7 @@ def _odmt_dc_kernel(
             q_t = tl.load(qt_ptr + r_off * sq_t + offs_o[None, :] * sq_d, mask=qm, other=0.0)
             q_v = tl.load(qv_ptr + r_off * sq_v + offs_o[None, :] * sq_d, mask=qm, other=0.0)
         keep, is_t = _keep_tile(
-            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32
+            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, flag, S_PAD, EX_ONE, IDS32
         )
         dz_i, dz_t, dz_v = _odmt_dz(
             s_i,
@@ -1349,13 +1501,14 @@ def _config(kind: str, rows: int, cols: int, d: int, interpret: bool) -> dict:
     score tile, and the backward output chunk ``BLOCK_DO`` is the padded width (the score
     operand doubles as the gradient operand). Otherwise 64 features per dot step and output
     chunks of up to 256 features. Under the interpreter every tile is 16 wide (numpy is fast
-    on few, small blocks and the tests still cross tile borders). On the GPU (8 warps) the
+    on few, small blocks and the tests still cross tile borders). On the GPU (8 warps unless said) the
     forward takes 64 x 64 tiles (128 x 64 from 32k rows; 32 x 32 for three branches) and
-    splits the columns for parallelism (``_fwd_split``); the full-width backward kernels take
-    32 x 32 tiles, the dQ kernel with the resident query tile as the B operand of the score
-    dot (``TRANS_S``): a Triton 3.9 sm_90 compile (no GPU needed) showed every larger
-    full-width backward tile spilling (0.3-3.5 KB of stack a thread; 64 x 64 forward at 8
-    warps: none). For d > 256: output chunks of 128 (single branch) or 256 (three branches,
+    splits the columns for parallelism (``_fwd_split``). Full-width backward: single-branch dC
+    64 columns x 32-row steps (8 warps), single-branch dQ 64 x 32 at 4 warps for d <= 128 and
+    32 x 32 with the resident query tile as the B operand of the score dot (``TRANS_S``) at
+    d = 256, three-branch 32 x 32: the tiles of the smallest stack frame in a Triton 3.9 sm_90
+    compile (no GPU needed; numbers in the module docstring). For d > 256: output chunks of
+    128 (single branch; dQ walks 32 columns a step, dC 64 rows) or 256 (three branches,
     fewer score recomputations). ``_CONFIG_OVERRIDE`` replaces keys per kind.
     """
     cfg = _base_config(kind, rows, d, interpret)
@@ -1382,14 +1535,26 @@ def _base_config(kind: str, rows: int, d: int, interpret: bool) -> dict:
             num_warps=8,
             num_stages=2 if three else 3,
         )
-    if full:  # 32 x 32 tiles: the sm_90 compile of larger full-width backward tiles spills
+    if full and not three and base == "dc":  # 64 columns x 32-row steps: 8 B of stack at d = 256, 0 at 128
+        return dict(BLOCK_T=64, BLOCK_W=32, BLOCK_D=64, BLOCK_DO=p2d, FULL_D=True, num_warps=8, num_stages=2)
+    if full and not three and p2d <= 128:  # dq at d <= 128: 64 x 32 at 4 warps compiles without spills
+        return dict(BLOCK_T=64, BLOCK_W=32, BLOCK_D=64, BLOCK_DO=p2d, FULL_D=True, num_warps=4, num_stages=2)
+    if full:  # 32 x 32 tiles: every larger tile spills more (sm_90 compile, see the module docstring)
         return dict(
             BLOCK_T=32, BLOCK_W=32, BLOCK_D=64, BLOCK_DO=p2d, FULL_D=True, num_warps=8, num_stages=2, TRANS_S=True
         )
     if three:
         return dict(BLOCK_T=32, BLOCK_W=32, BLOCK_D=64, BLOCK_DO=min(256, p2d), FULL_D=False, num_warps=8, num_stages=2)
     tile = 64 if rows >= 4096 else 32
-    return dict(BLOCK_T=tile, BLOCK_W=64, BLOCK_D=64, BLOCK_DO=128, FULL_D=False, num_warps=8, num_stages=2)
+    return dict(
+        BLOCK_T=tile,
+        BLOCK_W=64 if base == "dc" else 32,
+        BLOCK_D=64,
+        BLOCK_DO=128,
+        FULL_D=False,
+        num_warps=8,
+        num_stages=2,
+    )
 
 
 def _fallbacks(cfg: dict, with_do: bool) -> list[dict]:
@@ -1503,15 +1668,84 @@ _ROW_BLOCK = 256
 
 
 def _prep(target, candidate_ids, exclude_ids, log_q, pad_id: int, ignore_index: int) -> dict:
-    """Everything the kernels share about the batch: per-row targets, excluded ids, log Q."""
+    """Everything the kernels share about the batch: per-row targets, excluded ids, log Q,
+    and the candidate ids sorted once (values, original columns) for :func:`_tile_flags`."""
     tgt, tid = _row_targets(target, candidate_ids, ignore_index)
     ex_args, S, xflags = _excl_flags(exclude_ids, candidate_ids, pad_id)
     lq, s_lq, has_lq = _lq_args(log_q, candidate_ids)
+    vals, order = torch.sort(candidate_ids.to(torch.int64), stable=True)
     return dict(
         rows=(tgt, tid, candidate_ids, candidate_ids.stride(0), *ex_args, lq, s_lq),
         S=S,
         flags=dict(HAS_LQ=has_lq, **xflags),
+        pad_id=pad_id,
+        sorted=(vals, order),
+        groups={},
+        tile_flags={},
     )
+
+
+_FLAG_BLOCK = 128
+
+
+def _id_groups(p: dict, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (id, column tile) grouping of the sorted candidate ids for column tiles of
+    ``block_n``: ``pos (N+1,)`` gives each sorted position its group (``pos[N]`` = number of
+    groups) and ``gstart`` each group its first sorted position (``gstart[n_groups] = N``).
+    Sorting is stable, so within one id the columns, hence their tiles, ascend and every
+    group is a contiguous run. Fixed-size tensors, no host sync; cached per ``block_n``."""
+    if block_n not in p["groups"]:
+        vals, order = p["sorted"]
+        N = vals.numel()
+        ct = order // block_n
+        first = torch.ones(N + 1, dtype=torch.bool, device=vals.device)
+        first[1:N] = (vals[1:] != vals[:-1]) | (ct[1:] != ct[:-1])
+        pos = torch.cumsum(first, 0) - 1
+        ar = torch.arange(N, device=vals.device)
+        # firsts go to their group's slot, the others to distinct spare slots (no duplicates)
+        idx = torch.where(first[:N], pos[:N], N + 1 + ar)
+        gstart = torch.full((2 * N + 1,), N, dtype=torch.int64, device=vals.device).scatter_(0, idx, ar)
+        p["groups"][block_n] = (pos, gstart)
+    return p["groups"][block_n]
+
+
+def _tile_flags(p: dict, block_r: int, block_n: int) -> torch.Tensor:
+    """``(cdiv(R, block_r), cdiv(N, block_n))`` int8 grid: 1 where some row of the row tile has,
+    in the column tile, another copy of its target item or one of its excluded ids (see
+    ``_flag_kernel``); the kernels run the full exclusion test only on those tile pairs.
+    Built by one launch per tile shape (cached per call), bounded by ``R (S + 1)`` binary
+    searches plus one store per (row, id, column tile holding the id)."""
+    key = (block_r, block_n)
+    if key not in p["tile_flags"]:
+        tgt, tid, _, _, ex, ex_sr, ex_ss = p["rows"][:7]
+        vals, order = p["sorted"]
+        R, N = tgt.numel(), vals.numel()
+        pos, gstart = _id_groups(p, block_n)
+        flags = torch.zeros(triton.cdiv(R, block_r), triton.cdiv(N, block_n), dtype=torch.int8, device=tgt.device)
+        grid = (triton.cdiv(R, _FLAG_BLOCK),)
+        compiled = _flag_kernel[grid](
+            tgt,
+            tid,
+            ex,
+            ex_sr,
+            ex_ss,
+            vals,
+            order,
+            pos,
+            gstart,
+            flags,
+            R,
+            N,
+            p["S"],
+            p["pad_id"],
+            N.bit_length(),
+            BLOCK_R=block_r,
+            BLOCK_N=block_n,
+            BLOCK=_FLAG_BLOCK,
+        )
+        _record("flags", compiled, dict(BLOCK_R=block_r, BLOCK_N=block_n), grid)
+        p["tile_flags"][key] = flags
+    return p["tile_flags"][key]
 
 
 def _tile_meta(c: dict, grid_over_rows: bool, with_do: bool) -> dict:
@@ -1567,6 +1801,7 @@ def _ce_op(
             candidates.stride(0),
             candidates.stride(1),
             *p["rows"],
+            _tile_flags(p, c["BLOCK_T"], c["BLOCK_W"]),
             part,
             R,
             N,
@@ -1630,9 +1865,6 @@ def _ce_backward_impl(
         candidates.stride(0),
         candidates.stride(1),
         *p["rows"],
-        lse,
-        g,
-        gmax,
     )
     prec = _prec(queries.dtype)
     if "dq" in parts:
@@ -1642,7 +1874,8 @@ def _ce_backward_impl(
             _config("dq", R, N, D, interp),
             lambda c: (
                 _bwd_grid(c, R, D),
-                (*head, dq, dq.stride(0), dq.stride(1), R, N, D, p["S"], pad_id),
+                (*head, _tile_flags(p, c["BLOCK_T"], c["BLOCK_W"]), lse, g, gmax, dq, dq.stride(0), dq.stride(1))
+                + (R, N, D, p["S"], pad_id),
                 dict(**p["flags"], **_tile_meta(c, True, True), PREC=prec, TRANS_S=c.get("TRANS_S", False)),
             ),
             with_do=True,
@@ -1654,7 +1887,8 @@ def _ce_backward_impl(
             _config("dc", N, R, D, interp),
             lambda c: (
                 _bwd_grid(c, N, D),
-                (*head, dc, dc.stride(0), dc.stride(1), R, N, D, p["S"], pad_id),
+                (*head, _tile_flags(p, c["BLOCK_W"], c["BLOCK_T"]), lse, g, gmax, dc, dc.stride(0), dc.stride(1))
+                + (R, N, D, p["S"], pad_id),
                 dict(**p["flags"], **_tile_meta(c, False, True), PREC=prec),
             ),
             with_do=True,
@@ -1803,7 +2037,8 @@ def _odmt_op(
         per = _fwd_split(row_tiles, col_tiles, n_sm)
         n_split = triton.cdiv(col_tiles, per)
         part = torch.empty(_N_SPLIT_STATS, n_split, R, device=q_id.device, dtype=torch.float32)
-        args = (*head, *p["rows"], part, R, N, D, p["S"], pad_id, float(temperature), per * c["BLOCK_W"])
+        fl = _tile_flags(p, c["BLOCK_T"], c["BLOCK_W"])
+        args = (*head, *p["rows"], fl, part, R, N, D, p["S"], pad_id, float(temperature), per * c["BLOCK_W"])
         meta = dict(
             **p["flags"],
             **_tile_meta(c, True, False),
@@ -1885,7 +2120,7 @@ def _odmt_backward_impl(
     dc = torch.empty(3, N, D, device=c_id.device, dtype=c_id.dtype)
     p = _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
     interp = _interpreting(q_id)
-    head = (*_branch_args((q_id, q_text, q_image), (c_id, c_text, c_image)), *p["rows"], stats, g, gmax)
+    head = (*_branch_args((q_id, q_text, q_image), (c_id, c_text, c_image)), *p["rows"])
     tail = (R, N, D, p["S"], pad_id, float(temperature))
     flags = dict(**p["flags"], FORM_KL=bool(form_kl), DETACH=bool(detach_teacher), PREC=_prec(q_id.dtype))
     if "dq" in parts:
@@ -1895,7 +2130,7 @@ def _odmt_backward_impl(
             _config("dq3", R, N, D, interp),
             lambda c: (
                 _bwd_grid(c, R, D),
-                (*head, dq, *tail),
+                (*head, _tile_flags(p, c["BLOCK_T"], c["BLOCK_W"]), stats, g, gmax, dq, *tail),
                 dict(**flags, **_tile_meta(c, True, True), TRANS_S=c.get("TRANS_S", False)),
             ),
             with_do=True,
@@ -1905,7 +2140,11 @@ def _odmt_backward_impl(
             "odmt_dc",
             _odmt_dc_kernel,
             _config("dc3", N, R, D, interp),
-            lambda c: (_bwd_grid(c, N, D), (*head, dc, *tail), dict(**flags, **_tile_meta(c, False, True))),
+            lambda c: (
+                _bwd_grid(c, N, D),
+                (*head, _tile_flags(p, c["BLOCK_W"], c["BLOCK_T"]), stats, g, gmax, dc, *tail),
+                dict(**flags, **_tile_meta(c, False, True)),
+            ),
             with_do=True,
         )
     return dq, dc

@@ -784,3 +784,178 @@ def test_launch_falls_back_on_a_compiler_failure_but_not_on_other_errors():
     assert [m["TRANS_S"] for m in calls] == [True, False] and not used["TRANS_S"]
     with pytest.raises(ValueError, match="a bug"):
         K._launch("fake", kernel_raising(lambda m: ValueError("a bug")), cfg, make, with_do=True)
+
+
+# --------------------------------------------------------------------------------------
+# Exclusion-present tile flags: the kernels run the full exclusion test only on flagged
+# (row tile, column tile) pairs; the interpreter's tiles are 16 x 16, so R = 45, N = 48
+# spans 3 x 3 tile pairs.
+# --------------------------------------------------------------------------------------
+
+FLAG_CASES = ["sequences", "dup_target_far", "excl_some_tiles", "all_same", "absent", "expanded"]
+
+
+def _flag_case(case: str, dtype: torch.dtype, branches: int):
+    """Inputs where the flag grid matters (see each branch); returns the usual batch tuple."""
+    g = torch.Generator().manual_seed(FLAG_CASES.index(case) + 100)
+    R, N = 45, 48
+    cand = torch.arange(1, N + 1)  # distinct items unless a case says otherwise
+    target = torch.randint(0, N, (R,), generator=g)
+    exclude = None
+    if case == "sequences":  # collate_train layout: 3 users of 16 items, rows exclude their user's items
+        # (repeats within a user's row); row tile 0 holds user 1's first row: 4 unflagged pairs
+        items = torch.randint(1, 200, (3, 16), generator=g) + 200 * torch.arange(3)[:, None]  # no item shared
+        items[0, :3] = PAD  # left padding of the first user
+        cand = items.flatten()
+        target = (torch.arange(3)[:, None] * 16 + torch.arange(15)[None, :] + 1).flatten()
+        exclude = items.repeat_interleave(15, dim=0)
+        target[cand[target] == PAD] = IGNORE
+    elif case == "dup_target_far":  # row 5's target item (a column of tile 0) copied into column tile 2
+        target[5] = 3
+        cand[40] = cand[3]
+        cand[44] = PAD
+    elif case == "excl_some_tiles":  # rows of row tile 0 exclude items of column tile 1 only
+        exclude = torch.full((R, 3), 10_000)  # absent ids elsewhere
+        exclude[:16] = cand[torch.randint(16, 32, (16, 3), generator=g)]
+        target[:16] = torch.randint(0, 16, (16,), generator=g)  # targets outside the excluded tile
+    elif case == "all_same":  # every candidate the same item: only the target column is kept
+        cand = torch.full((N,), 7)
+        cand[[5, 30]] = PAD
+        target = torch.where((target == 5) | (target == 30), target + 1, target)
+        exclude = torch.randint(0, 9, (R, 2), generator=g)
+    elif case == "absent":  # excluded ids that no candidate has, stride-0 view: no tile pair flagged
+        exclude = torch.tensor([[10_001, 10_002, 55, PAD]]).expand(R, 4)
+    else:  # "expanded": one shared history (stride 0) with items in column tiles 0 and 2
+        exclude = torch.stack([cand[2], cand[35], cand[47], torch.tensor(999)])[None, :].expand(R, 4)
+        target[-1] = 35  # the target column itself is excluded by the history, yet kept
+    target[[7, 20]] = IGNORE
+    log_q = torch.rand(N, generator=g).add(1e-3).log()
+    qs = [(0.6 * torch.randn(R, 24, generator=g)).to(dtype) for _ in range(branches)]
+    cs = [(0.6 * torch.randn(N, 24, generator=g)).to(dtype) for _ in range(branches)]
+    return qs, cs, target, cand, exclude, log_q
+
+
+def _brute_force_flags(target, cand, exclude, block_r: int, block_n: int) -> torch.Tensor:
+    """The minimal grid, by definition: a row tile x column tile pair is flagged iff some
+    valid row r has a non-padding column j != target[r] in it whose id is r's target item or
+    one of its excluded ids."""
+    R, N = target.numel(), cand.numel()
+    flags = torch.zeros(-(-R // block_r), -(-N // block_n), dtype=torch.int8)
+    for r in range(R):
+        t = int(target[r])
+        if t == IGNORE:
+            continue
+        ids = {int(cand[t])} | ({int(e) for e in exclude[r]} if exclude is not None else set())
+        for j in range(N):
+            if j != t and int(cand[j]) != PAD and int(cand[j]) in ids:
+                flags[r // block_r, j // block_n] = 1
+    return flags
+
+
+def _pad_only_ids(cand: torch.Tensor) -> torch.Tensor:
+    """Distinct ids for every non-padding column: with ``exclude_ids=None`` the reference then
+    drops padding only -- what the kernels compute where no tile pair is flagged."""
+    return torch.where(cand == PAD, PAD, torch.arange(1, cand.numel() + 1))
+
+
+@pytest.mark.parametrize("case", FLAG_CASES)
+def test_tile_flags_are_the_minimal_grid(case):
+    """The flag builder against its definition, at the interpreter's tile and at uneven ones
+    (several row tiles per column tile and the reverse, 1 x 1 = per element)."""
+    _, _, target, cand, exclude, _ = _flag_case(case, torch.float32, 1)
+    for target_ in (target, target.int()):
+        p = K._prep(target_, cand, exclude, None, PAD, IGNORE)
+        for block_r, block_n in [(16, 16), (8, 32), (32, 4), (1, 1), (64, 64)]:
+            got = K._tile_flags(p, block_r, block_n)
+            assert torch.equal(got, _brute_force_flags(target, cand, exclude, block_r, block_n)), (block_r, block_n)
+    grid = K._tile_flags(p, 16, 16)
+    if case == "absent":
+        assert not grid.any()
+    elif case != "all_same":  # these mix flagged and unflagged pairs
+        assert grid.any() and not grid.all(), grid
+    else:
+        assert grid.all()
+
+
+@pytest.mark.parametrize("case", FLAG_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ce_flag_cases_match_reference(case, dtype):
+    qs, cs, target, cand, exclude, log_q = _flag_case(case, dtype, 1)
+    out = _check_ce(qs, cs, target, cand, exclude, log_q, "none", dtype)
+    # by construction the exclusions change the answer (a wrongly all-zero grid would fail),
+    # except where no excluded id is a candidate
+    pad_only = debiased_inbatch_cross_entropy_reference(
+        qs[0].double(),
+        cs[0].double(),
+        target,
+        _pad_only_ids(cand),
+        None,
+        log_q.double(),
+        pad_id=PAD,
+        ignore_index=IGNORE,
+        reduction="none",
+    )
+    differs = (out.double() - pad_only).abs().max().item() > 1e-2
+    assert differs == (case != "absent")
+    if case == "all_same":
+        assert torch.all(out == 0)
+
+
+@pytest.mark.parametrize("case", ["sequences", "dup_target_far", "all_same", "expanded"])
+def test_mutual_distillation_flag_cases_match_reference(case):
+    qs, cs, target, cand, exclude, log_q = _flag_case(case, torch.float32, 3)
+    _check_odmt(qs, cs, target, cand, exclude, log_q, 0.5, case != "expanded", "kl", "mean", torch.float32)
+
+
+@pytest.mark.parametrize("grid", ["zeros", "ones"])
+def test_kernels_take_the_path_their_flags_say(monkeypatch, grid):
+    """Every kernel reads the grid: forced to all zeros, each one computes the padding-only
+    softmax (the cheap path skips the exclusion test); all ones (full test everywhere) gives
+    the reference -- both paths of every kernel checked, forward and gradients."""
+    fill = torch.zeros_like if grid == "zeros" else torch.ones_like
+    real = K._tile_flags
+    monkeypatch.setattr(K, "_tile_flags", lambda p, br, bn: fill(real(p, br, bn)))
+    qs, cs, target, cand, exclude, log_q = _flag_case("sequences", torch.float32, 3)
+    if grid == "zeros":
+        cand, exclude = _pad_only_ids(cand), None  # what the reference must then be given
+        qs_, cs_, target_, cand_, exclude_, lq_ = _flag_case("sequences", torch.float32, 3)
+        shown = K.debiased_inbatch_cross_entropy(qs_[0], cs_[0], target_, cand_, exclude_, lq_, PAD, IGNORE, "none")
+        ref = debiased_inbatch_cross_entropy_reference(
+            qs[0].double(),
+            cs[0].double(),
+            target,
+            cand,
+            None,
+            log_q.double(),
+            pad_id=PAD,
+            ignore_index=IGNORE,
+            reduction="none",
+        )
+        _assert_close(shown, ref, torch.float32, "fwd", "loss with an all-zero grid")
+        q, c = _leaf(qs_[0]), _leaf(cs_[0])
+        K.debiased_inbatch_cross_entropy(q, c, target_, cand_, exclude_, lq_, PAD, IGNORE, "sum").backward()
+        q64, c64 = _leaf(qs[0], torch.float64), _leaf(cs[0], torch.float64)
+        debiased_inbatch_cross_entropy_reference(
+            q64, c64, target, cand, None, log_q.double(), pad_id=PAD, ignore_index=IGNORE, reduction="sum"
+        ).backward()
+        _assert_close(q.grad, q64.grad, torch.float32, "grad", "dq with an all-zero grid")
+        _assert_close(c.grad, c64.grad, torch.float32, "grad", "dc with an all-zero grid")
+        out = K.mutual_distillation_loss(
+            *qs_, *cs_, target_, cand_, exclude_, lq_, 0.5, True, "kl", PAD, IGNORE, "mean"
+        )
+        ref3 = mutual_distillation_reference(
+            dict(zip(BRANCHES, [t.double() for t in qs], strict=True)),
+            dict(zip(BRANCHES, [t.double() for t in cs], strict=True)),
+            target,
+            cand,
+            None,
+            log_q.double(),
+            temperature=0.5,
+            pad_id=PAD,
+            ignore_index=IGNORE,
+        )
+        for name, a, b in zip(DistillationLosses._fields, out, ref3, strict=True):
+            _assert_close(a, b, torch.float32, "fwd", f"{name} with an all-zero grid")
+        return
+    _check_ce(qs, cs, target, cand, exclude, log_q, "none", torch.float32)
+    _check_odmt(qs, cs, target, cand, exclude, log_q, 0.5, False, "ce", "sum", torch.float32)
