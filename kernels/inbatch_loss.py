@@ -139,29 +139,28 @@ per logit on the CUDA cores in each of the three passes.
 
 Registers and stack (spills) a thread, **compile only, not timings**: Triton 3.9 sm_90
 compile on the CPU machine (``AOT=1 AOT_TILES=1 python benchmarks/bench_inbatch_loss.py``,
-registers and stack read by ``cuobjdump --dump-resource-usage``; Triton 3.6 on the GPU may
-allocate differently: the benchmark prints n_regs/n_spills). Kernels at their launch tiles,
-before the flags -> with the flags (stack bytes; registers 255 unless noted):
+registers and stack read by ``cuobjdump --dump-resource-usage``), with the specialisation
+the launcher applies to contiguous inputs (unit strides as constants, pointers, strides and
+R, N, D divisible by 16). An earlier compile without that specialisation kept a 64-bit
+address per element and reported 2-5x the stack below; it had set this rule too
+conservatively. Triton 3.6 on the GPU may allocate differently: the benchmark prints
+n_regs/n_spills. With the flags, at the rule's tiles (8 warps):
 
-* paper (1,536 x 1,664, d = 768, chunked d): ce_fwd 0 (250 regs) -> 16; ce_dq 88 (32 x 64)
-  -> 0 (32 x 32, 242 regs); ce_dc 0 -> 0 (243 regs); odmt fwd 40 -> 8; odmt dq 1,104 ->
-  1,152; odmt dc 1,000 -> 1,016.
-* big (16k, d = 256): ce_fwd 0 -> 56; ce_dq 56 -> 80 (32 x 32, TRANS_S); ce_dc 0 (32 x 32)
-  -> 8 (64 x 32; 0 at 32 x 32, 230 regs); odmt fwd 272 -> 544; odmt dq 720 -> 704; odmt dc
-  608 -> 696.
-* huge (65k, d = 128): ce_fwd 8 -> 24; ce_dq 0 (32 x 32, 219 regs) -> 0 (64 x 32 at 4 warps);
-  ce_dc 0 (32 x 32, 242 regs) -> 0 (64 x 32, 234 regs).
+* paper (1,536 x 1,664, d = 768, chunked d): ce fwd 128 regs / dQ 128 / dC 150, no spills;
+  odmt fwd 226 regs, odmt dQ / dC 272 / 232 B of stack.
+* big (16k, d = 256): ce fwd 98 regs, ce dQ 64 x 32 207 regs, ce dC 64 x 32 201 regs, no
+  spills; odmt fwd / dQ / dC 328 / 56 / 280 B.
+* huge (65k, d = 128): ce fwd 124 regs, ce dQ 64 x 64 199 regs, ce dC 64 x 32 182 regs, no
+  spills.
 
-The flagged branch keeps the whole old test, so the register allocation still holds it; the
-forward kernels grew by 16-272 B. Larger backward tiles with the flags, 8 warps / 4 warps:
-ce dQ 64 x 32: 152 / 632 (big), 48 / 0 (huge), 160 / 720 (paper); ce dQ 64 x 64: 920 /
-1,696 (big); ce dC 64 x 32: 8 / 952 (big), 0 / 272 (huge), 0 / 856 (paper); ce dC 64 x 64:
-1,200 / 2,088 (big); three-branch dQ / dC at 64 x 32: 2.4 / 2.8 KB, at 64 x 64: 4.2 / 5.2 KB
-(big). Hence the rule: single-branch dC 64 x 32 at 8 warps (full width), single-branch dQ
-64 x 32 at 4 warps for d <= 128 and 32 x 32 (``TRANS_S``) at d = 256, chunked-d dQ 32-column
-steps (0 B instead of 88 B at 64), three-branch backward 32 x 32. The benchmark's tile sweep
-times 32 x 32 / 64 x 32 / 64 x 64 at 4 and 8 warps for the single-branch backward and 64 x 32
-for the three-branch one.
+Alternatives (stack bytes at 8 / 4 warps): ce dQ 64 x 64 at d = 256: 8 / 184; ce dC 64 x 64:
+416 / 720 (big), 48 / 200 (huge); ce dQ / dC 64 x 64 at the paper's d: 0 (190 / 202 regs)
+but half the programs (the paper's 1,536 rows give 48 row tiles of 32; kept at 32);
+three-branch dQ / dC at 64 x 32 or 64 x 64: 1.9-2.8 KB at 8 warps, so they stay at 32 x 32.
+Hence the rule: full-width single-branch dQ 64 x 64 at d <= 128 and 64 x 32 at d = 256, dC
+64 x 32, 8 warps; three-branch backward 32 x 32. The benchmark's tile sweep times 32 x 32 /
+64 x 32 / 64 x 64 at 4 and 8 warps for the single-branch backward and 64 x 32 for the
+three-branch one.
 
 Expected on the GPU (prediction, unmeasured): on the anchors' layout, the benchmark's timed
 cases, almost every pair is flagged, so the time stays about where run 3 left it (plus the
@@ -1503,11 +1502,11 @@ def _config(kind: str, rows: int, cols: int, d: int, interpret: bool) -> dict:
     chunks of up to 256 features. Under the interpreter every tile is 16 wide (numpy is fast
     on few, small blocks and the tests still cross tile borders). On the GPU (8 warps unless said) the
     forward takes 64 x 64 tiles (128 x 64 from 32k rows; 32 x 32 for three branches) and
-    splits the columns for parallelism (``_fwd_split``). Full-width backward: single-branch dC
-    64 columns x 32-row steps (8 warps), single-branch dQ 64 x 32 at 4 warps for d <= 128 and
-    32 x 32 with the resident query tile as the B operand of the score dot (``TRANS_S``) at
-    d = 256, three-branch 32 x 32: the tiles of the smallest stack frame in a Triton 3.9 sm_90
-    compile (no GPU needed; numbers in the module docstring). For d > 256: output chunks of
+    splits the columns for parallelism (``_fwd_split``). Full-width backward (8 warps):
+    single-branch dC 64 columns x 32-row steps, single-branch dQ 64 rows x 64-column steps at
+    d <= 128 and 64 x 32 at d = 256, three-branch 32 x 32 (with the resident tile as the B
+    operand of the score dot, ``TRANS_S``): the largest tiles without spills in a Triton 3.9
+    sm_90 compile (no GPU needed; numbers in the module docstring). For d > 256: output chunks of
     128 (single branch; dQ walks 32 columns a step, dC 64 rows) or 256 (three branches,
     fewer score recomputations). ``_CONFIG_OVERRIDE`` replaces keys per kind.
     """
@@ -1537,9 +1536,17 @@ def _base_config(kind: str, rows: int, d: int, interpret: bool) -> dict:
         )
     if full and not three and base == "dc":  # 64 columns x 32-row steps: 8 B of stack at d = 256, 0 at 128
         return dict(BLOCK_T=64, BLOCK_W=32, BLOCK_D=64, BLOCK_DO=p2d, FULL_D=True, num_warps=8, num_stages=2)
-    if full and not three and p2d <= 128:  # dq at d <= 128: 64 x 32 at 4 warps compiles without spills
-        return dict(BLOCK_T=64, BLOCK_W=32, BLOCK_D=64, BLOCK_DO=p2d, FULL_D=True, num_warps=4, num_stages=2)
-    if full:  # 32 x 32 tiles: every larger tile spills more (sm_90 compile, see the module docstring)
+    if full and not three:  # dq: 64 x 64 at d <= 128 (199 regs), 64 x 32 at d = 256 (207 regs); no spills
+        return dict(
+            BLOCK_T=64,
+            BLOCK_W=64 if p2d <= 128 else 32,
+            BLOCK_D=64,
+            BLOCK_DO=p2d,
+            FULL_D=True,
+            num_warps=8,
+            num_stages=2,
+        )
+    if full:  # three branches, 32 x 32: every larger tile spills 2-3 KB (sm_90 compile, module docstring)
         return dict(
             BLOCK_T=32, BLOCK_W=32, BLOCK_D=64, BLOCK_DO=p2d, FULL_D=True, num_warps=8, num_stages=2, TRANS_S=True
         )

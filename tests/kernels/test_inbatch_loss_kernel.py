@@ -777,7 +777,7 @@ def test_launch_falls_back_on_a_compiler_failure_but_not_on_other_errors():
     def make(c):
         return K._bwd_grid(c, 4096, 256), (), dict(K._tile_meta(c, True, True), TRANS_S=c.get("TRANS_S", False))
 
-    cfg = K._config("dq", 4096, 4096, 256, interpret=False)
+    cfg = K._config("dq3", 4096, 4096, 256, interpret=False)  # three-branch dQ: 32 x 32 with TRANS_S
     assert cfg["TRANS_S"]
     failing = kernel_raising(lambda m: RuntimeError("PassManager::run failed") if m["TRANS_S"] else None)
     used, _ = K._launch("fake", failing, cfg, make, with_do=True)
