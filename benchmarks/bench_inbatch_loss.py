@@ -485,7 +485,7 @@ SWEEP = [
     ("odmt3", "fwd", "fwd3", {"BLOCK_T": 64}),
     ("ce", "fwd", "fwd", {"BLOCK_W": 32}),
 ]
-SWEEP_BUDGET_S = 125.0
+SWEEP_BUDGET_S = float(os.environ.get("SWEEP_BUDGET_S", "125"))
 
 
 def tile_sweep() -> None:
