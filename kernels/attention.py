@@ -384,6 +384,19 @@ def _attn_bwd_dkdv_kernel(
 # --------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _full_scores(q_base, sql, sqd, k_base, skl, skd, offs, L, HEAD_DIM: tl.constexpr, BL: tl.constexpr,
+                 BD: tl.constexpr, PREC: tl.constexpr):
+    """``(BL, BL)`` float32 ``Q K^T`` of one ``(b, h)``, accumulated over ``BD``-wide head-dim chunks."""
+    s = tl.zeros([BL, BL], dtype=tl.float32)
+    for d_start in range(0, HEAD_DIM, BD):
+        cols = d_start + tl.arange(0, BD)
+        q = _load_tile(q_base, offs, sql, cols, sqd, L, HEAD_DIM)
+        k = _load_tile(k_base, offs, skl, cols, skd, L, HEAD_DIM)
+        s += tl.dot(q, tl.trans(k), input_precision=PREC)
+    return s
+
+
 @triton.jit(do_not_specialize=["ID", "seed"])
 def _attn_fwd_short_kernel(
     Q, K, V, O, LSE, PAD,
@@ -406,12 +419,7 @@ def _attn_fwd_short_kernel(
     offs = tl.arange(0, BL)
 
     # S = Q K^T over head-dim chunks: the whole (BL x BL) score tile stays in registers
-    s = tl.zeros([BL, BL], dtype=tl.float32)
-    for d_start in range(0, HEAD_DIM, BD):
-        cols = d_start + tl.arange(0, BD)
-        q = _load_tile(q_base, offs, sql, cols, sqd, L, HEAD_DIM)
-        k = _load_tile(k_base, offs, skl, cols, skd, L, HEAD_DIM)
-        s += tl.dot(q, tl.trans(k), input_precision=PREC)
+    s = _full_scores(q_base, sql, sqd, k_base, skl, skd, offs, L, HEAD_DIM, BL, BD, PREC)
     allowed = _allowed(_key_ok(PAD + b * spb, offs, L, HAS_PAD), offs, offs, ID)
     s = tl.where(allowed, s * qk_scale, float("-inf"))
     # every key of the row is in the tile: a plain (not online) softmax in the log2 domain
@@ -465,12 +473,7 @@ def _attn_bwd_short_kernel(
 
     # S = Q K^T, then P in the input dtype, then dP = dO V^T: two chunk loops, so that only one
     # (BL x BL) float32 accumulator is live at a time (the 16-bit P is half of one)
-    s = tl.zeros([BL, BL], dtype=tl.float32)
-    for d_start in range(0, HEAD_DIM, BD):
-        cols = d_start + tl.arange(0, BD)
-        q = _load_tile(q_base, offs, sql, cols, sqd, L, HEAD_DIM)
-        k = _load_tile(k_base, offs, skl, cols, skd, L, HEAD_DIM)
-        s += tl.dot(q, tl.trans(k), input_precision=PREC)
+    s = _full_scores(q_base, sql, sqd, k_base, skl, skd, offs, L, HEAD_DIM, BL, BD, PREC)
     allowed = _allowed(_key_ok(PAD + b * spb, offs, L, HAS_PAD), offs, offs, ID)
     lse = tl.load(LSE + bh.to(tl.int64) * L + offs, mask=offs < L, other=float("inf"))
     p = tl.where(allowed, tl.exp2(s * qk_scale - lse[:, None]), 0.0).to(Q.dtype.element_ty)
