@@ -169,7 +169,12 @@ ITEMS = 2 if DRY else 1664
 N_IMG, N_TXT = (5, 6) if DRY else (50, 30)
 CHECK_ITEMS = 2 if DRY else 48  # items checked against the float64 reference
 MAX_REL_ERR = 2e-2
-SHORT_MAX = attention._SHORT_MAX  # the default path switch (L = 81 takes the short kernels)
+# the default path switches (forward, backward): L = 81 takes the short kernels
+SHORT_MAX = (attention._SHORT_MAX_FWD, attention._SHORT_MAX_BWD)
+
+
+def set_paths(fwd_max: int, bwd_max: int) -> None:
+    attention._SHORT_MAX_FWD, attention._SHORT_MAX_BWD = fwd_max, bwd_max
 CONFIGS = [(2, 384, "h2d384"), (12, 64, "h12d64"), (4, 64, "h4d64")]
 
 res: dict = {
@@ -187,6 +192,9 @@ SWEEP_BUDGET_S = float(os.environ.get("SWEEP_BUDGET_S", "140"))
 # ANCHORS=0 times our kernel only (correctness, heuristic, sweep): for a short rerun after an
 # earlier run measured the anchors on the same card.
 ANCHORS = os.environ.get("ANCHORS", "1") not in ("", "0")
+# FLEX=0 leaves out FlexAttention (never the fastest anchor here: 50-100x slower than SDPA at
+# D = 384, its compile and ~55 ms calls take most of a 150 s step; runs 2 and 4 measured it).
+FLEX = ANCHORS and os.environ.get("FLEX", "1") not in ("", "0")
 
 
 def dump() -> None:
@@ -246,7 +254,7 @@ def sweep_configs(dim: int) -> dict[str, list[tuple[int, ...]]]:
     """Alternatives to the heuristic, per kernel kind, most promising first.
 
     Short kernels (L <= 128, the default path at L = 81): ``(BD, num_warps, num_stages)``.
-    Blocked kernels (forced with ``_SHORT_MAX = 0``): ``(BM, BN, num_warps, num_stages)``.
+    Blocked kernels (forced with both thresholds at 0): ``(BM, BN, num_warps, num_stages)``.
     """
     chunks = (64, 32) if dim % 64 == 0 else (32, 16)
     short = [(chunks[0], 16, 2), (chunks[0], 4, 2), (chunks[0], 8, 3), (chunks[1], 8, 2), (chunks[1], 16, 2)]
@@ -278,7 +286,7 @@ def sweep(tag: str, dim: int, fwd, fwd_bwd, outputs=None) -> None:
                 return
             attention._OVERRIDE[kind] = cfg
             if not kind.endswith("_short"):
-                attention._SHORT_MAX = 0
+                set_paths(0, 0)
             try:
                 if baseline is not None:
                     try:
@@ -296,7 +304,7 @@ def sweep(tag: str, dim: int, fwd, fwd_bwd, outputs=None) -> None:
                 record(f"{tag}_sweep_{kind}_{'x'.join(map(str, cfg))}", timed_fn, rep=40)
             finally:
                 attention._OVERRIDE.clear()
-                attention._SHORT_MAX = SHORT_MAX
+                set_paths(*SHORT_MAX)
 
 
 def inputs(heads: int, dim: int):
@@ -342,8 +350,8 @@ def case(heads: int, dim: int, tag: str) -> None:
             scale=scale,
             dropout_keep=keep,
         )
-    for path, short_max in (("", SHORT_MAX), ("blocked_", 0)):
-        attention._SHORT_MAX = short_max
+    for path, thresholds in (("", SHORT_MAX), ("blocked_", (0, 0))):
+        set_paths(*thresholds)
         try:
             out = ours(q, k, v)
             dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
@@ -364,7 +372,7 @@ def case(heads: int, dim: int, tag: str) -> None:
             for name, got, want in zip(("dq", "dk", "dv"), got_grads, want_grads, strict=True):
                 errs[f"{name}_dropout0.1"] = rel_err(got, want)
         finally:
-            attention._SHORT_MAX = SHORT_MAX
+            set_paths(*SHORT_MAX)
         for name, e in errs.items():
             res[f"{tag}_{path}relerr_{name}"] = e
             flag = "ok" if e <= MAX_REL_ERR else "FAIL"
@@ -387,8 +395,8 @@ def case(heads: int, dim: int, tag: str) -> None:
 
     block_mask = None
     try:
-        if not ANCHORS:
-            raise RuntimeError("ANCHORS=0: FlexAttention not built")
+        if not FLEX:
+            raise RuntimeError("ANCHORS=0 or FLEX=0: FlexAttention not built")
         block_mask = create_block_mask(mask_mod, ITEMS, None, length, length, device=DEV)
     except Exception as e:
         print("  create_block_mask failed:", type(e).__name__, str(e)[:200], flush=True)
@@ -407,7 +415,7 @@ def case(heads: int, dim: int, tag: str) -> None:
     with torch.no_grad():
         r = eager(qd, kd, vd).float()
         checked = (("ours", ours), ("sdpa_boolmask", sdpa), ("flex_compiled", flex))
-        for name, fn in checked if ANCHORS else checked[:1]:
+        for name, fn in checked[: 3 if FLEX else 2] if ANCHORS else checked[:1]:
             try:
                 res[f"{tag}_{name}_relerr_vs_eager"] = ((fn(qd, kd, vd).float() - r).norm() / r.norm()).item()
             except Exception as e:
@@ -427,7 +435,7 @@ def case(heads: int, dim: int, tag: str) -> None:
 
     slow = dim > 128  # FlexAttention at D=384 takes ~55 ms a call: fewer repetitions
     timed = (("ours", ours), ("eager", eager), ("sdpa_boolmask", sdpa), ("flex_compiled", flex))
-    for name, fn in timed if ANCHORS else timed[:1]:
+    for name, fn in timed[: 4 if FLEX else 3] if ANCHORS else timed[:1]:
         rep = 60 if (slow and name == "flex_compiled") else 200
 
         def fwd(fn=fn):
@@ -453,7 +461,7 @@ def case(heads: int, dim: int, tag: str) -> None:
     record(f"{tag}_ours_fwdbwd_dropout0.1", fwd_bwd_dropout, rep=100)
 
     # the blocked (FlashAttention-2 style) kernels on the same inputs: what L > 128 runs
-    attention._SHORT_MAX = 0
+    set_paths(0, 0)
     try:
 
         def blocked_fwd():
@@ -465,8 +473,12 @@ def case(heads: int, dim: int, tag: str) -> None:
 
         record(f"{tag}_blocked_fwd", blocked_fwd)
         record(f"{tag}_blocked_fwdbwd", blocked_fwd_bwd, rep=100)
+        set_paths(0, SHORT_MAX[1])  # the blocked forward, then the short backward on its lse
+        record(f"{tag}_mixed_fwdbwd", blocked_fwd_bwd, rep=100)
+        set_paths(SHORT_MAX[0], 0)  # the short forward, then the blocked backward
+        record(f"{tag}_mixed2_fwdbwd", blocked_fwd_bwd, rep=100)
     finally:
-        attention._SHORT_MAX = SHORT_MAX
+        set_paths(*SHORT_MAX)
     q.grad = k.grad = v.grad = None
     res[f"{tag}_block_configs"] = {key[0]: list(cfg) for key, cfg in attention._CHOSEN.items()}
 
@@ -529,7 +541,7 @@ print(f"\n=== ID-masked attention, {res['device']}, {DTYPE}, items={ITEMS}, L={r
 print(f"copy {res['copy_GBps']:.0f} GB/s, bf16 matmul {res['bf16_mm_TFLOPs']:.0f} TFLOP/s")
 head = (
     f"{'config':8s} | {'ours fwd':>8s} {'fwd+bwd':>8s} {'fwd p.1':>8s} {'fb p.1':>8s} | {'roof fwd':>8s} {'frac':>5s} "
-    f"{'roof fb':>8s} {'frac':>5s} | {'blocked fwd/fb':>15s} | "
+    f"{'roof fb':>8s} {'frac':>5s} | {'blocked fwd/fb':>15s} {'bF+sB':>6s} {'sF+bB':>6s} | "
     f"{'eager fwd/fb':>15s} {'x':>11s} | {'sdpa fwd/fb':>15s} {'x':>11s} | {'flex fwd/fb':>15s} {'x':>11s}"
 )
 print(head)
@@ -545,6 +557,7 @@ for _, _, tag in CONFIGS:
     row += f"{fmt(num(f'{tag}_ours_fwdbwd_dropout0.1')):>8s} | {fmt(roof):>8s} {fmt(frac, '.2f'):>5s} "
     row += f"{fmt(roof_fb):>8s} {fmt(frac_fb, '.2f'):>5s} | "
     row += f"{fmt(num(f'{tag}_blocked_fwd')):>7s}/{fmt(num(f'{tag}_blocked_fwdbwd')):<7s}"
+    row += f" {fmt(num(f'{tag}_mixed_fwdbwd')):>6s} {fmt(num(f'{tag}_mixed2_fwdbwd')):>6s}"
     best_anchor_fb = None
     for anchor in ("eager", "sdpa_boolmask", "flex_compiled"):
         af, afb = num(f"{tag}_{anchor}_fwd"), num(f"{tag}_{anchor}_fwdbwd")
@@ -556,7 +569,8 @@ for _, _, tag in CONFIGS:
     res[f"{tag}_fastest_anchor_fwdbwd_over_ours"] = ratio(best_anchor_fb, ofb)
     print(row)
 print("x = anchor time / our time (fwd / fwd+bwd); frac = roofline time / our time; p.1 = dropout 0.1;")
-print("blocked = the FlashAttention-2 style kernels that sequences longer than 128 take")
+print("blocked = the FlashAttention-2 style kernels that sequences longer than 128 take;")
+print("bF+sB = blocked forward + short backward, sF+bB = short forward + blocked backward (fwd+bwd)")
 print("configs: short kernels BDxwarpsxstages, blocked BMxBNxwarpsxstages; the sweep's best where faster")
 for _, _, tag in CONFIGS:
     used = res.get(f"{tag}_block_configs", {})

@@ -216,6 +216,12 @@ def flag_fractions(tag: str, target, cand, hist, d: int) -> None:
         RES[f"{tag}_flagged_{kind}"] = frac
         parts.append(f"{kind} {br}x{bn}: {100 * frac:.1f}%")
     print("tile pairs with the exclusion test on: " + ", ".join(parts), flush=True)
+    # what one call spends before its first loss kernel: row targets, the sort, the id bounds
+    # and one flag grid (the forward's tile)
+    cfg = K._config("fwd", R, N, d, interpret=DRY)
+    ms = bench(lambda: K._tile_flags(K._prep(target, cand, hist, None, PAD, IGNORE), cfg["BLOCK_T"], cfg["BLOCK_W"]))
+    RES[f"{tag}_prep_and_flags_ms"] = ms
+    print(f"prep + one flag grid: {ms * 1000:.1f} us", flush=True)
 
 
 def eager_fns(Hs, Ds, target, cand, hist, log_pop):
@@ -467,23 +473,18 @@ def kernel_report(tag: str) -> None:
 
 # Alternative tiles timed per kernel at R = N = 16,384 when the run has time left (data for
 # the next tuning round; the defaults come from kernels.inbatch_loss._config).
-SWEEP = [
-    ("ce", "dq", "dq", {"BLOCK_T": 64, "BLOCK_W": 32, "TRANS_S": False}),
-    ("ce", "dq", "dq", {"BLOCK_T": 64, "BLOCK_W": 32, "TRANS_S": False, "num_warps": 4}),
-    ("ce", "dq", "dq", {"BLOCK_T": 64, "BLOCK_W": 64, "TRANS_S": False}),
-    ("ce", "dq", "dq", {"BLOCK_T": 64, "BLOCK_W": 64, "TRANS_S": False, "num_warps": 4}),
-    ("ce", "dq", "dq", {"BLOCK_T": 32, "BLOCK_W": 32, "TRANS_S": True}),
-    ("ce", "dc", "dc", {"BLOCK_T": 64, "BLOCK_W": 32}),
-    ("ce", "dc", "dc", {"BLOCK_T": 64, "BLOCK_W": 32, "num_warps": 4}),
-    ("ce", "dc", "dc", {"BLOCK_T": 64, "BLOCK_W": 64}),
-    ("ce", "dc", "dc", {"BLOCK_T": 64, "BLOCK_W": 64, "num_warps": 4}),
-    ("ce", "dc", "dc", {"BLOCK_T": 32, "BLOCK_W": 32}),
-    ("odmt3", "dq", "dq3", {"BLOCK_T": 64, "BLOCK_W": 32, "TRANS_S": False}),
-    ("odmt3", "dq", "dq3", {"BLOCK_T": 32, "BLOCK_W": 32, "TRANS_S": True}),
-    ("odmt3", "dc", "dc3", {"BLOCK_T": 64, "BLOCK_W": 32}),
-    ("odmt3", "dc", "dc3", {"BLOCK_T": 32, "BLOCK_W": 32}),
+SWEEP = [  # most informative first: the run's time budget usually cuts the list
     ("odmt3", "fwd", "fwd3", {"BLOCK_T": 64}),
+    ("ce", "fwd", "fwd", {"BLOCK_T": 128}),
+    ("ce", "dq", "dq", {"BLOCK_T": 64, "BLOCK_W": 64, "TRANS_S": False}),
+    ("ce", "dc", "dc", {"BLOCK_T": 64, "BLOCK_W": 64}),
+    ("odmt3", "dq", "dq3", {"BLOCK_T": 64, "BLOCK_W": 32, "TRANS_S": False}),
+    ("odmt3", "dc", "dc3", {"BLOCK_T": 64, "BLOCK_W": 32}),
+    ("ce", "dq", "dq", {"BLOCK_T": 64, "BLOCK_W": 32, "TRANS_S": False, "num_warps": 4}),
+    ("ce", "dc", "dc", {"BLOCK_T": 64, "BLOCK_W": 32, "num_warps": 4}),
     ("ce", "fwd", "fwd", {"BLOCK_W": 32}),
+    ("ce", "dq", "dq", {"BLOCK_T": 32, "BLOCK_W": 32, "TRANS_S": True}),
+    ("ce", "dc", "dc", {"BLOCK_T": 32, "BLOCK_W": 32}),
 ]
 SWEEP_BUDGET_S = float(os.environ.get("SWEEP_BUDGET_S", "125"))
 

@@ -605,10 +605,12 @@ def _launch(kind: str, kernel, bh: int, length: int, width: int, dtype, args, me
     raise RuntimeError(f"id_masked_attention: no block configuration fits this device ({last_error})")
 
 
-# Sequences up to this length take the one-program-per-(b, h) kernels (``*_short_kernel``);
-# longer ones the FlashAttention-style blocked kernels. Benchmarks set it to 0 to time the
-# blocked kernels on the same inputs.
-_SHORT_MAX = 128
+# Sequences up to these lengths take the one-program-per-(b, h) kernels (``*_short_kernel``),
+# forward and backward chosen apart (both families save the same log-sum-exp, so either
+# backward follows either forward); longer ones the FlashAttention-style blocked kernels.
+# Tests and benchmarks set them to 0 to run the blocked kernels on the same inputs.
+_SHORT_MAX_FWD = 128
+_SHORT_MAX_BWD = 128
 
 
 def _head_chunk(head_dim: int) -> int:
@@ -703,7 +705,7 @@ def _attention_forward(
     )
 
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(out), spb, spl)
-    if length <= _SHORT_MAX:
+    if length <= _SHORT_MAX_FWD:
         short_meta = {key: meta[key] for key in ("HEAD_DIM", "HAS_PAD", "DROPOUT", "PREC")}
         short_args = (q, k, v, out, lse, pad, *strides, heads, length, id_index, scale * _LOG2E, dropout_p, seed)
         if _launch_short("fwd_short", _attn_fwd_short_kernel, batch * heads, length, head_dim, short_args, short_meta):
@@ -744,7 +746,7 @@ def _attention_backward(
         HEAD_DIM=head_dim, BD0=bd0, BD1=bd1, HAS_PAD=key_padding_mask is not None,
         DROPOUT=dropout_p > 0.0, PREC=_precision(q.dtype),
     )
-    if length <= _SHORT_MAX:
+    if length <= _SHORT_MAX_BWD:
         short_meta = {key: meta[key] for key in ("HEAD_DIM", "HAS_PAD", "DROPOUT", "PREC")}
         short_args = (
             q, k, v, grad_out, lse, dq, dk, dv, pad,

@@ -233,36 +233,50 @@ def _row_prep_kernel(tgt_in_ptr, s_tg, cid_ptr, s_cid, tgt_ptr, tid_ptr, R, igno
 
 
 @triton.jit
-def _lower_bound(vals_ptr, x, N, n_iter, UPPER: tl.constexpr):
-    """Per lane, the first index of the sorted ``vals[:N]`` whose value is ``>= x`` (``> x``
-    when ``UPPER``): a branch-free binary search of ``n_iter`` (= bit length of N) steps."""
-    lo = (x * 0).to(tl.int64)
-    hi = lo + N
-    for _ in range(0, n_iter):
-        act = lo < hi
-        mid = (lo + hi) // 2
-        v = tl.load(vals_ptr + mid, mask=act, other=0)
-        if UPPER:
-            right = act & (v <= x)
-        else:
-            right = act & (v < x)
-        lo = tl.where(right, mid + 1, lo)
-        hi = tl.where(act & (~right), mid, hi)
-    return lo
+def _flag_kernel(
+    tgt_ptr,
+    ids_ptr,
+    lo_ptr,
+    hi_ptr,
+    order_ptr,
+    pos_ptr,
+    gstart_ptr,
+    fl_ptr,
+    R,
+    N,
+    S1,
+    pad_id,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The exclusion-present grid of one tile shape: ``flag[r // BLOCK_R, j // BLOCK_N] = 1``
+    when ``candidate_ids[j]`` is row ``r``'s target item (other than its target column) or one
+    of ``exclude_ids[r, :S]`` (ids equal to ``pad_id`` skipped: padding is excluded per
+    column anyway). Ignored rows mark nothing. Idempotent byte stores, no atomics.
 
-
-@triton.jit
-def _mark_id(x, ok, tid, tgt, fl_rows, vals_ptr, order_ptr, pos_ptr, gstart_ptr, N, n_iter, BLOCK_N: tl.constexpr):
-    """Marks, for each lane (a row and one id ``x`` of it), every column tile holding a column
-    whose id is ``x`` -- except a tile whose only such column is the row's target column
-    (``x`` is the target item there; the target is always kept, nothing is excluded).
-    Column tiles of ``x`` are the groups ``[pos[lo], pos[hi])`` of the (id, column tile)
-    grouping, ``lo``/``hi`` the bounds of ``x`` in the sorted ids; at most one store per
-    (lane, column tile)."""
-    lo = _lower_bound(vals_ptr, x, N, n_iter, False)
-    hi = _lower_bound(vals_ptr, x, N, n_iter, True)
+    Program ``(i, s)`` takes rows ``i * BLOCK ...`` and their id slot ``s`` of ``ids = [target
+    item, exclude_ids]`` (``(R, S1)``, contiguous); ``[lo, hi)`` is that id's run in the sorted
+    candidate ids (``torch.searchsorted``, one launch for all ids), so a program's dependent
+    loads are a handful, not a binary search per id (a serial chain of ~30 loads per id made
+    the grid cost ~1 ms per tile shape on an H100, run 4). The column tiles holding the id are
+    the groups ``[pos[lo], pos[hi])`` of the (id, column tile) grouping (:func:`_id_groups`);
+    a tile whose only such column is the row's target column is not marked (``x`` is the
+    target item there, and the target is always kept)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    slot = tl.program_id(1)
+    row_in = rows < R
+    tgt = tl.load(tgt_ptr + rows, mask=row_in, other=-1)
+    valid = tgt >= 0
+    row_ids = rows.to(tl.int64) * S1
+    tid = tl.load(ids_ptr + row_ids, mask=valid, other=pad_id)
+    x = tl.load(ids_ptr + row_ids + slot, mask=valid, other=pad_id)
+    ok = valid & (x != pad_id)
+    lo = tl.load(lo_ptr + row_ids + slot, mask=ok, other=0)
+    hi = tl.load(hi_ptr + row_ids + slot, mask=ok, other=0)
     g_lo = tl.load(pos_ptr + lo, mask=ok, other=0)
     cnt = tl.where(ok, tl.load(pos_ptr + hi, mask=ok, other=0) - g_lo, 0)
+    fl_rows = fl_ptr + (rows // BLOCK_R).to(tl.int64) * tl.cdiv(N, BLOCK_N)
     t_tile = tgt // BLOCK_N
     for k in range(0, tl.max(cnt, axis=0)):
         m = k < cnt
@@ -271,47 +285,6 @@ def _mark_id(x, ok, tid, tgt, fl_rows, vals_ptr, order_ptr, pos_ptr, gstart_ptr,
         ct = tl.load(order_ptr + st, mask=m, other=0) // BLOCK_N
         only_target = (x == tid) & (ct == t_tile) & (en - st == 1)
         tl.store(fl_rows + ct, tl.full(ct.shape, 1, tl.int8), mask=m & (~only_target))
-
-
-@triton.jit
-def _flag_kernel(
-    tgt_ptr,
-    tid_ptr,
-    ex_ptr,
-    ex_sr,
-    ex_ss,
-    vals_ptr,
-    order_ptr,
-    pos_ptr,
-    gstart_ptr,
-    fl_ptr,
-    R,
-    N,
-    S,
-    pad_id,
-    n_iter,
-    BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """The exclusion-present grid of one tile shape: ``flag[r // BLOCK_R, j // BLOCK_N] = 1``
-    when ``candidate_ids[j]`` is row ``r``'s target item (other than its target column) or one
-    of ``exclude_ids[r, :S]`` (ids equal to ``pad_id`` skipped: padding is excluded per
-    column anyway). Ignored rows mark nothing. Idempotent byte stores, no atomics."""
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    row_in = rows < R
-    tgt = tl.load(tgt_ptr + rows, mask=row_in, other=-1)
-    valid = tgt >= 0
-    tid = tl.load(tid_ptr + rows, mask=valid, other=0).to(tl.int64)
-    fl_rows = fl_ptr + (rows // BLOCK_R).to(tl.int64) * tl.cdiv(N, BLOCK_N)
-    _mark_id(
-        tid, valid & (tid != pad_id), tid, tgt, fl_rows, vals_ptr, order_ptr, pos_ptr, gstart_ptr, N, n_iter, BLOCK_N
-    )
-    ex_rows = ex_ptr + rows.to(tl.int64) * ex_sr
-    for s in range(0, S):
-        x = tl.load(ex_rows + s * ex_ss, mask=valid, other=pad_id).to(tl.int64)
-        ok = valid & (x != pad_id)
-        _mark_id(x, ok, tid, tgt, fl_rows, vals_ptr, order_ptr, pos_ptr, gstart_ptr, N, n_iter, BLOCK_N)
 
 
 @triton.jit
@@ -1716,36 +1689,51 @@ def _id_groups(p: dict, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return p["groups"][block_n]
 
 
+def _id_bounds(p: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``ids = [target item, exclude_ids]`` per row (``(R, S + 1)`` int64, contiguous) and the
+    run ``[lo, hi)`` of each id in the sorted candidate ids (int32), by one
+    ``torch.searchsorted`` per bound; shared by every tile shape of the call (cached)."""
+    if "bounds" not in p:
+        tid, ex = p["rows"][1], p["rows"][4]
+        vals, _ = p["sorted"]
+        ids = tid[:, None]
+        if p["S"] > 0:  # ex is exclude_ids (R, S) then, strided views included
+            ids = torch.cat((ids, ex.to(torch.int64)), dim=1)
+        ids = ids.contiguous()
+        lo = torch.searchsorted(vals, ids, out_int32=True)
+        hi = torch.searchsorted(vals, ids, right=True, out_int32=True)
+        p["bounds"] = (ids, lo, hi)
+    return p["bounds"]
+
+
 def _tile_flags(p: dict, block_r: int, block_n: int) -> torch.Tensor:
     """``(cdiv(R, block_r), cdiv(N, block_n))`` int8 grid: 1 where some row of the row tile has,
     in the column tile, another copy of its target item or one of its excluded ids (see
     ``_flag_kernel``); the kernels run the full exclusion test only on those tile pairs.
-    Built by one launch per tile shape (cached per call), bounded by ``R (S + 1)`` binary
-    searches plus one store per (row, id, column tile holding the id)."""
+    Built by one launch per tile shape (cached per call) over ``R (S + 1)`` (row, id) lanes in
+    parallel: one store per (row, id, column tile holding the id)."""
     key = (block_r, block_n)
     if key not in p["tile_flags"]:
-        tgt, tid, _, _, ex, ex_sr, ex_ss = p["rows"][:7]
-        vals, order = p["sorted"]
-        R, N = tgt.numel(), vals.numel()
+        tgt = p["rows"][0]
+        _, order = p["sorted"]
+        ids, lo, hi = _id_bounds(p)
+        R, N = tgt.numel(), order.numel()
         pos, gstart = _id_groups(p, block_n)
         flags = torch.zeros(triton.cdiv(R, block_r), triton.cdiv(N, block_n), dtype=torch.int8, device=tgt.device)
-        grid = (triton.cdiv(R, _FLAG_BLOCK),)
+        grid = (triton.cdiv(R, _FLAG_BLOCK), ids.shape[1])
         compiled = _flag_kernel[grid](
             tgt,
-            tid,
-            ex,
-            ex_sr,
-            ex_ss,
-            vals,
+            ids,
+            lo,
+            hi,
             order,
             pos,
             gstart,
             flags,
             R,
             N,
-            p["S"],
+            ids.shape[1],
             p["pad_id"],
-            N.bit_length(),
             BLOCK_R=block_r,
             BLOCK_N=block_n,
             BLOCK=_FLAG_BLOCK,

@@ -65,24 +65,26 @@ def _assert_matches_reference(q, k, v, pad, id_index, dtype, **kw):
     return out, grads
 
 
-# The two kernel families: "short" (one program per (b, h), L <= attn._SHORT_MAX, the default at
-# ODMT's L = 81) and "blocked" (FlashAttention-2 style, longer sequences; forced here by
-# setting the threshold to 0 so that tiny shapes exercise it).
-PATHS = ("short", "blocked")
+# The kernel families: "short" (one program per (b, h), L <= attn._SHORT_MAX_FWD/_BWD, the
+# default at ODMT's L = 81) and "blocked" (FlashAttention-2 style, longer sequences; forced
+# here by setting the thresholds to 0 so that tiny shapes exercise it); "mixed" = the blocked
+# forward followed by the short backward (the thresholds are separate: both save one lse).
+PATHS = ("short", "blocked", "mixed")
+_THRESHOLDS = {"short": (128, 128), "blocked": (0, 0), "mixed": (0, 128)}
 
 
 class _kernel_path:
-    """Context manager selecting the kernel family for the duration of a test body."""
+    """Context manager selecting the kernel families for the duration of a test body."""
 
     def __init__(self, path: str):
-        self.threshold = {"short": 128, "blocked": 0}[path]
+        self.thresholds = _THRESHOLDS[path]
 
     def __enter__(self):
-        self.saved = attn._SHORT_MAX
-        attn._SHORT_MAX = self.threshold
+        self.saved = (attn._SHORT_MAX_FWD, attn._SHORT_MAX_BWD)
+        attn._SHORT_MAX_FWD, attn._SHORT_MAX_BWD = self.thresholds
 
     def __exit__(self, *exc):
-        attn._SHORT_MAX = self.saved
+        attn._SHORT_MAX_FWD, attn._SHORT_MAX_BWD = self.saved
 
 
 def _padding(pattern: str, batch: int, length: int, seed: int) -> torch.Tensor | None:
@@ -115,6 +117,7 @@ def _padding(pattern: str, batch: int, length: int, seed: int) -> torch.Tensor |
 @example(2, 1, 33, 64, "random", "first", torch.float16, 3, "short").via("ODMT-like, fp16")
 @example(2, 1, 33, 64, "random", "first", torch.float16, 3, "blocked").via("ODMT-like, fp16, blocked")
 @example(1, 2, 16, 16, "none", None, torch.float32, 0, "short").via("no mask at all")
+@example(2, 2, 33, 24, "suffix", "middle", torch.float32, 5, "mixed").via("blocked forward, short backward")
 def test_matches_reference(batch, heads, length, dim, pattern, id_pos, dtype, pad_seed, path):
     q, k, v = _inputs(batch, heads, length, dim, dtype, seed=length * dim)
     pad = _padding(pattern, batch, length, pad_seed)
@@ -136,7 +139,7 @@ def test_head_dims_not_power_of_two(dim, path):
 
 def test_long_sequences_take_the_blocked_kernels():
     """L above the short kernels' limit (129 > 128) runs the blocked kernels by default."""
-    length = attn._SHORT_MAX + 1
+    length = max(attn._SHORT_MAX_FWD, attn._SHORT_MAX_BWD) + 1
     q, k, v = _inputs(1, 1, length, 16, torch.float32)
     pad = (torch.arange(length) >= length - 7)[None].to(DEVICE)
     attn._CHOSEN.clear()
@@ -144,6 +147,22 @@ def test_long_sequences_take_the_blocked_kernels():
     launched = {key[0] for key in attn._CHOSEN}
     assert launched == {"fwd", "dq", "dkdv"}, launched
     attn._CHOSEN.clear()
+
+
+@pytest.mark.parametrize(("path", "kinds"), [("short", {"fwd_short", "bwd_short"}), ("mixed", {"fwd", "bwd_short"})])
+def test_forward_and_backward_families_are_chosen_apart(path, kinds):
+    """The forward and backward thresholds are separate: "mixed" runs the blocked forward and
+    the short backward on its log-sum-exp, with dropout (one Philox counter in both)."""
+    q, k, v = _inputs(2, 2, 19, 32, torch.float32)
+    pad = torch.zeros(2, 19, dtype=torch.bool, device=DEVICE)
+    pad[0, 12:] = True
+    attn._CHOSEN.clear()
+    with _kernel_path(path):
+        _assert_matches_reference(q, k, v, pad, 6, torch.float32, dropout_p=0.2, seed=5,
+                                  keep=attn.dropout_keep_mask(2, 2, 19, 0.2, 5, DEVICE))
+    launched = {key[0] for key in attn._CHOSEN}
+    attn._CHOSEN.clear()
+    assert launched == kinds, launched
 
 
 @pytest.mark.parametrize("config", [(16, 4, 1), (32, 8, 2)])
@@ -162,7 +181,8 @@ def test_other_short_configurations(config, monkeypatch):
 def test_other_block_sizes(config, monkeypatch):
     """Block sizes other than the heuristic's (fallbacks, benchmark sweeps) give the same result."""
     monkeypatch.setattr(attn, "_OVERRIDE", {"fwd": config, "dq": config, "dkdv": config})
-    monkeypatch.setattr(attn, "_SHORT_MAX", 0)
+    monkeypatch.setattr(attn, "_SHORT_MAX_FWD", 0)
+    monkeypatch.setattr(attn, "_SHORT_MAX_BWD", 0)
     q, k, v = _inputs(2, 1, 41, 24, torch.float32)
     pad = torch.zeros(2, 41, dtype=torch.bool, device=DEVICE)
     pad[1, 30:] = True
@@ -266,10 +286,11 @@ def test_both_kernel_families_draw_the_same_dropout_mask():
     for path in PATHS:
         with _kernel_path(path):
             results.append(_kernel(q, k, v, pad, id_index, grad_out, dropout_p=0.3, seed=77))
-    (out_s, grads_s), (out_b, grads_b) = results
-    torch.testing.assert_close(out_s, out_b, **TOL[torch.float32])
-    for got, want in zip(grads_s, grads_b, strict=True):
-        torch.testing.assert_close(got, want, **TOL[torch.float32])
+    (out_s, grads_s), *others = results
+    for out_o, grads_o in others:
+        torch.testing.assert_close(out_s, out_o, **TOL[torch.float32])
+        for got, want in zip(grads_s, grads_o, strict=True):
+            torch.testing.assert_close(got, want, **TOL[torch.float32])
     _, no_drop = _kernel(q, k, v, pad, id_index, grad_out)
     assert not torch.allclose(grads_s[2], no_drop[2], atol=1e-3)  # dropout did act
 
@@ -293,7 +314,8 @@ def test_dropout_expectation_approaches_no_dropout_output():
 
 @pytest.mark.parametrize("path", PATHS)
 def test_opcheck_custom_ops(path, monkeypatch):
-    monkeypatch.setattr(attn, "_SHORT_MAX", 128 if path == "short" else 0)
+    monkeypatch.setattr(attn, "_SHORT_MAX_FWD", _THRESHOLDS[path][0])
+    monkeypatch.setattr(attn, "_SHORT_MAX_BWD", _THRESHOLDS[path][1])
     q, k, v = (x.requires_grad_() for x in _inputs(2, 1, 9, 16, torch.float32))
     pad = torch.zeros(2, 9, dtype=torch.bool, device=DEVICE)
     pad[0, 5:] = True
