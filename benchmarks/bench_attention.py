@@ -10,7 +10,9 @@ heads x dim 2x384, 12x64, 4x64; bf16):
    (exit code 1 at the end) when a relative error exceeds 2e-2;
 3. times (``triton.testing.do_bench``, median) forward and forward+backward of our kernel,
    eager PyTorch, SDPA with a boolean mask and compiled FlexAttention on the same inputs, and
-   our forward with dropout 0.1; then, time permitting (``SWEEP_BUDGET_S``, default 140 s
+   our forward with dropout 0.1 ("ours" is the default rule: the short backward, the short
+   forward from D = 128 and the blocked one below; the blocked pair and both mixed pairs are
+   timed beside it, ``FLEX=0`` leaves FlexAttention out); then, time permitting (``SWEEP_BUDGET_S``, default 140 s
    since start; ``SWEEP=0`` turns it off), our kernel with a few other block sizes, so one run
    tells whether the block-size heuristic is right on that card;
 4. prints a table: times, each anchor's time over ours, and the fraction of the memory
@@ -169,12 +171,15 @@ ITEMS = 2 if DRY else 1664
 N_IMG, N_TXT = (5, 6) if DRY else (50, 30)
 CHECK_ITEMS = 2 if DRY else 48  # items checked against the float64 reference
 MAX_REL_ERR = 2e-2
-# the default path switches (forward, backward): L = 81 takes the short kernels
+# the default path switches (forward, backward, the short forward's least head dim): at L = 81
+# the backward is the short kernel, the forward too from D = 128, the blocked one below
 SHORT_MAX = (attention._SHORT_MAX_FWD, attention._SHORT_MAX_BWD)
+SHORT_FWD_MIN_HEAD_DIM = attention._SHORT_FWD_MIN_HEAD_DIM
 
 
-def set_paths(fwd_max: int, bwd_max: int) -> None:
+def set_paths(fwd_max: int, bwd_max: int, fwd_min_head_dim: int = SHORT_FWD_MIN_HEAD_DIM) -> None:
     attention._SHORT_MAX_FWD, attention._SHORT_MAX_BWD = fwd_max, bwd_max
+    attention._SHORT_FWD_MIN_HEAD_DIM = fwd_min_head_dim
 CONFIGS = [(2, 384, "h2d384"), (12, 64, "h12d64"), (4, 64, "h4d64")]
 
 res: dict = {
@@ -285,7 +290,9 @@ def sweep(tag: str, dim: int, fwd, fwd_bwd, outputs=None) -> None:
                 res[f"{tag}_sweep_skipped"] = f"time budget {SWEEP_BUDGET_S} s reached"
                 return
             attention._OVERRIDE[kind] = cfg
-            if not kind.endswith("_short"):
+            if kind.endswith("_short"):
+                set_paths(*SHORT_MAX, 0)  # the short kernels at any head dim
+            else:
                 set_paths(0, 0)
             try:
                 if baseline is not None:
@@ -350,7 +357,10 @@ def case(heads: int, dim: int, tag: str) -> None:
             scale=scale,
             dropout_keep=keep,
         )
-    for path, thresholds in (("", SHORT_MAX), ("blocked_", (0, 0))):
+    paths = [("", SHORT_MAX + (SHORT_FWD_MIN_HEAD_DIM,)), ("blocked_", (0, 0, 0))]
+    if dim < SHORT_FWD_MIN_HEAD_DIM:  # the default runs the blocked forward: check the short one too
+        paths.append(("shortfwd_", SHORT_MAX + (0,)))
+    for path, thresholds in paths:
         set_paths(*thresholds)
         try:
             out = ours(q, k, v)
@@ -376,7 +386,7 @@ def case(heads: int, dim: int, tag: str) -> None:
         for name, e in errs.items():
             res[f"{tag}_{path}relerr_{name}"] = e
             flag = "ok" if e <= MAX_REL_ERR else "FAIL"
-            print(f"  {path or 'short_'}rel err {name:16s} {e:.2e} {flag}", flush=True)
+            print(f"  {path or 'default_'}rel err {name:16s} {e:.2e} {flag}", flush=True)
             if not e <= MAX_REL_ERR:
                 failures.append(f"{tag} {path}{name} rel err {e:.3e} > {MAX_REL_ERR}")
         del out, dq, dk, dv, out_, got_grads, ref_d, want_grads
@@ -475,7 +485,7 @@ def case(heads: int, dim: int, tag: str) -> None:
         record(f"{tag}_blocked_fwdbwd", blocked_fwd_bwd, rep=100)
         set_paths(0, SHORT_MAX[1])  # the blocked forward, then the short backward on its lse
         record(f"{tag}_mixed_fwdbwd", blocked_fwd_bwd, rep=100)
-        set_paths(SHORT_MAX[0], 0)  # the short forward, then the blocked backward
+        set_paths(SHORT_MAX[0], 0, 0)  # the short forward, then the blocked backward
         record(f"{tag}_mixed2_fwdbwd", blocked_fwd_bwd, rep=100)
     finally:
         set_paths(*SHORT_MAX)

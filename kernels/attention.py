@@ -20,8 +20,12 @@ Dropout draws ``keep[i, j] = rand >= p`` from Philox (``tl.rand``) keyed by ``(s
 with counter ``i*L + j``: the backward regenerates exactly the same mask, both kernel
 families below draw the same one, and :func:`dropout_keep_mask` materialises it for tests.
 
-Tiling: short sequences (``L <= 128``, the default path; ODMT's items have ``L = 81``)
-----------------------------------------------------------------------------------------
+Tiling: short sequences (``L <= 128``; ODMT's items have ``L = 81``)
+--------------------------------------------------------------------
+The default for the backward whenever ``L <= 128``, and for the forward when also
+``D >= 128`` (with one head-dim chunk the blocked forward is faster; measured, see
+``_SHORT_FWD_MIN_HEAD_DIM``). Both families save the same log2-domain lse, so the backward
+of one follows the forward of the other.
 One program per ``(b, h)`` holds every query and every key (``BL = next_power_of_two(L)``):
 ``S`` is accumulated over head-dim chunks of ``BD`` columns (the largest power of two dividing
 ``D``, clamped to 16..64: 384 = 6 x 64), so Q, K, V are each read exactly once and O written
@@ -611,6 +615,13 @@ def _launch(kind: str, kernel, bh: int, length: int, width: int, dtype, args, me
 # Tests and benchmarks set them to 0 to run the blocked kernels on the same inputs.
 _SHORT_MAX_FWD = 128
 _SHORT_MAX_BWD = 128
+# The short forward also needs a head dim of at least this much. Run 5 (H100, L = 81, bf16):
+# at D = 384 the short forward takes 308 us against the blocked one's 504 us (its head-dim
+# chunks pipeline, three stages); at D = 64 (one chunk, nothing to pipeline) the blocked
+# forward wins, 487 vs 696 us (12 heads) and 176 vs 249 us (4 heads). The short backward won
+# everywhere (blocked forward + short backward 2,270 / 1,100 us against 2,632 / 1,484 us for
+# the blocked pair at 12 x 64 / 4 x 64).
+_SHORT_FWD_MIN_HEAD_DIM = 128
 
 
 def _head_chunk(head_dim: int) -> int:
@@ -623,14 +634,19 @@ def _short_configs(kind: str, length: int, head_dim: int) -> list[tuple[int, int
     """Candidate ``(BD, num_warps, num_stages)`` of a short kernel, in order of preference.
 
     The ``(BL, BL)`` float32 score tile (and, in the backward, the dP tile beside it) decides
-    the warps: 8 at BL = 128 (64 registers a thread per tile), 4 below. Two pipeline stages
-    overlap the next chunk's loads with the current chunk's dots; the fallbacks (one stage,
-    then 16-wide chunks) shrink shared memory for cards that refuse the first.
+    the warps: 8 at BL = 128 (64 registers a thread per tile), 4 below. Pipeline stages
+    overlap the next chunk's loads with the current chunk's dots: three where the head dim has
+    several chunks (Run 5 on an H100 at 2 x 384: forward 308 us with three stages against
+    513 us with two; backward about 190 us faster), two otherwise (one chunk: unmeasured).
+    The fallbacks (two stages, one, then 16-wide chunks) shrink shared memory for cards
+    that refuse the first.
     """
     block_len = max(16, triton.next_power_of_2(length))
     warps = 8 if block_len >= 128 else 4
     chunk = _head_chunk(head_dim)
     out = [(chunk, warps, 2), (chunk, warps, 1)]
+    if head_dim > chunk:
+        out.insert(0, (chunk, warps, 3))
     if chunk > 16:
         out.append((16, warps, 1))
     return out
@@ -705,7 +721,7 @@ def _attention_forward(
     )
 
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(out), spb, spl)
-    if length <= _SHORT_MAX_FWD:
+    if length <= _SHORT_MAX_FWD and head_dim >= _SHORT_FWD_MIN_HEAD_DIM:
         short_meta = {key: meta[key] for key in ("HEAD_DIM", "HAS_PAD", "DROPOUT", "PREC")}
         short_args = (q, k, v, out, lse, pad, *strides, heads, length, id_index, scale * _LOG2E, dropout_p, seed)
         if _launch_short("fwd_short", _attn_fwd_short_kernel, batch * heads, length, head_dim, short_args, short_meta):

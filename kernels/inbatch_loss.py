@@ -91,9 +91,16 @@ ids are sorted once per call (stable: values and original columns); per column-t
 few PyTorch ops group the sorted run of each id by column tile (``pos``: group of each sorted
 position, ``gstart``: first position of each group, all fixed-size ``O(N)`` tensors); then
 one launch of ``_flag_kernel`` per tile shape binary-searches each of the ``R (S + 1)`` ids of
-the rows in the sorted ids (ids equal to ``pad_id`` skipped; absent ids find an empty range)
-and stores a 1 for each column tile holding that id -- skipping the tile whose only such
-column is the row's target column -- by idempotent byte stores, no atomics. The work is
+the rows in the sorted ids, one program per (block of rows, id slot) so that the searches
+run in parallel (ids equal to ``pad_id`` skipped; absent ids find an empty range), and
+stores a 1 for each column tile holding that id -- skipping the tile whose only such
+column is the row's target column -- by idempotent byte stores, no atomics. (Run 4 on an
+H100 had one program walk its rows' ``S + 1`` ids in turn: the paper-scale forward took
+1.37 ms against 0.21 ms without flags in Run 3. Run 5 measured the parallel layout, with the
+searches done by ``torch.searchsorted`` over an ``(R, S + 1)`` copy of the ids: forward
+0.62 ms; prep plus one grid 0.34 ms at the paper scale, where the host's launch overhead of
+~25 small operations bounds it, and 0.47-0.67 ms at 16k. The searches then moved back into
+this kernel so that ``exclude_ids`` is read in place: unmeasured.) The work is
 ``R (S + 1) log N`` plus one store per (row, id, column tile of the id): even the
 pathological batch of one item repeated in every column costs ``R (S + 1) N / BLOCK_N``
 stores, a ``BLOCK_N``-th of one pass of the old compare, and then flags every pair (the
@@ -233,19 +240,40 @@ def _row_prep_kernel(tgt_in_ptr, s_tg, cid_ptr, s_cid, tgt_ptr, tid_ptr, R, igno
 
 
 @triton.jit
+def _lower_bound(vals_ptr, x, N, n_iter, UPPER: tl.constexpr):
+    """Per lane, the first index of the sorted ``vals[:N]`` whose value is ``>= x`` (``> x``
+    when ``UPPER``): a branch-free binary search of ``n_iter`` (= bit length of N) steps."""
+    lo = (x * 0).to(tl.int64)
+    hi = lo + N
+    for _ in range(0, n_iter):
+        act = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(vals_ptr + mid, mask=act, other=0)
+        if UPPER:
+            right = act & (v <= x)
+        else:
+            right = act & (v < x)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(act & (~right), mid, hi)
+    return lo
+
+
+@triton.jit
 def _flag_kernel(
     tgt_ptr,
-    ids_ptr,
-    lo_ptr,
-    hi_ptr,
+    tid_ptr,
+    ex_ptr,
+    ex_sr,
+    ex_ss,
+    vals_ptr,
     order_ptr,
     pos_ptr,
     gstart_ptr,
     fl_ptr,
     R,
     N,
-    S1,
     pad_id,
+    n_iter,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -255,25 +283,27 @@ def _flag_kernel(
     of ``exclude_ids[r, :S]`` (ids equal to ``pad_id`` skipped: padding is excluded per
     column anyway). Ignored rows mark nothing. Idempotent byte stores, no atomics.
 
-    Program ``(i, s)`` takes rows ``i * BLOCK ...`` and their id slot ``s`` of ``ids = [target
-    item, exclude_ids]`` (``(R, S1)``, contiguous); ``[lo, hi)`` is that id's run in the sorted
-    candidate ids (``torch.searchsorted``, one launch for all ids), so a program's dependent
-    loads are a handful, not a binary search per id (a serial chain of ~30 loads per id made
-    the grid cost ~1 ms per tile shape on an H100, run 4). The column tiles holding the id are
-    the groups ``[pos[lo], pos[hi])`` of the (id, column tile) grouping (:func:`_id_groups`);
-    a tile whose only such column is the row's target column is not marked (``x`` is the
-    target item there, and the target is always kept)."""
+    Program ``(i, s)`` takes rows ``i * BLOCK ...`` and one id of each: the target item for
+    ``s = 0``, ``exclude_ids[r, s - 1]`` otherwise (read in place, stride-0 views included).
+    All ``S + 1`` ids of a row search in parallel programs: one program walking them in turn
+    (Run 4) made a chain of ~35 dependent loads per id. The id's run ``[lo, hi)`` in the sorted
+    candidate ids (binary search) gives its column tiles, the groups ``[pos[lo], pos[hi])`` of
+    the (id, column tile) grouping (:func:`_id_groups`); a tile whose only such column is the
+    row's target column is not marked (``x`` is the target item there, and the target is
+    always kept)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     slot = tl.program_id(1)
     row_in = rows < R
     tgt = tl.load(tgt_ptr + rows, mask=row_in, other=-1)
     valid = tgt >= 0
-    row_ids = rows.to(tl.int64) * S1
-    tid = tl.load(ids_ptr + row_ids, mask=valid, other=pad_id)
-    x = tl.load(ids_ptr + row_ids + slot, mask=valid, other=pad_id)
+    tid = tl.load(tid_ptr + rows, mask=valid, other=0).to(tl.int64)
+    if slot == 0:
+        x = tid
+    else:
+        x = tl.load(ex_ptr + rows.to(tl.int64) * ex_sr + (slot - 1) * ex_ss, mask=valid, other=pad_id).to(tl.int64)
     ok = valid & (x != pad_id)
-    lo = tl.load(lo_ptr + row_ids + slot, mask=ok, other=0)
-    hi = tl.load(hi_ptr + row_ids + slot, mask=ok, other=0)
+    lo = _lower_bound(vals_ptr, x, N, n_iter, False)
+    hi = _lower_bound(vals_ptr, x, N, n_iter, True)
     g_lo = tl.load(pos_ptr + lo, mask=ok, other=0)
     cnt = tl.where(ok, tl.load(pos_ptr + hi, mask=ok, other=0) - g_lo, 0)
     fl_rows = fl_ptr + (rows // BLOCK_R).to(tl.int64) * tl.cdiv(N, BLOCK_N)
@@ -1474,12 +1504,13 @@ def _config(kind: str, rows: int, cols: int, d: int, interpret: bool) -> dict:
     operand doubles as the gradient operand). Otherwise 64 features per dot step and output
     chunks of up to 256 features. Under the interpreter every tile is 16 wide (numpy is fast
     on few, small blocks and the tests still cross tile borders). On the GPU (8 warps unless said) the
-    forward takes 64 x 64 tiles (128 x 64 from 32k rows; 32 x 32 for three branches) and
-    splits the columns for parallelism (``_fwd_split``). Full-width backward (8 warps):
-    single-branch dC 64 columns x 32-row steps, single-branch dQ 64 rows x 64-column steps at
-    d <= 128 and 64 x 32 at d = 256, three-branch 32 x 32 (with the resident tile as the B
-    operand of the score dot, ``TRANS_S``): the largest tiles without spills in a Triton 3.9
-    sm_90 compile (no GPU needed; numbers in the module docstring). For d > 256: output chunks of
+    forward takes 64 x 64 tiles (128 x 64 from 16k rows; three branches 64 x 32 at full width,
+    32 x 32 otherwise) and splits the columns for parallelism (``_fwd_split``). Full-width
+    backward (8 warps): single-branch dC 64 columns x 32-row steps, single-branch dQ 64 rows x
+    64-column steps at d <= 128 and 64 x 32 with 4 warps at d = 256, three-branch dQ 32 x 32
+    and dC 64 columns x 32-row steps (with the resident tile as the B operand of the score dot,
+    ``TRANS_S``): first the largest tiles without spills in a Triton 3.9 sm_90 compile, then
+    the winners of the Run-5 sweep on an H100 (benchmarks/RESULTS.md). For d > 256: output chunks of
     128 (single branch; dQ walks 32 columns a step, dC 64 rows) or 256 (three branches,
     fewer score recomputations). ``_CONFIG_OVERRIDE`` replaces keys per kind.
     """
@@ -1497,7 +1528,12 @@ def _base_config(kind: str, rows: int, d: int, interpret: bool) -> dict:
     three = kind.endswith("3")
     base = kind[:-1] if three else kind
     if base == "fwd":
-        tile = 32 if three else (128 if rows >= 32768 else 64)
+        # Run 5 (H100, R = N = 16,384, d = 256): three branches 64-row tiles 7.3 ms vs 18.4 ms
+        # at 32 (252 registers, no spills); single branch 128-row tiles 2.3 ms vs 2.9 ms at 64
+        if three:
+            tile = 64 if full else 32
+        else:
+            tile = 128 if rows >= 16384 else 64
         return dict(
             BLOCK_T=tile,
             BLOCK_W=32 if three else 64,
@@ -1516,12 +1552,23 @@ def _base_config(kind: str, rows: int, d: int, interpret: bool) -> dict:
             BLOCK_D=64,
             BLOCK_DO=p2d,
             FULL_D=True,
-            num_warps=8,
+            # Run 5 at d = 256: 4 warps 3.3 ms vs 5.1 ms with 8 (255 registers, 2 B of stack);
+            # d <= 128 unmeasured, keeps 8
+            num_warps=4 if p2d == 256 else 8,
             num_stages=2,
         )
-    if full:  # three branches, 32 x 32: every larger tile spills 2-3 KB (sm_90 compile, module docstring)
+    if full:  # three branches, 32 x 32 (larger tiles spill 2-3 KB, sm_90 compile, module docstring)
+        # except dC: 64 x 32 measured 15.2 ms vs 20.9 ms at 32 x 32 (Run 5, 16k, d = 256) despite
+        # 168 B of spills; dQ at 64 x 32 was slower (17.9 vs 13.2 ms, 172 B)
         return dict(
-            BLOCK_T=32, BLOCK_W=32, BLOCK_D=64, BLOCK_DO=p2d, FULL_D=True, num_warps=8, num_stages=2, TRANS_S=True
+            BLOCK_T=64 if base == "dc" else 32,
+            BLOCK_W=32,
+            BLOCK_D=64,
+            BLOCK_DO=p2d,
+            FULL_D=True,
+            num_warps=8,
+            num_stages=2,
+            TRANS_S=True,
         )
     if three:
         return dict(BLOCK_T=32, BLOCK_W=32, BLOCK_D=64, BLOCK_DO=min(256, p2d), FULL_D=False, num_warps=8, num_stages=2)
@@ -1666,6 +1713,7 @@ def _prep(target, candidate_ids, exclude_ids, log_q, pad_id: int, ignore_index: 
 
 
 _FLAG_BLOCK = 128
+_MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (the flag kernel's id slots)
 
 
 def _id_groups(p: dict, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1689,51 +1737,38 @@ def _id_groups(p: dict, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return p["groups"][block_n]
 
 
-def _id_bounds(p: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``ids = [target item, exclude_ids]`` per row (``(R, S + 1)`` int64, contiguous) and the
-    run ``[lo, hi)`` of each id in the sorted candidate ids (int32), by one
-    ``torch.searchsorted`` per bound; shared by every tile shape of the call (cached)."""
-    if "bounds" not in p:
-        tid, ex = p["rows"][1], p["rows"][4]
-        vals, _ = p["sorted"]
-        ids = tid[:, None]
-        if p["S"] > 0:  # ex is exclude_ids (R, S) then, strided views included
-            ids = torch.cat((ids, ex.to(torch.int64)), dim=1)
-        ids = ids.contiguous()
-        lo = torch.searchsorted(vals, ids, out_int32=True)
-        hi = torch.searchsorted(vals, ids, right=True, out_int32=True)
-        p["bounds"] = (ids, lo, hi)
-    return p["bounds"]
-
-
 def _tile_flags(p: dict, block_r: int, block_n: int) -> torch.Tensor:
     """``(cdiv(R, block_r), cdiv(N, block_n))`` int8 grid: 1 where some row of the row tile has,
     in the column tile, another copy of its target item or one of its excluded ids (see
     ``_flag_kernel``); the kernels run the full exclusion test only on those tile pairs.
     Built by one launch per tile shape (cached per call) over ``R (S + 1)`` (row, id) lanes in
-    parallel: one store per (row, id, column tile holding the id)."""
+    parallel programs: a binary search each plus one store per (row, id, column tile holding
+    the id); ``exclude_ids`` is read in place."""
     key = (block_r, block_n)
     if key not in p["tile_flags"]:
-        tgt = p["rows"][0]
-        _, order = p["sorted"]
-        ids, lo, hi = _id_bounds(p)
-        R, N = tgt.numel(), order.numel()
+        if p["S"] + 1 > _MAX_GRID_Y:
+            raise ValueError(f"exclude_ids has {p['S']} columns; at most {_MAX_GRID_Y - 1} are supported")
+        tgt, tid, _, _, ex, ex_sr, ex_ss = p["rows"][:7]
+        vals, order = p["sorted"]
+        R, N = tgt.numel(), vals.numel()
         pos, gstart = _id_groups(p, block_n)
         flags = torch.zeros(triton.cdiv(R, block_r), triton.cdiv(N, block_n), dtype=torch.int8, device=tgt.device)
-        grid = (triton.cdiv(R, _FLAG_BLOCK), ids.shape[1])
+        grid = (triton.cdiv(R, _FLAG_BLOCK), p["S"] + 1)
         compiled = _flag_kernel[grid](
             tgt,
-            ids,
-            lo,
-            hi,
+            tid,
+            ex,
+            ex_sr,
+            ex_ss,
+            vals,
             order,
             pos,
             gstart,
             flags,
             R,
             N,
-            ids.shape[1],
             p["pad_id"],
+            N.bit_length(),
             BLOCK_R=block_r,
             BLOCK_N=block_n,
             BLOCK=_FLAG_BLOCK,

@@ -80,11 +80,13 @@ class _kernel_path:
         self.thresholds = _THRESHOLDS[path]
 
     def __enter__(self):
-        self.saved = (attn._SHORT_MAX_FWD, attn._SHORT_MAX_BWD)
+        self.saved = (attn._SHORT_MAX_FWD, attn._SHORT_MAX_BWD, attn._SHORT_FWD_MIN_HEAD_DIM)
+        # the tests' head dims are small: the short forward is forced regardless of D
         attn._SHORT_MAX_FWD, attn._SHORT_MAX_BWD = self.thresholds
+        attn._SHORT_FWD_MIN_HEAD_DIM = 0
 
     def __exit__(self, *exc):
-        attn._SHORT_MAX_FWD, attn._SHORT_MAX_BWD = self.saved
+        attn._SHORT_MAX_FWD, attn._SHORT_MAX_BWD, attn._SHORT_FWD_MIN_HEAD_DIM = self.saved
 
 
 def _padding(pattern: str, batch: int, length: int, seed: int) -> torch.Tensor | None:
@@ -316,6 +318,7 @@ def test_dropout_expectation_approaches_no_dropout_output():
 def test_opcheck_custom_ops(path, monkeypatch):
     monkeypatch.setattr(attn, "_SHORT_MAX_FWD", _THRESHOLDS[path][0])
     monkeypatch.setattr(attn, "_SHORT_MAX_BWD", _THRESHOLDS[path][1])
+    monkeypatch.setattr(attn, "_SHORT_FWD_MIN_HEAD_DIM", 0)
     q, k, v = (x.requires_grad_() for x in _inputs(2, 1, 9, 16, torch.float32))
     pad = torch.zeros(2, 9, dtype=torch.bool, device=DEVICE)
     pad[0, 5:] = True
@@ -395,10 +398,25 @@ def test_launch_falls_back_when_out_of_resources():
 def test_short_kernel_rule():
     assert [attn._head_chunk(d) for d in (16, 24, 64, 80, 96, 384, 512)] == [16, 16, 64, 16, 32, 64, 64]
     # 8 warps for the 128 x 128 score tile of L = 81 (no spills in an sm_90 compile), 4 below
-    assert attn._short_configs("fwd_short", 81, 384)[0] == (64, 8, 2)
+    # three pipeline stages where the head dim has several chunks (measured at 384), two otherwise
+    assert attn._short_configs("fwd_short", 81, 384)[:2] == [(64, 8, 3), (64, 8, 2)]
     assert attn._short_configs("bwd_short", 81, 64)[0] == (64, 8, 2)
-    assert attn._short_configs("bwd_short", 33, 80)[0] == (16, 4, 2)
+    assert attn._short_configs("bwd_short", 33, 80)[0] == (16, 4, 3)
     assert attn._short_configs("fwd_short", 81, 384)[-1] == (16, 8, 1)
+
+
+@pytest.mark.parametrize(("head_dim", "kinds"), [(128, {"fwd_short", "bwd_short"}), (64, {"fwd", "bwd_short"})])
+def test_default_families_at_l81_like_lengths(head_dim, kinds):
+    """Default rule for short sequences: the short backward always; the short forward from
+    D = 128 (pipelined head-dim chunks), the blocked forward below (one chunk)."""
+    q, k, v = _inputs(1, 1, 9, head_dim, torch.float32)
+    pad = torch.zeros(1, 9, dtype=torch.bool, device=DEVICE)
+    pad[0, 7:] = True
+    attn._CHOSEN.clear()
+    _assert_matches_reference(q, k, v, pad, 3, torch.float32)
+    launched = {key[0] for key in attn._CHOSEN}
+    attn._CHOSEN.clear()
+    assert launched == kinds, launched
 
 
 def test_short_launch_reports_when_nothing_fits():
@@ -417,7 +435,7 @@ def test_short_launch_reports_when_nothing_fits():
     meta = {"HEAD_DIM": 384, "DROPOUT": False}
     args = (torch.empty(0),)
     assert not attn._launch_short("fwd_short", RefusingKernel(), 6, 81, 384, args, meta)
-    assert tried == [((6,), 128, 64, 8, 2), ((6,), 128, 64, 8, 1), ((6,), 128, 16, 8, 1)]
+    assert tried == [((6,), 128, 64, 8, 3), ((6,), 128, 64, 8, 2), ((6,), 128, 64, 8, 1), ((6,), 128, 16, 8, 1)]
     assert not any(key[0] == "fwd_short" for key in attn._CHOSEN)
 
 
