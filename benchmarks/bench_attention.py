@@ -262,8 +262,12 @@ def sweep_configs(dim: int) -> dict[str, list[tuple[int, ...]]]:
     Blocked kernels (forced with both thresholds at 0): ``(BM, BN, num_warps, num_stages)``.
     """
     chunks = (64, 32) if dim % 64 == 0 else (32, 16)
-    short = [(chunks[0], 16, 2), (chunks[0], 4, 2), (chunks[0], 8, 3), (chunks[1], 8, 2), (chunks[1], 16, 2)]
-    out: dict[str, list[tuple[int, ...]]] = {"fwd_short": short, "bwd_short": short}
+    candidates = [(chunks[0], 8, 4), (chunks[0], 16, 3), (chunks[0], 4, 3), (chunks[0], 8, 2), (chunks[0], 8, 3)]
+    candidates += [(chunks[1], 8, 3), (chunks[1], 16, 2)]
+    out: dict[str, list[tuple[int, ...]]] = {}
+    for kind in ("fwd_short", "bwd_short"):  # the rule's own first choice is the baseline already
+        rule = attention._short_configs(kind, N_IMG + 1 + N_TXT, dim)[0]
+        out[kind] = [c for c in candidates if c != rule][:5]
     if dim > 128:
         rows = [(64, 32, 8, 2), (16, 32, 4, 2), (64, 64, 8, 1)]
         out.update(fwd=rows, dq=rows, dkdv=[(32, 32, 8, 2), (16, 16, 4, 2), (64, 16, 8, 2)])

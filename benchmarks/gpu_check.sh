@@ -42,8 +42,10 @@ for s in $STEPS; do
   case $s in
     # each benchmark stops its tile sweep at SWEEP_BUDGET_S seconds; the default leaves the
     # step's cap 45 s for the last sweep entry's compile and the table
+    # FlexAttention is off unless FLEX=1: its compile and ~55 ms calls at D = 384 took most of
+    # Run 4's attention step; Runs 2 and 4 measured it (never the fastest anchor)
     attention)
-      SWEEP_BUDGET_S="${SWEEP_BUDGET_S:-$((${CAP_ATTENTION:-150} - 45))}" \
+      FLEX="${FLEX:-0}" SWEEP_BUDGET_S="${SWEEP_BUDGET_S:-$((${CAP_ATTENTION:-150} - 45))}" \
         step bench_attention "${CAP_ATTENTION:-150}" python3 benchmarks/bench_attention.py ;;
     loss)
       SWEEP_BUDGET_S="${SWEEP_BUDGET_S:-$((${CAP_LOSS:-170} - 45))}" \
