@@ -216,7 +216,7 @@ def flag_fractions(tag: str, target, cand, hist, d: int) -> None:
         RES[f"{tag}_flagged_{kind}"] = frac
         parts.append(f"{kind} {br}x{bn}: {100 * frac:.1f}%")
     print("tile pairs with the exclusion test on: " + ", ".join(parts), flush=True)
-    # what one call spends before its first loss kernel: row targets, the sort, the id bounds
+    # what one call spends before its first loss kernel: row targets, the sort, the id grouping
     # and one flag grid (the forward's tile)
     cfg = K._config("fwd", R, N, d, interpret=DRY)
     ms = bench(lambda: K._tile_flags(K._prep(target, cand, hist, None, PAD, IGNORE), cfg["BLOCK_T"], cfg["BLOCK_W"]))
