@@ -81,12 +81,12 @@ fp16 from underflowing (``g = 1/n_valid`` times ``p ~ 1/N``), the per-row weight
 by their largest magnitude inside the kernels and the accumulators multiplied back at the end.
 
 Exclusion-present flags: for almost every (row tile, column tile) pair no column of the
-tile is another copy of a row's target item or one of its excluded ids, so the kernels run
-the exclusion test only where it can change something. ``_tile_flags`` builds, per call and
-per tile shape ``(BLOCK_R, BLOCK_N)``, a ``(cdiv(R, BLOCK_R), cdiv(N, BLOCK_N))`` byte grid:
-``flag[r // BLOCK_R, j // BLOCK_N] = 1`` iff row ``r`` is valid, ``j != target[r]``,
-``candidate_ids[j] != pad_id`` and ``candidate_ids[j]`` is ``r``'s target item or one of
-``exclude_ids[r, :]``. Construction, no host sync and nothing of size ``R x N``: the candidate
+tile is a row's target column, another copy of its target item or one of its excluded ids,
+so the kernels run the exclusion test, the one-hot term and the target score only where
+they can change something. ``_tile_flags`` builds, per call and per tile shape ``(BLOCK_R,
+BLOCK_N)``, a ``(cdiv(R, BLOCK_R), cdiv(N, BLOCK_N))`` byte grid: ``flag[r // BLOCK_R, j //
+BLOCK_N] = 1`` iff row ``r`` is valid and ``j == target[r]``, or ``candidate_ids[j] !=
+pad_id`` is ``r``'s target item or one of ``exclude_ids[r, :]``. Construction, no host sync and nothing of size ``R x N``: the candidate
 ids are sorted once per call (stable: values and original columns); per column-tile width a
 few PyTorch ops group the sorted run of each id by column tile (``pos``: group of each sorted
 position, ``gstart``: first position of each group, all fixed-size ``O(N)`` tensors); then
@@ -110,19 +110,23 @@ chain may shrink a tile), so each launch asks for the grid of exactly its own ti
 with no OR over finer flags. dQ/forward programs read ``flag[program row tile, n0 //
 BLOCK_N]``, dC programs ``flag[r0 // BLOCK_R, program column tile]``.
 
-In the kernels (``_keep_tile``), per tile, a uniform branch on the flag: unset, ``keep =
-(not padding or target) and column in range and row valid`` (one compare per column, one
-per element for the target one-hot); set, the full test of the old kernels: the target item
-id and the excluded ids of the row tile read as ``S_PAD <= 16`` unrolled 1-D loads issued
-together straight into the compare's row layout (L1 hits after the first tile; ``S > 16``
-loops over 16-wide chunks), one compare-or per element each, in int32 whenever the pad id and
-the column tile's ids fit (checked per tile, a uniform branch; excluded ids outside int32 are
-replaced by the pad id there: they can match no in-range candidate, and padding is excluded
-anyway). Both paths keep the same entries on an unflagged tile (the target column is always
-kept; nothing else in the tile is excluded but padding). Raw int64 inputs and stride-0 views
-of ``exclude_ids`` are read in place, by the flag builder too. A register tile of the ids
-loaded once before the loop (tried first) made the compiler hoist sixteen extracted vectors
-and spill ~2.5 KB a thread.
+In the kernels, per tile, a uniform branch on the flag. Unset: the single-branch kernels add
+a per-column bias (``-log Q``, or ``-inf`` on padding and past N: ``_col_bias``) to the raw
+scores -- one op per element is the whole rule there, no target column, no one-hot, no
+per-element mask; the three-branch kernels form ``keep`` from the padding compare per column.
+Set (``_drop_tile``): the target one-hot and the full test, one compare-or per element and
+id against the row's target item id and its excluded ids. In the row-wise kernels (forward,
+dQ) the ``S_PAD <= 16`` excluded ids of the row tile are loaded once before the column loop
+(``_hoist_ids``: a tuple of int32 vectors); loaded in the flagged branch of every tile, sm_90
+SASS showed the sixteen loads issued one after another, each waiting for the previous
+compare. The column-wise kernels (dC), whose rows change every step, and ``S > 16`` (16-wide
+chunks) load them in the branch. Compares run in int32 when the pad id and every candidate
+id fit (``_ids_fit``: one device flag per call, read once per program; a per-tile min/max of
+the column ids cost three CTA barriers per tile); excluded ids outside int32 are replaced by
+the pad id there (they can match no candidate, and padding is dropped anyway); otherwise
+int64. Raw int64 inputs and stride-0 views of ``exclude_ids`` are read in place, by the flag
+builder too. A ``(BLOCK_R, S)`` register tile of the ids (tried first, before the tuple) made
+the compiler hoist sixteen extracted vectors and spill ~2.5 KB a thread.
 
 How many pairs are flagged depends on the data (printed by the benchmark for each case).
 Measured with ``_tile_flags`` on the CPU at R = N = 16,384, 15 excluded ids: the anchors'
@@ -279,18 +283,18 @@ def _flag_kernel(
     BLOCK: tl.constexpr,
 ):
     """The exclusion-present grid of one tile shape: ``flag[r // BLOCK_R, j // BLOCK_N] = 1``
-    when ``candidate_ids[j]`` is row ``r``'s target item (other than its target column) or one
-    of ``exclude_ids[r, :S]`` (ids equal to ``pad_id`` skipped: padding is excluded per
-    column anyway). Ignored rows mark nothing. Idempotent byte stores, no atomics.
+    when ``j`` is row ``r``'s target column or ``candidate_ids[j]`` is its target item or one
+    of ``exclude_ids[r, :S]`` (ids equal to ``pad_id`` skipped: padding is dropped per column
+    anyway). Ignored rows mark nothing. Idempotent byte stores, no atomics.
 
     Program ``(i, s)`` takes rows ``i * BLOCK ...`` and one id of each: the target item for
     ``s = 0``, ``exclude_ids[r, s - 1]`` otherwise (read in place, stride-0 views included).
     All ``S + 1`` ids of a row search in parallel programs: one program walking them in turn
     (Run 4) made a chain of ~35 dependent loads per id. The id's run ``[lo, hi)`` in the sorted
     candidate ids (binary search) gives its column tiles, the groups ``[pos[lo], pos[hi])`` of
-    the (id, column tile) grouping (:func:`_id_groups`); a tile whose only such column is the
-    row's target column is not marked (``x`` is the target item there, and the target is
-    always kept)."""
+    the (id, column tile) grouping (:func:`_id_groups`). The target column's own tile is
+    marked by slot 0 directly: only flagged tiles compute the one-hot term and the target
+    score, so an unflagged tile needs nothing per element but a per-column bias."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     slot = tl.program_id(1)
     row_in = rows < R
@@ -307,14 +311,13 @@ def _flag_kernel(
     g_lo = tl.load(pos_ptr + lo, mask=ok, other=0)
     cnt = tl.where(ok, tl.load(pos_ptr + hi, mask=ok, other=0) - g_lo, 0)
     fl_rows = fl_ptr + (rows // BLOCK_R).to(tl.int64) * tl.cdiv(N, BLOCK_N)
-    t_tile = tgt // BLOCK_N
+    one = tl.full((BLOCK,), 1, tl.int8)
+    if slot == 0:  # the target column's own tile: the one-hot term and the target score
+        tl.store(fl_rows + tgt // BLOCK_N, one, mask=valid)
     for k in range(0, tl.max(cnt, axis=0)):
         m = k < cnt
         st = tl.load(gstart_ptr + g_lo + k, mask=m, other=0)
-        en = tl.load(gstart_ptr + g_lo + k + 1, mask=m, other=0)
-        ct = tl.load(order_ptr + st, mask=m, other=0) // BLOCK_N
-        only_target = (x == tid) & (ct == t_tile) & (en - st == 1)
-        tl.store(fl_rows + ct, tl.full(ct.shape, 1, tl.int8), mask=m & (~only_target))
+        tl.store(fl_rows + tl.load(order_ptr + st, mask=m, other=0) // BLOCK_N, one, mask=m)
 
 
 @triton.jit
@@ -329,17 +332,41 @@ def _row_setup(tgt_ptr, tid_ptr, rows, R):
 
 
 @triton.jit
+def _narrow_ids(e, pad_id):
+    """int64 ids -> int32, ids outside the int32 range -> ``pad_id``: used only when every
+    candidate id fits in int32 (``fit``), so such an id can match no column but padding,
+    which is dropped anyway."""
+    return tl.where((e >= -2147483648) & (e <= 2147483647), e, pad_id).to(tl.int32)
+
+
+@triton.jit
+def _hoist_ids(ex_ptr, ex_sr, ex_ss, rows, valid, S, pad_id, S_PAD: tl.constexpr, HOIST: tl.constexpr):
+    """The row tile's excluded ids as a tuple of ``S_PAD`` int32 vectors (padded with
+    ``pad_id``), loaded once before a column loop; empty unless ``HOIST``. Loaded inside the
+    loop (the flagged branch of every tile), the sixteen loads went out one after another,
+    each waiting for the previous compare (one register reused: sm_90 SASS of Triton 3.9)."""
+    ids = ()
+    if HOIST:
+        ex_rows = ex_ptr + rows.to(tl.int64) * ex_sr
+        rows_zero = valid.to(tl.int32) * 0
+        for s in tl.static_range(S_PAD):
+            e = tl.load(ex_rows + s * ex_ss, mask=valid & ((rows_zero + s) < S), other=pad_id).to(tl.int64)
+            ids = ids + (_narrow_ids(e, pad_id),)
+    return ids
+
+
+@triton.jit
 def _excl_chunk(cid, ex_rows, ex_ss, valid, S, s0, pad_id, S_PAD: tl.constexpr, NARROW: tl.constexpr):
-    """``hit[r, j] = cid[j] in exclude_ids[r, s0:s0+S_PAD]``: the ``S_PAD`` id columns are
-    unrolled, each one 1-D load straight into the compare's row layout (independent loads,
-    issued together, L1 hits after the first tile), then one compare-or per element.
-    ``NARROW``: ``cid`` is int32 and the ids are narrowed (out-of-range ids -> ``pad_id``)."""
+    """``hit[r, j] = cid[j] in exclude_ids[r, s0:s0+S_PAD]``, ids loaded here (the path for
+    ``S > 16``, int64 ids that do not fit, and the column-wise kernels, whose rows change
+    every step): the ``S_PAD`` id columns unrolled, each one 1-D load straight into the
+    compare's row layout. ``NARROW``: ``cid`` is int32 and the ids are narrowed."""
     hit = valid[:, None] & (cid[None, :] != cid[None, :])
     rows_zero = valid.to(tl.int32) * 0
     for s in tl.static_range(S_PAD):
         e = tl.load(ex_rows + (s0 + s) * ex_ss, mask=valid & ((rows_zero + s0 + s) < S), other=pad_id).to(tl.int64)
         if NARROW:
-            e = tl.where((e >= -2147483648) & (e <= 2147483647), e, pad_id).to(tl.int32)
+            e = _narrow_ids(e, pad_id)
         hit = hit | (cid[None, :] == e[:, None])
     return hit
 
@@ -358,6 +385,51 @@ def _excl_ids(cid, ex_rows, ex_ss, valid, S, pad_id, S_PAD: tl.constexpr, EX_ONE
 
 
 @triton.jit
+def _drop_tile(
+    cols,
+    cid,
+    rows,
+    valid,
+    tgt,
+    tid,
+    ids,
+    fit,
+    ex_ptr,
+    ex_sr,
+    ex_ss,
+    S,
+    pad_id,
+    S_PAD: tl.constexpr,
+    EX_ONE: tl.constexpr,
+    IDS32: tl.constexpr,
+    HOIST: tl.constexpr,
+):
+    """The full exclusion test of a flagged tile: returns ``(drop, is_t)``, ``drop`` true on
+    padding (and columns past N, whose id reads as ``pad_id``), on other copies of the row's
+    target item and on its excluded ids -- never on the target column ``is_t``.
+
+    Compares run in int32 when the pad id fits (``IDS32``) and every candidate id does
+    (``fit``, one device flag per call, read once per program: a per-tile min/max of the
+    column ids cost three CTA barriers a tile); the excluded ids come from ``ids`` (hoisted,
+    ``HOIST``) or are loaded here."""
+    is_t = cols[None, :] == tgt[:, None]
+    ex_rows = ex_ptr + rows.to(tl.int64) * ex_sr
+    if IDS32 and fit != 0:
+        c32 = cid.to(tl.int32)
+        hit = (c32[None, :] == tid.to(tl.int32)[:, None]) | (c32 == pad_id)[None, :]
+        if HOIST:
+            for s in tl.static_range(S_PAD):
+                hit = hit | (c32[None, :] == ids[s][:, None])
+        elif S_PAD > 0:
+            hit = hit | _excl_ids(c32, ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, True)
+    else:
+        hit = (cid[None, :] == tid[:, None]) | (cid == pad_id)[None, :]
+        if S_PAD > 0:
+            hit = hit | _excl_ids(cid, ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, False)
+    return hit & (~is_t), is_t
+
+
+@triton.jit
 def _keep_tile(
     cols,
     col_ok,
@@ -366,6 +438,8 @@ def _keep_tile(
     valid,
     tgt,
     tid,
+    ids,
+    fit,
     ex_ptr,
     ex_sr,
     ex_ss,
@@ -375,32 +449,21 @@ def _keep_tile(
     S_PAD: tl.constexpr,
     EX_ONE: tl.constexpr,
     IDS32: tl.constexpr,
+    HOIST: tl.constexpr,
 ):
-    """Exclusion rule for one (rows x cols) tile: returns (kept, is_target).
-
-    ``flag`` (the tile pair's byte of the exclusion-present grid, see :func:`_tile_flags`)
-    picks the path by a uniform branch: unset, no column of the tile is another copy of a
-    row's target or one of its excluded ids, so only padding (one compare per column) and
-    the row/column bounds decide; set, the full test of the target item id and the ``S``
-    excluded ids runs (int32 compares when the column tile's ids fit, again a uniform
-    branch). Both paths keep the same entries on an unflagged tile."""
-    is_pad = cid == pad_id
-    is_t = (cols[None, :] == tgt[:, None]) & valid[:, None]
+    """Exclusion rule for one (rows x cols) tile of the three-branch kernels: returns (kept,
+    is_target). ``flag`` (the tile pair's byte of the exclusion-present grid, see
+    :func:`_tile_flags`) picks the path by a uniform branch: unset, no column of the tile is
+    a row's target column, another copy of its target item or one of its excluded ids, so
+    only padding (one compare per column) and the row bounds decide; set, :func:`_drop_tile`."""
     if flag != 0:
-        excl = (cid[None, :] == tid[:, None]) | is_pad[None, :]
-        if S_PAD > 0:
-            ex_rows = ex_ptr + rows.to(tl.int64) * ex_sr
-            if IDS32:
-                fits = (tl.min(cid, axis=0) >= -2147483648) & (tl.max(cid, axis=0) <= 2147483647)
-                if fits:
-                    excl = excl | _excl_ids(cid.to(tl.int32), ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, True)
-                else:
-                    excl = excl | _excl_ids(cid, ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, False)
-            else:
-                excl = excl | _excl_ids(cid, ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, False)
-        keep = ((~excl) | is_t) & col_ok[None, :] & valid[:, None]
+        drop, is_t = _drop_tile(
+            cols, cid, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32, HOIST
+        )
+        keep = (~drop) & valid[:, None]
     else:
-        keep = ((~is_pad)[None, :] | is_t) & col_ok[None, :] & valid[:, None]
+        is_t = (cols[None, :] == tgt[:, None]) & valid[:, None]
+        keep = (cid != pad_id)[None, :] & col_ok[None, :] & valid[:, None]
     return keep, is_t
 
 
@@ -464,6 +527,14 @@ def _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ: tl.constex
 
 
 @triton.jit
+def _col_bias(cid, lq, pad_id):
+    """Per-column score offset of an unflagged tile: ``-log Q``, or ``-inf`` on padding (and
+    on columns past N, whose id reads as ``pad_id``). One op per element then applies the
+    whole exclusion rule there: no target column, no other copy, no excluded id in the tile."""
+    return tl.where(cid != pad_id, -lq, float("-inf"))
+
+
+@triton.jit
 def _ce_fwd_kernel(
     q_ptr,
     sq_r,
@@ -480,6 +551,7 @@ def _ce_fwd_kernel(
     ex_ss,
     lq_ptr,
     s_lq,
+    fit_ptr,
     fl_ptr,
     part_ptr,
     R,
@@ -492,6 +564,7 @@ def _ce_fwd_kernel(
     S_PAD: tl.constexpr,
     EX_ONE: tl.constexpr,
     IDS32: tl.constexpr,
+    HOIST: tl.constexpr,
     FULL_D: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -505,6 +578,8 @@ def _ce_fwd_kernel(
     n_lo = split * n_per_split
     n_hi = tl.minimum(N, n_lo + n_per_split)
     row_in, valid, tgt, tid = _row_setup(tgt_ptr, tid_ptr, rows, R)
+    fit = tl.load(fit_ptr)
+    ids = _hoist_ids(ex_ptr, ex_sr, ex_ss, rows, valid, S, pad_id, S_PAD, HOIST)
     if FULL_D:
         q = _full_tile(q_ptr, sq_r, sq_d, rows, row_in, D, D_PAD)
     m = tl.full((BLOCK_R,), -1.0e30, tl.float32)
@@ -522,12 +597,14 @@ def _ce_fwd_kernel(
             s = _score_tile(
                 q_ptr, sq_r, sq_d, c_ptr, sc_n, sc_d, rows, row_in, cols, col_ok, D, BLOCK_R, BLOCK_N, BLOCK_D, PREC
             )
-        s = s - lq[None, :]
-        keep, is_t = _keep_tile(
-            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, flag, S_PAD, EX_ONE, IDS32
-        )
-        zt += tl.sum(tl.where(is_t, s, 0.0), axis=1)
-        s = tl.where(keep, s, float("-inf"))
+        if flag != 0:  # the row tile's target columns are in flagged tiles only
+            drop, is_t = _drop_tile(
+                cols, cid, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32, HOIST
+            )
+            s = tl.where(drop, float("-inf"), s - lq[None, :])
+            zt += tl.sum(tl.where(is_t, s, 0.0), axis=1)
+        else:
+            s = s + _col_bias(cid, lq, pad_id)[None, :]
         m_new = tl.maximum(m, tl.max(s, axis=1))
         lsum = lsum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
         m = m_new
@@ -564,10 +641,42 @@ def _ce_combine_kernel(part_ptr, tgt_ptr, loss_ptr, lse_ptr, R, n_splits, BLOCK:
 
 
 @triton.jit
-def _ce_dz(s, keep, is_t, lse, g):
-    """``g_r (softmax_r - onehot)`` on kept entries, 0 elsewhere."""
-    p = tl.exp(tl.where(keep, s - lse[:, None], -float("inf")))
-    return tl.where(keep, (p - is_t.to(tl.float32)) * g[:, None], 0.0)
+def _ce_dz(
+    s,
+    cols,
+    cid,
+    lq,
+    rows,
+    valid,
+    tgt,
+    tid,
+    ids,
+    fit,
+    lse,
+    g,
+    flag,
+    ex_ptr,
+    ex_sr,
+    ex_ss,
+    S,
+    pad_id,
+    S_PAD: tl.constexpr,
+    EX_ONE: tl.constexpr,
+    IDS32: tl.constexpr,
+    HOIST: tl.constexpr,
+):
+    """``g_r (softmax_r - onehot)`` on kept entries, 0 elsewhere, from the raw scores ``s``.
+    ``lse`` is ``+inf`` on ignored rows (so ``p = 0`` there without a mask); the one-hot
+    term lives in flagged tiles only (every target column's tile is flagged)."""
+    if flag != 0:
+        drop, is_t = _drop_tile(
+            cols, cid, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32, HOIST
+        )
+        p = tl.exp(tl.where(drop, float("-inf"), s - lq[None, :] - lse[:, None]))
+        dz = (p - is_t.to(tl.float32)) * g[:, None]
+    else:
+        dz = tl.exp(s + (_col_bias(cid, lq, pad_id)[None, :] - lse[:, None])) * g[:, None]
+    return dz
 
 
 @triton.jit
@@ -587,6 +696,7 @@ def _ce_dq_kernel(
     ex_ss,
     lq_ptr,
     s_lq,
+    fit_ptr,
     fl_ptr,
     lse_ptr,
     g_ptr,
@@ -603,6 +713,7 @@ def _ce_dq_kernel(
     S_PAD: tl.constexpr,
     EX_ONE: tl.constexpr,
     IDS32: tl.constexpr,
+    HOIST: tl.constexpr,
     FULL_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -615,9 +726,11 @@ def _ce_dq_kernel(
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     o_ok = offs_o < D
     row_in, valid, tgt, tid = _row_setup(tgt_ptr, tid_ptr, rows, R)
+    fit = tl.load(fit_ptr)
+    ids = _hoist_ids(ex_ptr, ex_sr, ex_ss, rows, valid, S, pad_id, S_PAD, HOIST)
     gmax = tl.load(gmax_ptr)
     gmax = tl.where(gmax > 0, gmax, 1.0)
-    lse = tl.load(lse_ptr + rows, mask=valid, other=0.0)
+    lse = tl.where(valid, tl.load(lse_ptr + rows, mask=valid, other=0.0), float("inf"))
     g = tl.load(g_ptr + rows, mask=valid, other=0.0) / gmax
     if FULL_D:  # BLOCK_DO is the padded width, one output chunk
         q = _full_tile(q_ptr, sq_r, sq_d, rows, row_in, D, BLOCK_DO)
@@ -642,11 +755,10 @@ def _ce_dq_kernel(
                 mask=col_ok[:, None] & o_ok[None, :],
                 other=0.0,
             )
-        s = s - lq[None, :]
-        keep, is_t = _keep_tile(
-            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, flag, S_PAD, EX_ONE, IDS32
-        )
-        dz = _ce_dz(s, keep, is_t, lse, g)
+        dz = _ce_dz(
+            s, cols, cid, lq, rows, valid, tgt, tid, ids, fit, lse, g, flag, ex_ptr, ex_sr, ex_ss, S, pad_id,
+            S_PAD, EX_ONE, IDS32, HOIST,
+        )  # fmt: skip
         acc = tl.dot(dz.to(c.dtype), c, acc=acc, input_precision=PREC)
     acc = acc * gmax
     tl.store(
@@ -673,6 +785,7 @@ def _ce_dc_kernel(
     ex_ss,
     lq_ptr,
     s_lq,
+    fit_ptr,
     fl_ptr,
     lse_ptr,
     g_ptr,
@@ -700,6 +813,7 @@ def _ce_dc_kernel(
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     o_ok = offs_o < D
     col_ok, cid, lq = _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ)
+    fit = tl.load(fit_ptr)
     gmax = tl.load(gmax_ptr)
     gmax = tl.where(gmax > 0, gmax, 1.0)
     if FULL_D:
@@ -711,7 +825,7 @@ def _ce_dc_kernel(
         rows = r0 + tl.arange(0, BLOCK_R)
         flag = tl.load(fl_col + (r0 // BLOCK_R) * n_ct)
         row_in, valid, tgt, tid = _row_setup(tgt_ptr, tid_ptr, rows, R)
-        lse = tl.load(lse_ptr + rows, mask=valid, other=0.0)
+        lse = tl.where(valid, tl.load(lse_ptr + rows, mask=valid, other=0.0), float("inf"))
         g = tl.load(g_ptr + rows, mask=valid, other=0.0) / gmax
         if FULL_D:
             q = _full_tile(q_ptr, sq_r, sq_d, rows, row_in, D, BLOCK_DO)
@@ -725,11 +839,11 @@ def _ce_dc_kernel(
                 mask=row_in[:, None] & o_ok[None, :],
                 other=0.0,
             )
-        s = s - lq[None, :]
-        keep, is_t = _keep_tile(
-            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, flag, S_PAD, EX_ONE, IDS32
-        )
-        dz = _ce_dz(s, keep, is_t, lse, g)
+        # rows change every step: the excluded ids are loaded in the flagged branch
+        dz = _ce_dz(
+            s, cols, cid, lq, rows, valid, tgt, tid, (), fit, lse, g, flag, ex_ptr, ex_sr, ex_ss, S, pad_id,
+            S_PAD, EX_ONE, IDS32, False,
+        )  # fmt: skip
         acc = tl.dot(tl.trans(dz.to(q.dtype)), q, acc=acc, input_precision=PREC)
     acc = acc * gmax
     tl.store(
@@ -843,6 +957,7 @@ def _odmt_fwd_kernel(
     ex_ss,
     lq_ptr,
     s_lq,
+    fit_ptr,
     fl_ptr,
     part_ptr,
     R,
@@ -857,6 +972,7 @@ def _odmt_fwd_kernel(
     S_PAD: tl.constexpr,
     EX_ONE: tl.constexpr,
     IDS32: tl.constexpr,
+    HOIST: tl.constexpr,
     FULL_D: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -870,6 +986,8 @@ def _odmt_fwd_kernel(
     n_lo = split * n_per_split
     n_hi = tl.minimum(N, n_lo + n_per_split)
     row_in, valid, tgt, tid = _row_setup(tgt_ptr, tid_ptr, rows, R)
+    fit = tl.load(fit_ptr)
+    ids = _hoist_ids(ex_ptr, ex_sr, ex_ss, rows, valid, S, pad_id, S_PAD, HOIST)
     if FULL_D:
         qi = _full_tile(qi_ptr, sq_i, sq_d, rows, row_in, D, D_PAD)
         qt = _full_tile(qt_ptr, sq_t, sq_d, rows, row_in, D, D_PAD)
@@ -935,7 +1053,8 @@ def _odmt_fwd_kernel(
             )
         s_e = (s_i + s_t + s_v) / 3.0
         keep, is_t = _keep_tile(
-            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, flag, S_PAD, EX_ONE, IDS32
+            cols, col_ok, cid, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id, flag,
+            S_PAD, EX_ONE, IDS32, HOIST,
         )
         zt_i += tl.sum(tl.where(is_t, s_i, 0.0), axis=1)
         zt_t += tl.sum(tl.where(is_t, s_t, 0.0), axis=1)
@@ -1189,6 +1308,7 @@ def _odmt_dq_kernel(
     ex_ss,
     lq_ptr,
     s_lq,
+    fit_ptr,
     fl_ptr,
     stats_ptr,
     g_ptr,
@@ -1206,6 +1326,7 @@ def _odmt_dq_kernel(
     S_PAD: tl.constexpr,
     EX_ONE: tl.constexpr,
     IDS32: tl.constexpr,
+    HOIST: tl.constexpr,
     FULL_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -1218,6 +1339,8 @@ def _odmt_dq_kernel(
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     o_ok = offs_o < D
     row_in, valid, tgt, tid = _row_setup(tgt_ptr, tid_ptr, rows, R)
+    fit = tl.load(fit_ptr)
+    ids = _hoist_ids(ex_ptr, ex_sr, ex_ss, rows, valid, S, pad_id, S_PAD, HOIST)
     gmax = tl.load(gmax_ptr)
     gmax = tl.where(gmax > 0, gmax, 1.0)
     inv_t = 1.0 / temperature
@@ -1281,7 +1404,8 @@ def _odmt_dq_kernel(
             c_t = tl.load(ct_ptr + c_off * sc_t + offs_o[None, :] * sc_d, mask=cm, other=0.0)
             c_v = tl.load(cv_ptr + c_off * sc_v + offs_o[None, :] * sc_d, mask=cm, other=0.0)
         keep, is_t = _keep_tile(
-            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, flag, S_PAD, EX_ONE, IDS32
+            cols, col_ok, cid, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id, flag,
+            S_PAD, EX_ONE, IDS32, HOIST,
         )
         dz_i, dz_t, dz_v = _odmt_dz(
             s_i,
@@ -1345,6 +1469,7 @@ def _odmt_dc_kernel(
     ex_ss,
     lq_ptr,
     s_lq,
+    fit_ptr,
     fl_ptr,
     stats_ptr,
     g_ptr,
@@ -1373,6 +1498,7 @@ def _odmt_dc_kernel(
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     o_ok = offs_o < D
     col_ok, cid, lq = _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ)
+    fit = tl.load(fit_ptr)
     gmax = tl.load(gmax_ptr)
     gmax = tl.where(gmax > 0, gmax, 1.0)
     inv_t = 1.0 / temperature
@@ -1432,7 +1558,8 @@ def _odmt_dc_kernel(
             q_t = tl.load(qt_ptr + r_off * sq_t + offs_o[None, :] * sq_d, mask=qm, other=0.0)
             q_v = tl.load(qv_ptr + r_off * sq_v + offs_o[None, :] * sq_d, mask=qm, other=0.0)
         keep, is_t = _keep_tile(
-            cols, col_ok, cid, rows, valid, tgt, tid, ex_ptr, ex_sr, ex_ss, S, pad_id, flag, S_PAD, EX_ONE, IDS32
+            cols, col_ok, cid, rows, valid, tgt, tid, (), fit, ex_ptr, ex_sr, ex_ss, S, pad_id, flag,
+            S_PAD, EX_ONE, IDS32, False,
         )
         dz_i, dz_t, dz_v = _odmt_dz(
             s_i,
@@ -1676,8 +1803,16 @@ def _row_targets(target: torch.Tensor, candidate_ids: torch.Tensor, ignore_index
 
 
 def _ids32(pad_id: int) -> bool:
-    """int32 comparisons are possible (per column tile) only if the pad id fits."""
+    """int32 comparisons are possible only if the pad id fits (and, per call, every candidate
+    id: :func:`_ids_fit`)."""
     return -(2**31) <= pad_id < 2**31
+
+
+def _ids_fit(sorted_ids: torch.Tensor) -> torch.Tensor:
+    """``(1,)`` int32 device flag, 1 when every candidate id fits in int32 (the kernels then
+    compare in int32): the first and last of the sorted ids, no host sync."""
+    lo, hi = sorted_ids[:1], sorted_ids[-1:]
+    return ((lo >= -(2**31)) & (hi < 2**31)).to(torch.int32)
 
 
 def _gmax(g: torch.Tensor) -> torch.Tensor:
@@ -1702,9 +1837,11 @@ def _prep(target, candidate_ids, exclude_ids, log_q, pad_id: int, ignore_index: 
     lq, s_lq, has_lq = _lq_args(log_q, candidate_ids)
     vals, order = torch.sort(candidate_ids.to(torch.int64), stable=True)
     return dict(
-        rows=(tgt, tid, candidate_ids, candidate_ids.stride(0), *ex_args, lq, s_lq),
+        rows=(tgt, tid, candidate_ids, candidate_ids.stride(0), *ex_args, lq, s_lq, _ids_fit(vals)),
         S=S,
         flags=dict(HAS_LQ=has_lq, **xflags),
+        # fwd / dQ kernels load a row tile's excluded ids once, before the column loop
+        hoist=dict(HOIST=xflags["IDS32"] and xflags["EX_ONE"] and xflags["S_PAD"] > 0),
         pad_id=pad_id,
         sorted=(vals, order),
         groups={},
@@ -1842,6 +1979,7 @@ def _ce_op(
         )
         meta = dict(
             **p["flags"],
+            **p["hoist"],
             **_tile_meta(c, True, False),
             PREC=_prec(queries.dtype),
             D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
@@ -1906,7 +2044,7 @@ def _ce_backward_impl(
                 _bwd_grid(c, R, D),
                 (*head, _tile_flags(p, c["BLOCK_T"], c["BLOCK_W"]), lse, g, gmax, dq, dq.stride(0), dq.stride(1))
                 + (R, N, D, p["S"], pad_id),
-                dict(**p["flags"], **_tile_meta(c, True, True), PREC=prec, TRANS_S=c.get("TRANS_S", False)),
+                dict(**p["flags"], **p["hoist"], **_tile_meta(c, True, True), PREC=prec, TRANS_S=c.get("TRANS_S", False)),
             ),
             with_do=True,
         )
@@ -2071,6 +2209,7 @@ def _odmt_op(
         args = (*head, *p["rows"], fl, part, R, N, D, p["S"], pad_id, float(temperature), per * c["BLOCK_W"])
         meta = dict(
             **p["flags"],
+            **p["hoist"],
             **_tile_meta(c, True, False),
             FORM_KL=bool(form_kl),
             PREC=_prec(q_id.dtype),
@@ -2161,7 +2300,7 @@ def _odmt_backward_impl(
             lambda c: (
                 _bwd_grid(c, R, D),
                 (*head, _tile_flags(p, c["BLOCK_T"], c["BLOCK_W"]), stats, g, gmax, dq, *tail),
-                dict(**flags, **_tile_meta(c, True, True), TRANS_S=c.get("TRANS_S", False)),
+                dict(**flags, **p["hoist"], **_tile_meta(c, True, True), TRANS_S=c.get("TRANS_S", False)),
             ),
             with_do=True,
         )

@@ -800,7 +800,9 @@ def _flag_case(case: str, dtype: torch.dtype, branches: int):
     g = torch.Generator().manual_seed(FLAG_CASES.index(case) + 100)
     R, N = 45, 48
     cand = torch.arange(1, N + 1)  # distinct items unless a case says otherwise
-    target = torch.randint(0, N, (R,), generator=g)
+    # in-batch layout (row r's target is column r): the target columns' own tiles, which are
+    # always flagged, lie on the diagonal, so the cases below mix flagged and unflagged pairs
+    target = torch.arange(R)
     exclude = None
     if case == "sequences":  # collate_train layout: 3 users of 16 items, rows exclude their user's items
         # (repeats within a user's row); row tile 0 holds user 1's first row: 4 unflagged pairs
@@ -837,19 +839,29 @@ def _flag_case(case: str, dtype: torch.dtype, branches: int):
 
 def _brute_force_flags(target, cand, exclude, block_r: int, block_n: int) -> torch.Tensor:
     """The minimal grid, by definition: a row tile x column tile pair is flagged iff some
-    valid row r has a non-padding column j != target[r] in it whose id is r's target item or
-    one of its excluded ids."""
+    valid row r has its target column in it, or a non-padding column whose id is r's target
+    item or one of its excluded ids."""
     R, N = target.numel(), cand.numel()
     flags = torch.zeros(-(-R // block_r), -(-N // block_n), dtype=torch.int8)
     for r in range(R):
         t = int(target[r])
         if t == IGNORE:
             continue
+        flags[r // block_r, t // block_n] = 1
         ids = {int(cand[t])} | ({int(e) for e in exclude[r]} if exclude is not None else set())
         for j in range(N):
-            if j != t and int(cand[j]) != PAD and int(cand[j]) in ids:
+            if int(cand[j]) != PAD and int(cand[j]) in ids:
                 flags[r // block_r, j // block_n] = 1
     return flags
+
+
+def _target_tiles_only(p: dict, block_r: int, block_n: int) -> torch.Tensor:
+    """The grid of a batch without exclusions: only each valid row's target column tile."""
+    tgt = p["rows"][0].long()
+    valid = tgt >= 0
+    grid = torch.zeros(-(-tgt.numel() // block_r), -(-p["sorted"][0].numel() // block_n), dtype=torch.int8)
+    grid[torch.arange(tgt.numel())[valid] // block_r, tgt[valid] // block_n] = 1
+    return grid
 
 
 def _pad_only_ids(cand: torch.Tensor) -> torch.Tensor:
@@ -870,7 +882,7 @@ def test_tile_flags_are_the_minimal_grid(case):
             assert torch.equal(got, _brute_force_flags(target, cand, exclude, block_r, block_n)), (block_r, block_n)
     grid = K._tile_flags(p, 16, 16)
     if case == "absent":
-        assert not grid.any()
+        assert torch.equal(grid, _target_tiles_only(p, 16, 16))
     elif case != "all_same":  # these mix flagged and unflagged pairs
         assert grid.any() and not grid.all(), grid
     else:
@@ -882,7 +894,7 @@ def test_tile_flags_are_the_minimal_grid(case):
 def test_ce_flag_cases_match_reference(case, dtype):
     qs, cs, target, cand, exclude, log_q = _flag_case(case, dtype, 1)
     out = _check_ce(qs, cs, target, cand, exclude, log_q, "none", dtype)
-    # by construction the exclusions change the answer (a wrongly all-zero grid would fail),
+    # by construction the exclusions change the answer (a wrongly targets-only grid would fail),
     # except where no excluded id is a candidate
     pad_only = debiased_inbatch_cross_entropy_reference(
         qs[0].double(),
@@ -907,18 +919,25 @@ def test_mutual_distillation_flag_cases_match_reference(case):
     _check_odmt(qs, cs, target, cand, exclude, log_q, 0.5, case != "expanded", "kl", "mean", torch.float32)
 
 
-@pytest.mark.parametrize("grid", ["zeros", "ones"])
+@pytest.mark.parametrize("grid", ["targets_only", "ones"])
 def test_kernels_take_the_path_their_flags_say(monkeypatch, grid):
-    """Every kernel reads the grid: forced to all zeros, each one computes the padding-only
-    softmax (the cheap path skips the exclusion test); all ones (full test everywhere) gives
-    the reference -- both paths of every kernel checked, forward and gradients."""
-    fill = torch.zeros_like if grid == "zeros" else torch.ones_like
+    """Every kernel reads the grid: forced to the target columns' tiles only, each one
+    computes the padding-only softmax where the exclusions lie outside those tiles (the cheap
+    path skips the exclusion test); all ones
+    (full test everywhere) gives the reference -- both paths of every kernel checked,
+    forward and gradients."""
     real = K._tile_flags
-    monkeypatch.setattr(K, "_tile_flags", lambda p, br, bn: fill(real(p, br, bn)))
-    qs, cs, target, cand, exclude, log_q = _flag_case("sequences", torch.float32, 3)
-    if grid == "zeros":
+    if grid == "ones":
+        monkeypatch.setattr(K, "_tile_flags", lambda p, br, bn: torch.ones_like(real(p, br, bn)))
+    else:
+        monkeypatch.setattr(K, "_tile_flags", _target_tiles_only)
+    # targets only: a batch whose excluded ids all lie outside the target columns' tiles, so
+    # the flagged tiles exclude nothing but padding either
+    case = "excl_some_tiles" if grid == "targets_only" else "sequences"
+    qs, cs, target, cand, exclude, log_q = _flag_case(case, torch.float32, 3)
+    if grid == "targets_only":
         cand, exclude = _pad_only_ids(cand), None  # what the reference must then be given
-        qs_, cs_, target_, cand_, exclude_, lq_ = _flag_case("sequences", torch.float32, 3)
+        qs_, cs_, target_, cand_, exclude_, lq_ = _flag_case(case, torch.float32, 3)
         shown = K.debiased_inbatch_cross_entropy(qs_[0], cs_[0], target_, cand_, exclude_, lq_, PAD, IGNORE, "none")
         ref = debiased_inbatch_cross_entropy_reference(
             qs[0].double(),
@@ -931,15 +950,15 @@ def test_kernels_take_the_path_their_flags_say(monkeypatch, grid):
             ignore_index=IGNORE,
             reduction="none",
         )
-        _assert_close(shown, ref, torch.float32, "fwd", "loss with an all-zero grid")
+        _assert_close(shown, ref, torch.float32, "fwd", "loss with the targets-only grid")
         q, c = _leaf(qs_[0]), _leaf(cs_[0])
         K.debiased_inbatch_cross_entropy(q, c, target_, cand_, exclude_, lq_, PAD, IGNORE, "sum").backward()
         q64, c64 = _leaf(qs[0], torch.float64), _leaf(cs[0], torch.float64)
         debiased_inbatch_cross_entropy_reference(
             q64, c64, target, cand, None, log_q.double(), pad_id=PAD, ignore_index=IGNORE, reduction="sum"
         ).backward()
-        _assert_close(q.grad, q64.grad, torch.float32, "grad", "dq with an all-zero grid")
-        _assert_close(c.grad, c64.grad, torch.float32, "grad", "dc with an all-zero grid")
+        _assert_close(q.grad, q64.grad, torch.float32, "grad", "dq with the targets-only grid")
+        _assert_close(c.grad, c64.grad, torch.float32, "grad", "dc with the targets-only grid")
         out = K.mutual_distillation_loss(
             *qs_, *cs_, target_, cand_, exclude_, lq_, 0.5, True, "kl", PAD, IGNORE, "mean"
         )
@@ -955,7 +974,7 @@ def test_kernels_take_the_path_their_flags_say(monkeypatch, grid):
             ignore_index=IGNORE,
         )
         for name, a, b in zip(DistillationLosses._fields, out, ref3, strict=True):
-            _assert_close(a, b, torch.float32, "fwd", f"{name} with an all-zero grid")
+            _assert_close(a, b, torch.float32, "fwd", f"{name} with the targets-only grid")
         return
     _check_ce(qs, cs, target, cand, exclude, log_q, "none", torch.float32)
     _check_odmt(qs, cs, target, cand, exclude, log_q, 0.5, False, "ce", "sum", torch.float32)
