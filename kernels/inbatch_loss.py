@@ -143,42 +143,52 @@ fallback chain when a GPU refuses a tile (``_launch``); small 16-wide tiles unde
 
 Performance notes (H100, bf16)
 ------------------------------
-Measured (``benchmarks/RESULTS.md``, run 3, the kernels before the flags): 16k CE 17.0 ms
-(fwd / dQ / dC = 2.6 / 6.6 / 8.2 ms) vs Cut Cross-Entropy 6.4 ms, floor 0.69 ms; 16k ODMT
-54.0 ms; 65k CE 209 ms. Believed dominant: the exclusion compare, ``S + 1 = 16`` id compares
-per logit on the CUDA cores in each of the three passes.
+Measured (``benchmarks/RESULTS.md``, Run 5, the kernels before the lean tiles below): 16k
+CE 12.26 ms (fwd / dQ / dC = 2.86 / 5.11 / 4.27 ms; with the tile rule now, sums of measured
+parts ~9.9 ms) vs Cut Cross-Entropy 5.04 ms, floor 0.71 ms; 16k three-branch 52.98 ms (~35.8
+with the rule now) vs torch.compile 14.37 ms; 65k CE 116 ms vs CCE 67.8. On the
+``collate_train`` layout (8% of the pairs flagged) the CE forward took 1.60 ms against 2.86 on
+the anchors' layout (99% flagged): the exclusion test was ~45% of it, and the other ~1.6 ms
+were not the dot either (0.2 ms at the measured tensor-core rate).
 
-Registers and stack (spills) a thread, **compile only, not timings**: Triton 3.9 sm_90
-compile on the CPU machine (``AOT=1 AOT_TILES=1 python benchmarks/bench_inbatch_loss.py``,
-registers and stack read by ``cuobjdump --dump-resource-usage``), with the specialisation
-the launcher applies to contiguous inputs (unit strides as constants, pointers, strides and
-R, N, D divisible by 16). An earlier compile without that specialisation kept a 64-bit
-address per element and reported 2-5x the stack below; it had set this rule too
-conservatively. Triton 3.6 on the GPU may allocate differently: the benchmark prints
-n_regs/n_spills. With the flags, at the rule's tiles (8 warps):
+Static analysis that set the present form (Triton 3.9 sm_90 SASS of the rule's 16k tiles,
+``cuobjdump -sass`` of the ``AOT=1`` compile; **instruction counts, not timings**), in
+instructions a thread issues per column tile, before -> after:
 
-* paper (1,536 x 1,664, d = 768, chunked d): ce fwd 128 regs / dQ 128 / dC 150, no spills;
-  odmt fwd 226 regs, odmt dQ / dC 272 / 232 B of stack.
-* big (16k, d = 256): ce fwd 98 regs, ce dQ 64 x 32 207 regs, ce dC 64 x 32 201 regs, no
-  spills; odmt fwd / dQ / dC 328 / 56 / 280 B.
-* huge (65k, d = 128): ce fwd 124 regs, ce dQ 64 x 64 199 regs, ce dC 64 x 32 182 regs, no
-  spills.
+* CE forward (128 x 64, 8 warps): unflagged tile 1,572 -> 750; flagged, int32 compares
+  4,558 -> 1,583. Before: a per-element mask (padding, bounds, row validity, target one-hot,
+  ~30 predicate ops an element), the sixteen excluded-id loads of a flagged tile issued one
+  after another (one destination register, each load waiting for the previous compare) and
+  a per-tile min/max of the column ids with three CTA barriers. After: ``_col_bias``,
+  ``_hoist_ids``, ``_ids_fit``, and the one-hot/target score only in flagged tiles (the
+  target column's tile is always flagged).
+* CE dQ (64 x 32, 4 warps): 793 -> 420 unflagged, 2,040 -> 813 flagged.
+* CE dC (64 columns x 32-row steps, 8 warps; ids loaded per step, now batched): 487 -> 349
+  unflagged, 1,108 -> 981 flagged.
 
-Alternatives (stack bytes at 8 / 4 warps): ce dQ 64 x 64 at d = 256: 8 / 184; ce dC 64 x 64:
-416 / 720 (big), 48 / 200 (huge); ce dQ / dC 64 x 64 at the paper's d: 0 (190 / 202 regs)
-but half the programs (the paper's 1,536 rows give 48 row tiles of 32; kept at 32);
-three-branch dQ / dC at 64 x 32 or 64 x 64: 1.9-2.8 KB at 8 warps, so they stay at 32 x 32.
-Hence the rule: full-width single-branch dQ 64 x 64 at d <= 128 and 64 x 32 at d = 256, dC
-64 x 32, 8 warps; three-branch backward 32 x 32. The benchmark's tile sweep times 32 x 32 /
-64 x 32 / 64 x 64 at 4 and 8 warps for the single-branch backward and 64 x 32 for the
-three-branch one.
+Predicted, unmeasured: each CE pass 1.5-2.5x faster on the anchors' layout; the next lent
+GPU's ``benchmarks/gpu_check.sh`` times it. Also seen in the SASS, for its sweep: the 32-row
+steps of the CE dC make its score dot ``mma.sync`` (wgmma needs 64 rows a warpgroup; 64 x 64
+compiles with 252 registers and no spills now); the three-branch forward at 64 x 32 with 8
+warps splits each row's 32 columns over two warpgroups (``HGMMA.64x16``), so every row
+reduction (17 a tile) crosses them through shared memory, 71 CTA barriers in the kernel
+(36 at 4 warps, one warpgroup; Run 5 measured the same split on the CE dQ: 8 -> 4 warps,
+5.11 -> 3.27 ms).
 
-Expected on the GPU (prediction, unmeasured): on the anchors' layout, the benchmark's timed
-cases, almost every pair is flagged, so the time stays about where run 3 left it (plus the
-flag build, a few small launches, and the forward's new 16-272 B of stack); on the
-``collate_train`` layout (the ``big_seq`` case) 3-9% of the pairs run the test, so each pass
-should approach its dot-product and softmax cost -- if the exclusion test is what run 3's
-gap to the floor is made of, several times faster per pass.
+Registers and stack (spills) a thread, compile only (``AOT=1 [AOT_TILES=1] python
+benchmarks/bench_inbatch_loss.py``: registers and stack read by ``cuobjdump
+--dump-resource-usage``), with the specialisation the launcher applies to contiguous inputs
+(unit strides as constants; pointers, row strides -- per branch in the three-branch kernels
+-- and R, N, D divisible by 16: without it the compile has no 16-byte async copies, no
+software pipeline, and reports far more stack). Triton 3.6 on the GPU allocates differently
+(Run 5: three-branch dC 168 B at 64 x 32): the benchmark prints n_regs/n_spills. At the
+rule's tiles:
+
+* paper (1,536 x 1,664, d = 768, chunked d): ce fwd / dQ / dC 164 / 162 / 134 regs, no
+  spills; odmt fwd 194 regs, odmt dQ 112 B of stack, dC 254 regs and none.
+* big (16k, d = 256): ce fwd 188 regs, dQ 249, dC 203, no spills; odmt fwd / dQ / dC 16 /
+  120 / 544 B of stack.
+* huge (65k, d = 128): ce fwd 204 regs, dQ 174, dC 178, no spills.
 
 Public functions (registered as custom ops ``odmt::debiased_inbatch_ce`` and
 ``odmt::mutual_distillation``, with fake and autograd implementations; their backward
@@ -1052,13 +1062,17 @@ def _odmt_fwd_kernel(
                 PREC,
             )
         s_e = (s_i + s_t + s_v) / 3.0
-        keep, is_t = _keep_tile(
-            cols, col_ok, cid, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id, flag,
-            S_PAD, EX_ONE, IDS32, HOIST,
-        )
-        zt_i += tl.sum(tl.where(is_t, s_i, 0.0), axis=1)
-        zt_t += tl.sum(tl.where(is_t, s_t, 0.0), axis=1)
-        zt_v += tl.sum(tl.where(is_t, s_v, 0.0), axis=1)
+        # ignored rows are not masked here: the combine discards their statistics
+        if flag != 0:  # the row tile's target columns are in flagged tiles only
+            drop, is_t = _drop_tile(
+                cols, cid, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32, HOIST
+            )
+            keep = ~drop
+            zt_i += tl.sum(tl.where(is_t, s_i, 0.0), axis=1)
+            zt_t += tl.sum(tl.where(is_t, s_t, 0.0), axis=1)
+            zt_v += tl.sum(tl.where(is_t, s_v, 0.0), axis=1)
+        else:
+            keep = tl.broadcast_to((cid != pad_id)[None, :], (BLOCK_R, BLOCK_N))
         m_i, l1_i, lt_i, a_i, e_i = _online_branch(s_i, keep, m_i, l1_i, lt_i, inv_t, True)
         m_t, l1_t, lt_t, a_t, e_t = _online_branch(s_t, keep, m_t, l1_t, lt_t, inv_t, True)
         m_v, l1_v, lt_v, a_v, e_v = _online_branch(s_v, keep, m_v, l1_v, lt_v, inv_t, True)
