@@ -593,7 +593,7 @@ def _aot_compile(label: str, kernel, cfg: dict, meta: dict, cuobjdump: str) -> d
     ptr = {"tgt_ptr": "*i32", "tid_ptr": "*i64", "cid_ptr": "*i64", "ex_ptr": "*i64", "fl_ptr": "*i8"}
     ptr["fit_ptr"] = "*i32"
     ptr.update({k: "*i64" for k in ("vals_ptr", "order_ptr", "pos_ptr", "gstart_ptr")})
-    fp32 = {"lq_ptr", "part_ptr", "loss_ptr", "lse_ptr", "stats_ptr", "g_ptr", "gmax_ptr"}
+    fp32 = {"lq_ptr", "cb_ptr", "part_ptr", "loss_ptr", "lse_ptr", "stats_ptr", "g_ptr", "gmax_ptr"}
     consts = {k: v for k, v in meta.items() if k in kernel.arg_names}
     # What the launcher specialises on the benchmark's contiguous inputs: unit strides are
     # constants (vectorised loads; without this the compile keeps per-element addresses and

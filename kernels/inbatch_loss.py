@@ -110,12 +110,13 @@ chain may shrink a tile), so each launch asks for the grid of exactly its own ti
 with no OR over finer flags. dQ/forward programs read ``flag[program row tile, n0 //
 BLOCK_N]``, dC programs ``flag[r0 // BLOCK_R, program column tile]``.
 
-In the kernels, per tile, a uniform branch on the flag. Unset: the single-branch kernels add
-a per-column bias (``-log Q``, or ``-inf`` on padding and past N: ``_col_bias``) to the raw
-scores -- one op per element is the whole rule there, no target column, no one-hot, no
-per-element mask; the three-branch kernels form ``keep`` from the padding compare per column.
-Set (``_drop_tile``): the target one-hot and the full test, one compare-or per element and
-id against the row's target item id and its excluded ids. In the row-wise kernels (forward,
+In the kernels, per tile, a uniform branch on the flag. The single-branch kernels add a
+per-column bias to the raw scores first (``-log Q``, or ``-inf`` on padding and past N, built
+once per call, ``_col_bias_tensor``: one fp32 load per column instead of the int64 id and
+log Q); unset, that add is the whole rule -- no target column, no one-hot, no per-element
+mask; the three-branch kernels form ``keep`` from the padding compare per column. Set
+(``_drop_tile``, the column ids read there): the target one-hot and the full test, one
+compare-or per element and id against the row's target item id and its excluded ids. In the row-wise kernels (forward,
 dQ) the ``S_PAD <= 16`` excluded ids of the row tile are loaded once before the column loop
 (``_hoist_ids``: a tuple of int32 vectors); loaded in the flagged branch of every tile, sm_90
 SASS showed the sixteen loads issued one after another, each waiting for the previous
@@ -155,16 +156,16 @@ Static analysis that set the present form (Triton 3.9 sm_90 SASS of the rule's 1
 ``cuobjdump -sass`` of the ``AOT=1`` compile; **instruction counts, not timings**), in
 instructions a thread issues per column tile, before -> after:
 
-* CE forward (128 x 64, 8 warps): unflagged tile 1,572 -> 750; flagged, int32 compares
-  4,558 -> 1,583. Before: a per-element mask (padding, bounds, row validity, target one-hot,
+* CE forward (128 x 64, 8 warps): unflagged tile 1,572 -> 641; flagged, int32 compares
+  4,558 -> 1,586. Before: a per-element mask (padding, bounds, row validity, target one-hot,
   ~30 predicate ops an element), the sixteen excluded-id loads of a flagged tile issued one
   after another (one destination register, each load waiting for the previous compare) and
-  a per-tile min/max of the column ids with three CTA barriers. After: ``_col_bias``,
+  a per-tile min/max of the column ids with three CTA barriers. After: the column bias,
   ``_hoist_ids``, ``_ids_fit``, and the one-hot/target score only in flagged tiles (the
   target column's tile is always flagged).
-* CE dQ (64 x 32, 4 warps): 793 -> 420 unflagged, 2,040 -> 813 flagged.
-* CE dC (64 columns x 32-row steps, 8 warps; ids loaded per step, now batched): 487 -> 349
-  unflagged, 1,108 -> 981 flagged.
+* CE dQ (64 x 32, 4 warps): 793 -> 369 unflagged, 2,040 -> 813 flagged.
+* CE dC (64 columns x 32-row steps, 8 warps; ids loaded per step, now batched): 487 -> 333
+  unflagged, 1,108 -> 841 flagged.
 
 Predicted, unmeasured: each CE pass 1.5-2.5x faster on the anchors' layout; the next lent
 GPU's ``benchmarks/gpu_check.sh`` times it. Also seen in the SASS, for its sweep: the 32-row
@@ -413,10 +414,12 @@ def _drop_tile(
     EX_ONE: tl.constexpr,
     IDS32: tl.constexpr,
     HOIST: tl.constexpr,
+    WITH_PAD: tl.constexpr = True,
 ):
     """The full exclusion test of a flagged tile: returns ``(drop, is_t)``, ``drop`` true on
-    padding (and columns past N, whose id reads as ``pad_id``), on other copies of the row's
-    target item and on its excluded ids -- never on the target column ``is_t``.
+    other copies of the row's target item and on its excluded ids, and with ``WITH_PAD`` on
+    padding (and columns past N, whose id reads as ``pad_id``; the single-branch kernels have
+    those in their column bias already) -- never on the target column ``is_t``.
 
     Compares run in int32 when the pad id fits (``IDS32``) and every candidate id does
     (``fit``, one device flag per call, read once per program: a per-tile min/max of the
@@ -426,14 +429,18 @@ def _drop_tile(
     ex_rows = ex_ptr + rows.to(tl.int64) * ex_sr
     if IDS32 and fit != 0:
         c32 = cid.to(tl.int32)
-        hit = (c32[None, :] == tid.to(tl.int32)[:, None]) | (c32 == pad_id)[None, :]
+        hit = c32[None, :] == tid.to(tl.int32)[:, None]
+        if WITH_PAD:
+            hit = hit | (c32 == pad_id)[None, :]
         if HOIST:
             for s in tl.static_range(S_PAD):
                 hit = hit | (c32[None, :] == ids[s][:, None])
         elif S_PAD > 0:
             hit = hit | _excl_ids(c32, ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, True)
     else:
-        hit = (cid[None, :] == tid[:, None]) | (cid == pad_id)[None, :]
+        hit = cid[None, :] == tid[:, None]
+        if WITH_PAD:
+            hit = hit | (cid == pad_id)[None, :]
         if S_PAD > 0:
             hit = hit | _excl_ids(cid, ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, False)
     return hit & (~is_t), is_t
@@ -537,11 +544,18 @@ def _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ: tl.constex
 
 
 @triton.jit
-def _col_bias(cid, lq, pad_id):
-    """Per-column score offset of an unflagged tile: ``-log Q``, or ``-inf`` on padding (and
-    on columns past N, whose id reads as ``pad_id``). One op per element then applies the
-    whole exclusion rule there: no target column, no other copy, no excluded id in the tile."""
-    return tl.where(cid != pad_id, -lq, float("-inf"))
+def _load_bias(cb_ptr, cols, N):
+    """Per-column score offset of the single-branch kernels (``_col_bias_tensor``: ``-log Q``,
+    ``-inf`` on padding), ``-inf`` past N: one add per element is the whole exclusion rule of
+    an unflagged tile (no target column, no other copy, no excluded id there), and one fp32
+    load per column replaces the int64 id and the log Q."""
+    return tl.load(cb_ptr + cols, mask=cols < N, other=float("-inf"))
+
+
+@triton.jit
+def _load_cid(cid_ptr, s_cid, cols, N, pad_id):
+    """Column ids as int64, ``pad_id`` past N."""
+    return tl.load(cid_ptr + cols.to(tl.int64) * s_cid, mask=cols < N, other=pad_id).to(tl.int64)
 
 
 @triton.jit
@@ -559,8 +573,7 @@ def _ce_fwd_kernel(
     ex_ptr,
     ex_sr,
     ex_ss,
-    lq_ptr,
-    s_lq,
+    cb_ptr,
     fit_ptr,
     fl_ptr,
     part_ptr,
@@ -570,7 +583,6 @@ def _ce_fwd_kernel(
     S,
     pad_id,
     n_per_split,
-    HAS_LQ: tl.constexpr,
     S_PAD: tl.constexpr,
     EX_ONE: tl.constexpr,
     IDS32: tl.constexpr,
@@ -599,7 +611,8 @@ def _ce_fwd_kernel(
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         flag = tl.load(fl_row + n0 // BLOCK_N)
-        col_ok, cid, lq = _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ)
+        col_ok = cols < N
+        bias = _load_bias(cb_ptr, cols, N)
         if FULL_D:
             c = _full_tile(c_ptr, sc_n, sc_d, cols, col_ok, D, D_PAD)
             s = tl.dot(q, tl.trans(c), input_precision=PREC)
@@ -607,14 +620,15 @@ def _ce_fwd_kernel(
             s = _score_tile(
                 q_ptr, sq_r, sq_d, c_ptr, sc_n, sc_d, rows, row_in, cols, col_ok, D, BLOCK_R, BLOCK_N, BLOCK_D, PREC
             )
+        s = s + bias[None, :]
         if flag != 0:  # the row tile's target columns are in flagged tiles only
+            cid = _load_cid(cid_ptr, s_cid, cols, N, pad_id)
             drop, is_t = _drop_tile(
-                cols, cid, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32, HOIST
-            )
-            s = tl.where(drop, float("-inf"), s - lq[None, :])
+                cols, cid, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id,
+                S_PAD, EX_ONE, IDS32, HOIST, False,
+            )  # fmt: skip
+            s = tl.where(drop, float("-inf"), s)
             zt += tl.sum(tl.where(is_t, s, 0.0), axis=1)
-        else:
-            s = s + _col_bias(cid, lq, pad_id)[None, :]
         m_new = tl.maximum(m, tl.max(s, axis=1))
         lsum = lsum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
         m = m_new
@@ -653,9 +667,12 @@ def _ce_combine_kernel(part_ptr, tgt_ptr, loss_ptr, lse_ptr, R, n_splits, BLOCK:
 @triton.jit
 def _ce_dz(
     s,
+    bias,
     cols,
     cid,
-    lq,
+    cid_ptr,
+    s_cid,
+    N,
     rows,
     valid,
     tgt,
@@ -674,18 +691,25 @@ def _ce_dz(
     EX_ONE: tl.constexpr,
     IDS32: tl.constexpr,
     HOIST: tl.constexpr,
+    LOAD_CID: tl.constexpr,
 ):
-    """``g_r (softmax_r - onehot)`` on kept entries, 0 elsewhere, from the raw scores ``s``.
-    ``lse`` is ``+inf`` on ignored rows (so ``p = 0`` there without a mask); the one-hot
-    term lives in flagged tiles only (every target column's tile is flagged)."""
+    """``g_r (softmax_r - onehot)`` on kept entries, 0 elsewhere, from the raw scores ``s``
+    and the column bias. ``lse`` is ``+inf`` on ignored rows (so ``p = 0`` there without a
+    mask); the one-hot term lives in flagged tiles only (every target column's tile is
+    flagged), which also read the column ids (``LOAD_CID``) unless the caller holds them."""
+    z = (s + bias[None, :]) - lse[:, None]  # the forward's order: 0 exactly where p is 1
     if flag != 0:
+        if LOAD_CID:
+            col_ids = _load_cid(cid_ptr, s_cid, cols, N, pad_id)
+        else:
+            col_ids = cid
         drop, is_t = _drop_tile(
-            cols, cid, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32, HOIST
-        )
-        p = tl.exp(tl.where(drop, float("-inf"), s - lq[None, :] - lse[:, None]))
-        dz = (p - is_t.to(tl.float32)) * g[:, None]
+            cols, col_ids, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id,
+            S_PAD, EX_ONE, IDS32, HOIST, False,
+        )  # fmt: skip
+        dz = (tl.exp(tl.where(drop, float("-inf"), z)) - is_t.to(tl.float32)) * g[:, None]
     else:
-        dz = tl.exp(s + (_col_bias(cid, lq, pad_id)[None, :] - lse[:, None])) * g[:, None]
+        dz = tl.exp(z) * g[:, None]
     return dz
 
 
@@ -704,8 +728,7 @@ def _ce_dq_kernel(
     ex_ptr,
     ex_sr,
     ex_ss,
-    lq_ptr,
-    s_lq,
+    cb_ptr,
     fit_ptr,
     fl_ptr,
     lse_ptr,
@@ -719,7 +742,6 @@ def _ce_dq_kernel(
     D,
     S,
     pad_id,
-    HAS_LQ: tl.constexpr,
     S_PAD: tl.constexpr,
     EX_ONE: tl.constexpr,
     IDS32: tl.constexpr,
@@ -749,7 +771,8 @@ def _ce_dq_kernel(
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         flag = tl.load(fl_row + n0 // BLOCK_N)
-        col_ok, cid, lq = _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ)
+        col_ok = cols < N
+        bias = _load_bias(cb_ptr, cols, N)
         if FULL_D:
             c = _full_tile(c_ptr, sc_n, sc_d, cols, col_ok, D, BLOCK_DO)
             if TRANS_S:  # the resident query tile as the B operand (shared memory, not registers)
@@ -766,8 +789,8 @@ def _ce_dq_kernel(
                 other=0.0,
             )
         dz = _ce_dz(
-            s, cols, cid, lq, rows, valid, tgt, tid, ids, fit, lse, g, flag, ex_ptr, ex_sr, ex_ss, S, pad_id,
-            S_PAD, EX_ONE, IDS32, HOIST,
+            s, bias, cols, cols, cid_ptr, s_cid, N, rows, valid, tgt, tid, ids, fit, lse, g, flag, ex_ptr, ex_sr,
+            ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32, HOIST, True,
         )  # fmt: skip
         acc = tl.dot(dz.to(c.dtype), c, acc=acc, input_precision=PREC)
     acc = acc * gmax
@@ -793,8 +816,7 @@ def _ce_dc_kernel(
     ex_ptr,
     ex_sr,
     ex_ss,
-    lq_ptr,
-    s_lq,
+    cb_ptr,
     fit_ptr,
     fl_ptr,
     lse_ptr,
@@ -808,7 +830,6 @@ def _ce_dc_kernel(
     D,
     S,
     pad_id,
-    HAS_LQ: tl.constexpr,
     S_PAD: tl.constexpr,
     EX_ONE: tl.constexpr,
     IDS32: tl.constexpr,
@@ -822,7 +843,9 @@ def _ce_dc_kernel(
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     o_ok = offs_o < D
-    col_ok, cid, lq = _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ)
+    col_ok = cols < N
+    bias = _load_bias(cb_ptr, cols, N)
+    cid = _load_cid(cid_ptr, s_cid, cols, N, pad_id)
     fit = tl.load(fit_ptr)
     gmax = tl.load(gmax_ptr)
     gmax = tl.where(gmax > 0, gmax, 1.0)
@@ -851,8 +874,8 @@ def _ce_dc_kernel(
             )
         # rows change every step: the excluded ids are loaded in the flagged branch
         dz = _ce_dz(
-            s, cols, cid, lq, rows, valid, tgt, tid, (), fit, lse, g, flag, ex_ptr, ex_sr, ex_ss, S, pad_id,
-            S_PAD, EX_ONE, IDS32, False,
+            s, bias, cols, cid, cid_ptr, s_cid, N, rows, valid, tgt, tid, (), fit, lse, g, flag, ex_ptr, ex_sr,
+            ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32, False, False,
         )  # fmt: skip
         acc = tl.dot(tl.trans(dz.to(q.dtype)), q, acc=acc, input_precision=PREC)
     acc = acc * gmax
@@ -1822,6 +1845,20 @@ def _ids32(pad_id: int) -> bool:
     return -(2**31) <= pad_id < 2**31
 
 
+def _col_bias_tensor(p: dict) -> torch.Tensor:
+    """``(N,)`` float32 column bias of the single-branch kernels, ``-log Q`` (0 without
+    correction) and ``-inf`` on padding; built once per call and cached in ``p``."""
+    if "col_bias" not in p:
+        candidate_ids, log_q = p["candidates"]
+        N = candidate_ids.shape[0]
+        if log_q is None:
+            bias = torch.zeros(N, device=candidate_ids.device, dtype=torch.float32)
+        else:
+            bias = log_q.to(torch.float32).neg().contiguous()
+        p["col_bias"] = bias.masked_fill_(candidate_ids == p["pad_id"], float("-inf"))
+    return p["col_bias"]
+
+
 def _ids_fit(sorted_ids: torch.Tensor) -> torch.Tensor:
     """``(1,)`` int32 device flag, 1 when every candidate id fits in int32 (the kernels then
     compare in int32): the first and last of the sorted ids, no host sync."""
@@ -1851,9 +1888,13 @@ def _prep(target, candidate_ids, exclude_ids, log_q, pad_id: int, ignore_index: 
     lq, s_lq, has_lq = _lq_args(log_q, candidate_ids)
     vals, order = torch.sort(candidate_ids.to(torch.int64), stable=True)
     return dict(
-        rows=(tgt, tid, candidate_ids, candidate_ids.stride(0), *ex_args, lq, s_lq, _ids_fit(vals)),
+        rows=(tgt, tid, candidate_ids, candidate_ids.stride(0), *ex_args),
+        fit=_ids_fit(vals),
+        lq=(lq, s_lq),
+        has_lq=has_lq,
+        candidates=(candidate_ids, log_q),
         S=S,
-        flags=dict(HAS_LQ=has_lq, **xflags),
+        flags=xflags,
         # fwd / dQ kernels load a row tile's excluded ids once, before the column loop
         hoist=dict(HOIST=xflags["IDS32"] and xflags["EX_ONE"] and xflags["S_PAD"] > 0),
         pad_id=pad_id,
@@ -1982,6 +2023,8 @@ def _ce_op(
             candidates.stride(0),
             candidates.stride(1),
             *p["rows"],
+            _col_bias_tensor(p),
+            p["fit"],
             _tile_flags(p, c["BLOCK_T"], c["BLOCK_W"]),
             part,
             R,
@@ -2047,6 +2090,8 @@ def _ce_backward_impl(
         candidates.stride(0),
         candidates.stride(1),
         *p["rows"],
+        _col_bias_tensor(p),
+        p["fit"],
     )
     prec = _prec(queries.dtype)
     if "dq" in parts:
@@ -2220,11 +2265,13 @@ def _odmt_op(
         n_split = triton.cdiv(col_tiles, per)
         part = torch.empty(_N_SPLIT_STATS, n_split, R, device=q_id.device, dtype=torch.float32)
         fl = _tile_flags(p, c["BLOCK_T"], c["BLOCK_W"])
-        args = (*head, *p["rows"], fl, part, R, N, D, p["S"], pad_id, float(temperature), per * c["BLOCK_W"])
+        args = (*head, *p["rows"], *p["lq"], p["fit"], fl, part, R, N, D, p["S"], pad_id, float(temperature))
+        args += (per * c["BLOCK_W"],)
         meta = dict(
             **p["flags"],
             **p["hoist"],
             **_tile_meta(c, True, False),
+            HAS_LQ=p["has_lq"],
             FORM_KL=bool(form_kl),
             PREC=_prec(q_id.dtype),
             D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
@@ -2303,9 +2350,10 @@ def _odmt_backward_impl(
     dc = torch.empty(3, N, D, device=c_id.device, dtype=c_id.dtype)
     p = _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
     interp = _interpreting(q_id)
-    head = (*_branch_args((q_id, q_text, q_image), (c_id, c_text, c_image)), *p["rows"])
+    head = (*_branch_args((q_id, q_text, q_image), (c_id, c_text, c_image)), *p["rows"], *p["lq"], p["fit"])
     tail = (R, N, D, p["S"], pad_id, float(temperature))
-    flags = dict(**p["flags"], FORM_KL=bool(form_kl), DETACH=bool(detach_teacher), PREC=_prec(q_id.dtype))
+    flags = dict(**p["flags"], HAS_LQ=p["has_lq"], FORM_KL=bool(form_kl), DETACH=bool(detach_teacher))
+    flags["PREC"] = _prec(q_id.dtype)
     if "dq" in parts:
         _launch(
             "odmt_dq",
