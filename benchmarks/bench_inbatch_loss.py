@@ -481,6 +481,10 @@ SWEEP = [  # most informative first: the run's time budget usually cuts the list
     # change on the CE dQ (8 -> 4 warps: 5.11 -> 3.27 ms)
     ("odmt3", "fwd", "fwd3", {"num_warps": 4}),
     ("odmt3", "dq", "dq3", {"BLOCK_T": 64, "BLOCK_W": 32, "TRANS_S": False, "num_warps": 4}),
+    # two CTAs an SM (96 KB, 166 registers x 128 threads): one's softmax beside the other's
+    # tensor-core work (the rule's 128-row tile holds the SM alone, its wgmma waited on at once)
+    ("ce", "fwd", "fwd", {"BLOCK_T": 64, "BLOCK_W": 64, "num_warps": 4, "num_stages": 2}),
+    ("ce", "fwd", "fwd", {"BLOCK_T": 128, "BLOCK_W": 128, "num_stages": 2}),
     # no spills any more in the sm_90 compile (252 registers), wgmma for both dots (the
     # 32-row steps of the default use mma.sync for the score dot)
     ("ce", "dc", "dc", {"BLOCK_T": 64, "BLOCK_W": 64}),

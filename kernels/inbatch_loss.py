@@ -156,15 +156,15 @@ Static analysis that set the present form (Triton 3.9 sm_90 SASS of the rule's 1
 ``cuobjdump -sass`` of the ``AOT=1`` compile; **instruction counts, not timings**), in
 instructions a thread issues per column tile, before -> after:
 
-* CE forward (128 x 64, 8 warps): unflagged tile 1,572 -> 641; flagged, int32 compares
+* CE forward (128 x 64, 8 warps): unflagged tile 1,572 -> 626; flagged, int32 compares
   4,558 -> 1,586. Before: a per-element mask (padding, bounds, row validity, target one-hot,
   ~30 predicate ops an element), the sixteen excluded-id loads of a flagged tile issued one
   after another (one destination register, each load waiting for the previous compare) and
   a per-tile min/max of the column ids with three CTA barriers. After: the column bias,
   ``_hoist_ids``, ``_ids_fit``, and the one-hot/target score only in flagged tiles (the
   target column's tile is always flagged).
-* CE dQ (64 x 32, 4 warps): 793 -> 369 unflagged, 2,040 -> 813 flagged.
-* CE dC (64 columns x 32-row steps, 8 warps; ids loaded per step, now batched): 487 -> 333
+* CE dQ (64 x 32, 4 warps): 793 -> 336 unflagged, 2,040 -> 813 flagged.
+* CE dC (64 columns x 32-row steps, 8 warps; ids loaded per step, now batched): 487 -> 322
   unflagged, 1,108 -> 841 flagged.
 
 Predicted, unmeasured: each CE pass 1.5-2.5x faster on the anchors' layout; the next lent
@@ -527,6 +527,15 @@ def _full_tile(ptr, s_r, s_d, idx, ok, D, D_PAD: tl.constexpr):
 
 
 @triton.jit
+def _tile_ptrs(ptr, s_r, s_d, idx, D, D_PAD: tl.constexpr):
+    """Pointers to the ``(len(idx), D_PAD)`` tile of rows ``idx`` and the d-tail mask: a
+    loop advances them by whole tiles (one add per pointer) instead of recomputing 64-bit row
+    addresses from the row indices each step (~10 instructions a row in sm_90 SASS)."""
+    offs_d = tl.arange(0, D_PAD)
+    return ptr + idx.to(tl.int64)[:, None] * s_r + offs_d[None, :] * s_d, offs_d < D
+
+
+@triton.jit
 def _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ: tl.constexpr):
     """Column ids as int64 (padding outside N) and log Q (0 without correction)."""
     col_ok = cols < N
@@ -604,6 +613,7 @@ def _ce_fwd_kernel(
     ids = _hoist_ids(ex_ptr, ex_sr, ex_ss, rows, valid, S, pad_id, S_PAD, HOIST)
     if FULL_D:
         q = _full_tile(q_ptr, sq_r, sq_d, rows, row_in, D, D_PAD)
+        c_ptrs, d_ok = _tile_ptrs(c_ptr, sc_n, sc_d, n_lo + tl.arange(0, BLOCK_N), D, D_PAD)
     m = tl.full((BLOCK_R,), -1.0e30, tl.float32)
     lsum = tl.zeros((BLOCK_R,), tl.float32)
     zt = tl.zeros((BLOCK_R,), tl.float32)
@@ -614,7 +624,8 @@ def _ce_fwd_kernel(
         col_ok = cols < N
         bias = _load_bias(cb_ptr, cols, N)
         if FULL_D:
-            c = _full_tile(c_ptr, sc_n, sc_d, cols, col_ok, D, D_PAD)
+            c = tl.load(c_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            c_ptrs += BLOCK_N * sc_n
             s = tl.dot(q, tl.trans(c), input_precision=PREC)
         else:
             s = _score_tile(
@@ -766,6 +777,7 @@ def _ce_dq_kernel(
     g = tl.load(g_ptr + rows, mask=valid, other=0.0) / gmax
     if FULL_D:  # BLOCK_DO is the padded width, one output chunk
         q = _full_tile(q_ptr, sq_r, sq_d, rows, row_in, D, BLOCK_DO)
+        c_ptrs, d_ok = _tile_ptrs(c_ptr, sc_n, sc_d, tl.arange(0, BLOCK_N), D, BLOCK_DO)
     acc = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
     fl_row = fl_ptr + tl.program_id(0) * tl.cdiv(N, BLOCK_N)
     for n0 in range(0, N, BLOCK_N):
@@ -774,7 +786,8 @@ def _ce_dq_kernel(
         col_ok = cols < N
         bias = _load_bias(cb_ptr, cols, N)
         if FULL_D:
-            c = _full_tile(c_ptr, sc_n, sc_d, cols, col_ok, D, BLOCK_DO)
+            c = tl.load(c_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            c_ptrs += BLOCK_N * sc_n
             if TRANS_S:  # the resident query tile as the B operand (shared memory, not registers)
                 s = tl.trans(tl.dot(c, tl.trans(q), input_precision=PREC))
             else:
@@ -851,6 +864,7 @@ def _ce_dc_kernel(
     gmax = tl.where(gmax > 0, gmax, 1.0)
     if FULL_D:
         c = _full_tile(c_ptr, sc_n, sc_d, cols, col_ok, D, BLOCK_DO)
+        q_ptrs, d_ok = _tile_ptrs(q_ptr, sq_r, sq_d, tl.arange(0, BLOCK_R), D, BLOCK_DO)
     acc = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
     fl_col = fl_ptr + tl.program_id(0)
     n_ct = tl.cdiv(N, BLOCK_N)
@@ -861,7 +875,8 @@ def _ce_dc_kernel(
         lse = tl.where(valid, tl.load(lse_ptr + rows, mask=valid, other=0.0), float("inf"))
         g = tl.load(g_ptr + rows, mask=valid, other=0.0) / gmax
         if FULL_D:
-            q = _full_tile(q_ptr, sq_r, sq_d, rows, row_in, D, BLOCK_DO)
+            q = tl.load(q_ptrs, mask=row_in[:, None] & d_ok[None, :], other=0.0)
+            q_ptrs += BLOCK_R * sq_r
             s = tl.dot(q, tl.trans(c), input_precision=PREC)
         else:
             s = _score_tile(
