@@ -157,15 +157,15 @@ Static analysis that set the present form (Triton 3.9 sm_90 SASS of the rule's 1
 instructions a thread issues per column tile, before -> after:
 
 * CE forward (128 x 64, 8 warps): unflagged tile 1,572 -> 626; flagged, int32 compares
-  4,558 -> 1,586. Before: a per-element mask (padding, bounds, row validity, target one-hot,
+  4,558 -> 1,596. Before: a per-element mask (padding, bounds, row validity, target one-hot,
   ~30 predicate ops an element), the sixteen excluded-id loads of a flagged tile issued one
   after another (one destination register, each load waiting for the previous compare) and
   a per-tile min/max of the column ids with three CTA barriers. After: the column bias,
   ``_hoist_ids``, ``_ids_fit``, and the one-hot/target score only in flagged tiles (the
   target column's tile is always flagged).
-* CE dQ (64 x 32, 4 warps): 793 -> 336 unflagged, 2,040 -> 813 flagged.
+* CE dQ (64 x 32, 4 warps): 793 -> 336 unflagged, 2,040 -> 780 flagged.
 * CE dC (64 columns x 32-row steps, 8 warps; ids loaded per step, now batched): 487 -> 322
-  unflagged, 1,108 -> 841 flagged.
+  unflagged, 1,108 -> 830 flagged.
 
 Predicted, unmeasured: each CE pass 1.5-2.5x faster on the anchors' layout; the next lent
 GPU's ``benchmarks/gpu_check.sh`` times it. Also seen in the SASS, for its sweep: the 32-row
