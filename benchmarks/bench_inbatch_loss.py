@@ -489,6 +489,10 @@ SWEEP = [  # most informative first: the run's time budget usually cuts the list
     # 32-row steps of the default use mma.sync for the score dot)
     ("ce", "dc", "dc", {"BLOCK_T": 64, "BLOCK_W": 64}),
     ("ce", "dq", "dq", {"BLOCK_T": 128, "BLOCK_W": 32, "TRANS_S": False, "num_warps": 8}),
+    # S^T = C Q^T: wgmma for the score dot too (254 registers, no spills), but the rows spread
+    # over more threads, so the exclusion test of a flagged tile costs more (SASS: 327 / 1,128
+    # instructions a tile against 322 / 830)
+    ("ce", "dc", "dc", {"TRANS_S": True}),
     ("ce", "dc", "dc", {"BLOCK_T": 64, "BLOCK_W": 32, "num_warps": 4}),
     ("odmt3", "dq", "dq3", {"BLOCK_T": 64, "BLOCK_W": 32, "TRANS_S": False}),
     ("ce", "fwd", "fwd", {"BLOCK_W": 32}),

@@ -367,31 +367,63 @@ def _hoist_ids(ex_ptr, ex_sr, ex_ss, rows, valid, S, pad_id, S_PAD: tl.constexpr
 
 
 @triton.jit
-def _excl_chunk(cid, ex_rows, ex_ss, valid, S, s0, pad_id, S_PAD: tl.constexpr, NARROW: tl.constexpr):
+def _by_row(x, TRANS: tl.constexpr):
+    """A per-row vector broadcast over a tile: ``(rows, cols)``, or ``(cols, rows)`` when
+    ``TRANS`` (the column-wise kernels compute ``S^T`` so that both of their dots are wgmma)."""
+    if TRANS:
+        return x[None, :]
+    else:
+        return x[:, None]
+
+
+@triton.jit
+def _by_col(x, TRANS: tl.constexpr):
+    """A per-column vector broadcast over a tile (see :func:`_by_row`)."""
+    if TRANS:
+        return x[:, None]
+    else:
+        return x[None, :]
+
+
+@triton.jit
+def _excl_chunk(
+    cid, ex_rows, ex_ss, valid, S, s0, pad_id, S_PAD: tl.constexpr, NARROW: tl.constexpr, TRANS: tl.constexpr
+):
     """``hit[r, j] = cid[j] in exclude_ids[r, s0:s0+S_PAD]``, ids loaded here (the path for
     ``S > 16``, int64 ids that do not fit, and the column-wise kernels, whose rows change
     every step): the ``S_PAD`` id columns unrolled, each one 1-D load straight into the
     compare's row layout. ``NARROW``: ``cid`` is int32 and the ids are narrowed."""
-    hit = valid[:, None] & (cid[None, :] != cid[None, :])
+    hit = _by_row(valid, TRANS) & (_by_col(cid, TRANS) != _by_col(cid, TRANS))
     rows_zero = valid.to(tl.int32) * 0
     for s in tl.static_range(S_PAD):
         e = tl.load(ex_rows + (s0 + s) * ex_ss, mask=valid & ((rows_zero + s0 + s) < S), other=pad_id).to(tl.int64)
         if NARROW:
             e = _narrow_ids(e, pad_id)
-        hit = hit | (cid[None, :] == e[:, None])
+        hit = hit | (_by_col(cid, TRANS) == _by_row(e, TRANS))
     return hit
 
 
 @triton.jit
-def _excl_ids(cid, ex_rows, ex_ss, valid, S, pad_id, S_PAD: tl.constexpr, EX_ONE: tl.constexpr, NARROW: tl.constexpr):
+def _excl_ids(
+    cid,
+    ex_rows,
+    ex_ss,
+    valid,
+    S,
+    pad_id,
+    S_PAD: tl.constexpr,
+    EX_ONE: tl.constexpr,
+    NARROW: tl.constexpr,
+    TRANS: tl.constexpr = False,
+):
     """Membership over all ``S`` ids: one unrolled chunk when ``EX_ONE`` (S <= S_PAD), else a
     loop over ``S_PAD``-wide chunks."""
     if EX_ONE:
-        hit = _excl_chunk(cid, ex_rows, ex_ss, valid, S, 0, pad_id, S_PAD, NARROW)
+        hit = _excl_chunk(cid, ex_rows, ex_ss, valid, S, 0, pad_id, S_PAD, NARROW, TRANS)
     else:
-        hit = valid[:, None] & (cid[None, :] != cid[None, :])
+        hit = _by_row(valid, TRANS) & (_by_col(cid, TRANS) != _by_col(cid, TRANS))
         for s0 in range(0, S, S_PAD):
-            hit = hit | _excl_chunk(cid, ex_rows, ex_ss, valid, S, s0, pad_id, S_PAD, NARROW)
+            hit = hit | _excl_chunk(cid, ex_rows, ex_ss, valid, S, s0, pad_id, S_PAD, NARROW, TRANS)
     return hit
 
 
@@ -415,6 +447,7 @@ def _drop_tile(
     IDS32: tl.constexpr,
     HOIST: tl.constexpr,
     WITH_PAD: tl.constexpr = True,
+    TRANS: tl.constexpr = False,
 ):
     """The full exclusion test of a flagged tile: returns ``(drop, is_t)``, ``drop`` true on
     other copies of the row's target item and on its excluded ids, and with ``WITH_PAD`` on
@@ -424,25 +457,25 @@ def _drop_tile(
     Compares run in int32 when the pad id fits (``IDS32``) and every candidate id does
     (``fit``, one device flag per call, read once per program: a per-tile min/max of the
     column ids cost three CTA barriers a tile); the excluded ids come from ``ids`` (hoisted,
-    ``HOIST``) or are loaded here."""
-    is_t = cols[None, :] == tgt[:, None]
+    ``HOIST``) or are loaded here. ``TRANS``: the tile is ``(cols, rows)``."""
+    is_t = _by_col(cols, TRANS) == _by_row(tgt, TRANS)
     ex_rows = ex_ptr + rows.to(tl.int64) * ex_sr
     if IDS32 and fit != 0:
         c32 = cid.to(tl.int32)
-        hit = c32[None, :] == tid.to(tl.int32)[:, None]
+        hit = _by_col(c32, TRANS) == _by_row(tid.to(tl.int32), TRANS)
         if WITH_PAD:
-            hit = hit | (c32 == pad_id)[None, :]
+            hit = hit | _by_col(c32 == pad_id, TRANS)
         if HOIST:
             for s in tl.static_range(S_PAD):
-                hit = hit | (c32[None, :] == ids[s][:, None])
+                hit = hit | (_by_col(c32, TRANS) == _by_row(ids[s], TRANS))
         elif S_PAD > 0:
-            hit = hit | _excl_ids(c32, ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, True)
+            hit = hit | _excl_ids(c32, ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, True, TRANS)
     else:
-        hit = cid[None, :] == tid[:, None]
+        hit = _by_col(cid, TRANS) == _by_row(tid, TRANS)
         if WITH_PAD:
-            hit = hit | (cid == pad_id)[None, :]
+            hit = hit | _by_col(cid == pad_id, TRANS)
         if S_PAD > 0:
-            hit = hit | _excl_ids(cid, ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, False)
+            hit = hit | _excl_ids(cid, ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, False, TRANS)
     return hit & (~is_t), is_t
 
 
@@ -703,12 +736,14 @@ def _ce_dz(
     IDS32: tl.constexpr,
     HOIST: tl.constexpr,
     LOAD_CID: tl.constexpr,
+    TRANS: tl.constexpr = False,
 ):
     """``g_r (softmax_r - onehot)`` on kept entries, 0 elsewhere, from the raw scores ``s``
     and the column bias. ``lse`` is ``+inf`` on ignored rows (so ``p = 0`` there without a
     mask); the one-hot term lives in flagged tiles only (every target column's tile is
-    flagged), which also read the column ids (``LOAD_CID``) unless the caller holds them."""
-    z = (s + bias[None, :]) - lse[:, None]  # the forward's order: 0 exactly where p is 1
+    flagged), which also read the column ids (``LOAD_CID``) unless the caller holds them.
+    ``TRANS``: ``s`` and the result are ``(cols, rows)``."""
+    z = (s + _by_col(bias, TRANS)) - _by_row(lse, TRANS)  # the forward's order: 0 exactly where p is 1
     if flag != 0:
         if LOAD_CID:
             col_ids = _load_cid(cid_ptr, s_cid, cols, N, pad_id)
@@ -716,11 +751,11 @@ def _ce_dz(
             col_ids = cid
         drop, is_t = _drop_tile(
             cols, col_ids, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id,
-            S_PAD, EX_ONE, IDS32, HOIST, False,
+            S_PAD, EX_ONE, IDS32, HOIST, False, TRANS,
         )  # fmt: skip
-        dz = (tl.exp(tl.where(drop, float("-inf"), z)) - is_t.to(tl.float32)) * g[:, None]
+        dz = (tl.exp(tl.where(drop, float("-inf"), z)) - is_t.to(tl.float32)) * _by_row(g, TRANS)
     else:
-        dz = tl.exp(z) * g[:, None]
+        dz = tl.exp(z) * _by_row(g, TRANS)
     return dz
 
 
@@ -852,6 +887,7 @@ def _ce_dc_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr,
     PREC: tl.constexpr,
+    TRANS_S: tl.constexpr = False,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -877,7 +913,10 @@ def _ce_dc_kernel(
         if FULL_D:
             q = tl.load(q_ptrs, mask=row_in[:, None] & d_ok[None, :], other=0.0)
             q_ptrs += BLOCK_R * sq_r
-            s = tl.dot(q, tl.trans(c), input_precision=PREC)
+            if TRANS_S:  # S^T = C Q^T: the resident candidate tile is the wgmma A operand
+                s = tl.dot(c, tl.trans(q), input_precision=PREC)
+            else:
+                s = tl.dot(q, tl.trans(c), input_precision=PREC)
         else:
             s = _score_tile(
                 q_ptr, sq_r, sq_d, c_ptr, sc_n, sc_d, rows, row_in, cols, col_ok, D, BLOCK_R, BLOCK_N, BLOCK_D, PREC
@@ -890,9 +929,12 @@ def _ce_dc_kernel(
         # rows change every step: the excluded ids are loaded in the flagged branch
         dz = _ce_dz(
             s, bias, cols, cid, cid_ptr, s_cid, N, rows, valid, tgt, tid, (), fit, lse, g, flag, ex_ptr, ex_sr,
-            ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32, False, False,
+            ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32, False, False, TRANS_S and FULL_D,
         )  # fmt: skip
-        acc = tl.dot(tl.trans(dz.to(q.dtype)), q, acc=acc, input_precision=PREC)
+        if TRANS_S and FULL_D:  # dz^T straight from the score accumulator into the A operand
+            acc = tl.dot(dz.to(q.dtype), q, acc=acc, input_precision=PREC)
+        else:
+            acc = tl.dot(tl.trans(dz.to(q.dtype)), q, acc=acc, input_precision=PREC)
     acc = acc * gmax
     tl.store(
         dc_ptr + cols.to(tl.int64)[:, None] * sdc_n + offs_o[None, :] * sdc_d,
@@ -2131,7 +2173,7 @@ def _ce_backward_impl(
                 _bwd_grid(c, N, D),
                 (*head, _tile_flags(p, c["BLOCK_W"], c["BLOCK_T"]), lse, g, gmax, dc, dc.stride(0), dc.stride(1))
                 + (R, N, D, p["S"], pad_id),
-                dict(**p["flags"], **_tile_meta(c, False, True), PREC=prec),
+                dict(**p["flags"], **_tile_meta(c, False, True), PREC=prec, TRANS_S=c.get("TRANS_S", False)),
             ),
             with_do=True,
         )

@@ -731,11 +731,14 @@ def test_kernel_stats_report_only_compiled_launches():
 
 
 @pytest.mark.parametrize("trans_s", [False, True])
-def test_ce_dq_score_orientations_agree(monkeypatch, trans_s):
-    """The dQ kernel's two ways of forming the score tile (resident query tile as the A or
-    the B operand) give the reference gradients; overrides reach the launch."""
-    monkeypatch.setattr(K, "_CONFIG_OVERRIDE", {"dq": {"TRANS_S": trans_s, "BLOCK_W": 32}})
-    assert K._config("dq", 30, 30, 20, interpret=True)["TRANS_S"] is trans_s
+@pytest.mark.parametrize("kind", ["dq", "dc"])
+@pytest.mark.parametrize("S", [4, 21])
+def test_ce_score_orientations_agree(monkeypatch, trans_s, kind, S):
+    """The dQ and dC kernels' two ways of forming the score tile (the resident tile as the A
+    or the B operand; dC then works on ``S^T`` throughout, the exclusion test included, in one
+    chunk of ids or several) give the reference gradients; overrides reach the launch."""
+    monkeypatch.setattr(K, "_CONFIG_OVERRIDE", {kind: {"TRANS_S": trans_s, "BLOCK_W": 32}})
+    assert K._config(kind, 30, 30, 20, interpret=True)["TRANS_S"] is trans_s
     qs, cs, target, cand, exclude, log_q = _make_batch(
         15,
         37,
@@ -745,7 +748,7 @@ def test_ce_dq_score_orientations_agree(monkeypatch, trans_s):
         pad_frac=0.1,
         ignore_frac=0.2,
         excl="expanded",
-        S=4,
+        S=S,
         lq="normal",
         all_but_target_rows=1,
         dtype=torch.float16,
