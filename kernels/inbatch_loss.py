@@ -185,11 +185,11 @@ software pipeline, and reports far more stack). Triton 3.6 on the GPU allocates 
 (Run 5: three-branch dC 168 B at 64 x 32): the benchmark prints n_regs/n_spills. At the
 rule's tiles:
 
-* paper (1,536 x 1,664, d = 768, chunked d): ce fwd / dQ / dC 164 / 162 / 134 regs, no
+* paper (1,536 x 1,664, d = 768, chunked d): ce fwd / dQ / dC 154 / 128 / 144 regs, no
   spills; odmt fwd 194 regs, odmt dQ 112 B of stack, dC 254 regs and none.
-* big (16k, d = 256): ce fwd 188 regs, dQ 249, dC 203, no spills; odmt fwd / dQ / dC 16 /
+* big (16k, d = 256): ce fwd 192 regs, dQ 246, dC 202, no spills; odmt fwd / dQ / dC 16 /
   120 / 544 B of stack.
-* huge (65k, d = 128): ce fwd 204 regs, dQ 174, dC 178, no spills.
+* huge (65k, d = 128): ce fwd 198 regs, dQ 236 (4 warps), dC 178, no spills.
 
 Public functions (registered as custom ops ``odmt::debiased_inbatch_ce`` and
 ``odmt::mutual_distillation``, with fake and autograd implementations; their backward
@@ -1727,11 +1727,12 @@ def _config(kind: str, rows: int, cols: int, d: int, interpret: bool) -> dict:
     on few, small blocks and the tests still cross tile borders). On the GPU (8 warps unless said) the
     forward takes 64 x 64 tiles (128 x 64 from 16k rows; three branches 64 x 32 at full width,
     32 x 32 otherwise) and splits the columns for parallelism (``_fwd_split``). Full-width
-    backward (8 warps): single-branch dC 64 columns x 32-row steps, single-branch dQ 64 rows x
-    64-column steps at d <= 128 and 64 x 32 with 4 warps at d = 256, three-branch dQ 32 x 32
+    backward: single-branch dC 64 columns x 32-row steps (8 warps), single-branch dQ 64 rows x
+    64-column steps at d <= 128 and 64 x 32 at d = 256 (4 warps), three-branch dQ 32 x 32
     and dC 64 columns x 32-row steps (with the resident tile as the B operand of the score dot,
     ``TRANS_S``): first the largest tiles without spills in a Triton 3.9 sm_90 compile, then
-    the winners of the Run-5 sweep on an H100 (benchmarks/RESULTS.md). For d > 256: output chunks of
+    the winners of the Run-5 sweep on an H100 (benchmarks/RESULTS.md), and one warpgroup
+    (4 warps) per 64 rows of a tile whose dz feeds a second dot. For d > 256: output chunks of
     128 (single branch; dQ walks 32 columns a step, dC 64 rows) or 256 (three branches,
     fewer score recomputations). ``_CONFIG_OVERRIDE`` replaces keys per kind.
     """
@@ -1773,9 +1774,11 @@ def _base_config(kind: str, rows: int, d: int, interpret: bool) -> dict:
             BLOCK_D=64,
             BLOCK_DO=p2d,
             FULL_D=True,
-            # Run 5 at d = 256: 4 warps 3.3 ms vs 5.1 ms with 8 (255 registers, 2 B of stack);
-            # d <= 128 unmeasured, keeps 8
-            num_warps=4 if p2d == 256 else 8,
+            # one warpgroup for the 64 rows: with 8 the two split the score tile's columns and
+            # dz (the A operand of dz @ C) crosses between them through shared memory. Run 5
+            # at d = 256: 4 warps 3.3 ms vs 5.1 ms with 8; d <= 128 (64 x 64: 236 registers,
+            # no spills, two CTAs an SM in the sm_90 compile) follows the same rule, unmeasured
+            num_warps=4,
             num_stages=2,
         )
     if full:  # three branches, 32 x 32 (larger tiles spill 2-3 KB, sm_90 compile, module docstring)
