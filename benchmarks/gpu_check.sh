@@ -37,7 +37,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a cap, keep the log, show its
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/env.log"
 
-STEPS="${STEPS:-attention loss tests step}"
+# The loss first: its kernels changed after Run 5 (untimed); the attention kernels did not.
+STEPS="${STEPS:-loss tests attention step}"
 for s in $STEPS; do
   case $s in
     # each benchmark stops its tile sweep at SWEEP_BUDGET_S seconds; the default leaves the
@@ -48,9 +49,11 @@ for s in $STEPS; do
       FLEX="${FLEX:-0}" SWEEP_BUDGET_S="${SWEEP_BUDGET_S:-$((${CAP_ATTENTION:-150} - 45))}" \
         step bench_attention "${CAP_ATTENTION:-150}" python3 benchmarks/bench_attention.py ;;
     loss)
-      SWEEP_BUDGET_S="${SWEEP_BUDGET_S:-$((${CAP_LOSS:-170} - 45))}" \
-        step bench_inbatch_loss "${CAP_LOSS:-170}" python3 benchmarks/bench_inbatch_loss.py ;;
-    tests) HYPOTHESIS_PROFILE=gpu step kernel_tests "${CAP_TESTS:-100}" python3 -m pytest ${TESTS:-tests/kernels} -q -x -p no:cacheprovider ;;
+      SWEEP_BUDGET_S="${SWEEP_BUDGET_S:-$((${CAP_LOSS:-240} - 45))}" \
+        step bench_inbatch_loss "${CAP_LOSS:-240}" python3 benchmarks/bench_inbatch_loss.py ;;
+    # the sm_90 compile test is for GPU-less CI (the benchmark above compiled everything here)
+    tests) HYPOTHESIS_PROFILE=gpu step kernel_tests "${CAP_TESTS:-100}" python3 -m pytest ${TESTS:-tests/kernels} -q -x \
+      -p no:cacheprovider --deselect tests/kernels/test_kernels_compile.py::test_loss_kernels_compile_for_sm90 ;;
     step) step bench_odmt_step "${CAP_STEP:-80}" python3 benchmarks/bench_odmt_step.py ;;
   esac
 done
