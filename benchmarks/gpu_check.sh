@@ -12,6 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT"
 # Import the package from the source tree: kernels/ is installed as odmt_components.kernels,
 # so link it there the way the install mapping does (this copy of the tree is disposable).
 [ -e odmt_components/kernels ] || ln -s ../kernels odmt_components/kernels
