@@ -475,11 +475,11 @@ def kernel_report(tag: str) -> None:
 # Alternative tiles timed per kernel at R = N = 16,384 when the run has time left (data for
 # the next tuning round; the defaults come from kernels.inbatch_loss._config).
 SWEEP = [  # most informative first: the run's time budget usually cuts the list
-    # one warpgroup per 64 rows of the score dot: with 8 warps on 64 rows the two warpgroups
-    # split the columns and every row reduction crosses them through shared memory (~40 CTA
-    # barriers a tile in the three-branch forward's sm_90 SASS); Run 5 measured the same
-    # change on the CE dQ (8 -> 4 warps: 5.11 -> 3.27 ms)
-    ("odmt3", "fwd", "fwd3", {"num_warps": 4}),
+    # the rule now runs one warpgroup per 64 rows of the score dot (with 8 warps on 64 rows
+    # the two warpgroups split the columns and every row reduction crosses them: 71 CTA
+    # barriers in the three-branch forward's sm_90 SASS); Run 5 measured the same change on
+    # the CE dQ (8 -> 4 warps: 5.11 -> 3.27 ms) and the forward at 8 only: time 8 against it
+    ("odmt3", "fwd", "fwd3", {"num_warps": 8}),
     ("odmt3", "dq", "dq3", {"BLOCK_T": 64, "BLOCK_W": 32, "TRANS_S": False, "num_warps": 4}),
     # two CTAs an SM (96 KB, 166 registers x 128 threads): one's softmax beside the other's
     # tensor-core work (the rule's 128-row tile holds the SM alone, its wgmma waited on at once)

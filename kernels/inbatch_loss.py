@@ -168,13 +168,14 @@ instructions a thread issues per column tile, before -> after:
   unflagged, 1,108 -> 830 flagged.
 
 Predicted, unmeasured: each CE pass 1.5-2.5x faster on the anchors' layout; the next lent
-GPU's ``benchmarks/gpu_check.sh`` times it. Also seen in the SASS, for its sweep: the 32-row
-steps of the CE dC make its score dot ``mma.sync`` (wgmma needs 64 rows a warpgroup; 64 x 64
-compiles with 252 registers and no spills now); the three-branch forward at 64 x 32 with 8
-warps splits each row's 32 columns over two warpgroups (``HGMMA.64x16``), so every row
-reduction (17 a tile) crosses them through shared memory, 71 CTA barriers in the kernel
-(36 at 4 warps, one warpgroup; Run 5 measured the same split on the CE dQ: 8 -> 4 warps,
-5.11 -> 3.27 ms).
+GPU's ``benchmarks/gpu_check.sh`` times it. Also seen in the SASS: the three-branch forward
+at 64 x 32 with 8 warps split each row's 32 columns over two warpgroups (``HGMMA.64x16``), so
+every row reduction (17 a tile) crossed them through shared memory, 71 CTA barriers in the
+kernel; the rule now gives every forward tile one warpgroup per 64 rows (36 barriers,
+``HGMMA.64x32``; Run 5 measured the same split on the CE dQ: 8 -> 4 warps, 5.11 -> 3.27 ms;
+the sweep times 8 against it). For the sweep: the 32-row steps of the CE dC make its score
+dot ``mma.sync`` (wgmma needs 64 rows a warpgroup; 64 x 64 compiles with 252 registers and no
+spills now, and ``TRANS_S`` computes ``S^T`` with wgmma).
 
 Registers and stack (spills) a thread, compile only (``AOT=1 [AOT_TILES=1] python
 benchmarks/bench_inbatch_loss.py``: registers and stack read by ``cuobjdump
@@ -1726,13 +1727,14 @@ def _config(kind: str, rows: int, cols: int, d: int, interpret: bool) -> dict:
     chunks of up to 256 features. Under the interpreter every tile is 16 wide (numpy is fast
     on few, small blocks and the tests still cross tile borders). On the GPU (8 warps unless said) the
     forward takes 64 x 64 tiles (128 x 64 from 16k rows; three branches 64 x 32 at full width,
-    32 x 32 otherwise) and splits the columns for parallelism (``_fwd_split``). Full-width
+    32 x 32 otherwise; 4 warps below 128 rows) and splits the columns for parallelism
+    (``_fwd_split``). Full-width
     backward: single-branch dC 64 columns x 32-row steps (8 warps), single-branch dQ 64 rows x
     64-column steps at d <= 128 and 64 x 32 at d = 256 (4 warps), three-branch dQ 32 x 32
     and dC 64 columns x 32-row steps (with the resident tile as the B operand of the score dot,
     ``TRANS_S``): first the largest tiles without spills in a Triton 3.9 sm_90 compile, then
     the winners of the Run-5 sweep on an H100 (benchmarks/RESULTS.md), and one warpgroup
-    (4 warps) per 64 rows of a tile whose dz feeds a second dot. For d > 256: output chunks of
+    (4 warps) per 64 rows of a tile whose rows are reduced or whose dz feeds a second dot. For d > 256: output chunks of
     128 (single branch; dQ walks 32 columns a step, dC 64 rows) or 256 (three branches,
     fewer score recomputations). ``_CONFIG_OVERRIDE`` replaces keys per kind.
     """
@@ -1762,7 +1764,10 @@ def _base_config(kind: str, rows: int, d: int, interpret: bool) -> dict:
             BLOCK_D=64,
             BLOCK_DO=p2d if full else 64,
             FULL_D=full,
-            num_warps=8,
+            # one warpgroup per 64 rows: more warps split each row's columns over warpgroups
+            # and every row reduction crosses them (three-branch 64 x 32 at 8 warps: 71 CTA
+            # barriers in its sm_90 SASS, 36 at 4); Run 5 measured 8 (the sweep times them)
+            num_warps=4 * max(1, tile // 64),
             num_stages=2 if three else 3,
         )
     if full and not three and base == "dc":  # 64 columns x 32-row steps: 8 B of stack at d = 256, 0 at 128
