@@ -73,9 +73,10 @@ statistics the backward needs (lse's, ``wbar``).
 Backward, deterministic, no atomics: a row-wise kernel (``_ce_dq_kernel``,
 ``_odmt_dq_kernel``) recomputes the score tiles, forms ``dz`` and accumulates ``dQ += dz @
 C[cols]``; a column-wise kernel (``_ce_dc_kernel``, ``_odmt_dc_kernel``) loops over row tiles
-and accumulates ``dC += dz^T @ Q[rows]``. At ``D_PAD <= 256`` each program owns the full
-width: the candidate (resp. query) tile loaded for the scores is the very operand of the
-gradient dot. For d > 256 the grid adds chunks of ``BLOCK_DO`` output features (the scores
+and accumulates ``dC += dz^T @ Q[rows]`` (with ``TRANS_S`` it forms ``S^T = C Q^T``, so
+that both dots are wgmma and ``dz^T`` is the A operand as computed). At ``D_PAD <= 256``
+each program owns the full width: the candidate (resp. query) tile loaded for the scores is
+the very operand of the gradient dot. For d > 256 the grid adds chunks of ``BLOCK_DO`` output features (the scores
 are recomputed per chunk). ``dz`` is cast to the input dtype for the tensor-core dot; to keep
 fp16 from underflowing (``g = 1/n_valid`` times ``p ~ 1/N``), the per-row weights are divided
 by their largest magnitude inside the kernels and the accumulators multiplied back at the end.
