@@ -16,9 +16,10 @@ two integer comparisons, so no ``L x L`` tensor exists anywhere. The ID key is a
 ID query alone; the ID query attends every non-padding key. A query with no attendable key
 (all keys padded) outputs zeros and receives zero gradient.
 
-Dropout draws ``keep[i, j] = rand >= p`` from Philox (``tl.rand``) keyed by ``(seed, b*H+h)``
-with counter ``i*L + j``: the backward regenerates exactly the same mask, both kernel
-families below draw the same one, and :func:`dropout_keep_mask` materialises it for tests.
+Dropout draws ``keep[i, j] = rand >= p`` from Philox (``tl.rand4x``) keyed by ``(seed,
+b*H+h)``, one draw of four numbers per row and group of four keys (counter ``i*ceil(L/4) +
+j//4``): the backward regenerates exactly the same mask, both kernel families below draw
+the same one, and :func:`dropout_keep_mask` materialises it for tests.
 
 Tiling: short sequences (``L <= 128``; ODMT's items have ``L = 81``)
 --------------------------------------------------------------------
@@ -47,8 +48,10 @@ hits) and writes dQ, dK, dV once; no atomics, no ``delta`` tensor, one launch. T
 ``(BL x BL)`` float32 tiles (S, then dP; P kept in 16 bits between them) take 8 warps at
 ``BL = 128``: an sm_90 compile on the CPU machine (``AOT=1 python benchmarks/bench_attention.py``,
 Triton 3.9, unit strides specialised as the launcher does) gives forward 170 / 119 registers a
-thread at D = 384 / 64 and backward 255 / 236, no spills (with dropout the Philox draws add
-0-0.6 KB of spills; at 4 warps everything spills 0.2-3.5 KB). Compile-only numbers: timings
+thread at D = 384 / 64 and backward 255 / 236, no spills (with dropout: 180 / 172 and 255 /
+239 registers, 112 B of spills in the D = 384 backward; ``tl.rand``, one Philox draw per
+element keeping one of its four numbers, had spilled up to 1.5 KB and doubled the short
+kernels' instructions at D = 64; at 4 warps everything spills 0.2-3.5 KB). Compile-only numbers: timings
 come from the benchmark on a GPU. If no configuration fits the card (shared memory), the
 blocked kernels below run instead.
 
@@ -139,12 +142,20 @@ def _allowed(key_ok, offs_m, offs_n, ID):
 
 
 @triton.jit
-def _dropout_keep(seed, bh, offs_m, offs_n, L, dropout_p):
-    """``(BM, BN)`` bool keep-mask; Philox key ``(seed, bh)``, counter ``i * L + j``."""
+def _dropout_keep(seed, bh, offs_m, start_n, L, dropout_p, BN: tl.constexpr):
+    """``(BM, BN)`` bool keep-mask of keys ``start_n .. start_n + BN`` (``start_n`` and ``BN``
+    multiples of 4). Philox key ``(seed, bh)``; one draw per row and group of four keys,
+    counter ``i * ceil(L / 4) + j // 4``, whose four outputs serve the four keys (``tl.rand``
+    draws all four and keeps one: a quarter of the Philox work, which dominated the dropout
+    kernels -- the short ones at D = 64 took 3x their no-dropout time in Run 5)."""
     # int64 tensor + seed (a Python int in the interpreter, an int32 scalar when compiled)
     key = bh.to(tl.int64) * 4294967296 + seed
-    counter = offs_m[:, None] * L + offs_n[None, :]
-    return tl.rand(key, counter) >= dropout_p
+    groups = start_n // 4 + tl.arange(0, BN // 4)
+    counter = offs_m[:, None] * ((L + 3) // 4) + groups[None, :]
+    u0, u1, u2, u3 = tl.rand4x(key, counter)
+    # (BM, BN/4, 2, 2) -> (BM, BN): key 4g + k holds output (0, 2, 1, 3)[k] of group g
+    u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), (offs_m.shape[0], BN))
+    return u >= dropout_p
 
 
 # --------------------------------------------------------------------------------------
@@ -203,7 +214,7 @@ def _attn_fwd_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, bh, offs_m, offs_n, L, dropout_p), p, 0.0)
+            p = tl.where(_dropout_keep(seed, bh, offs_m, start_n, L, dropout_p, BN), p, 0.0)
         v0 = _load_tile(v_base, offs_n, svl, d0, svd, L, HEAD_DIM)
         acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=PREC)
         if BD1 > 0:
@@ -289,7 +300,7 @@ def _attn_bwd_dq_kernel(
         allowed = _allowed(_key_ok(pad_row, offs_n, L, HAS_PAD), offs_m, offs_n, ID)
         p = tl.where(allowed, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, L, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m, start_n, L, dropout_p, BN)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = (p * (dp - delta[:, None])).to(k0.dtype)
         dq0 += tl.dot(ds, k0, input_precision=PREC)
@@ -362,7 +373,7 @@ def _attn_bwd_dkdv_kernel(
         allowed = _allowed(key_ok, offs_m, offs_n, ID)
         p = tl.where(allowed, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, L, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m, kblk * BN, L, dropout_p, BN)
             p_drop = tl.where(keep, p * inv_keep, 0.0)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         else:
@@ -434,7 +445,7 @@ def _attn_fwd_short_kernel(
     has_key = l_sum > 0.0
     inv_l = 1.0 / tl.where(has_key, l_sum, 1.0)
     if DROPOUT:
-        keep = _dropout_keep(seed, bh, offs, offs, L, dropout_p)
+        keep = _dropout_keep(seed, bh, offs, 0, L, dropout_p, BL)
         p = tl.where(keep, p, 0.0)
         inv_l = inv_l / (1.0 - dropout_p)
     p = (p * inv_l[:, None]).to(V.dtype.element_ty)
@@ -489,7 +500,7 @@ def _attn_bwd_short_kernel(
         dp += tl.dot(do, tl.trans(v), input_precision=PREC)
     p32 = p.to(tl.float32)
     if DROPOUT:
-        keep = _dropout_keep(seed, bh, offs, offs, L, dropout_p)
+        keep = _dropout_keep(seed, bh, offs, 0, L, dropout_p, BL)
         inv_keep = 1.0 / (1.0 - dropout_p)
         dp = tl.where(keep, dp * inv_keep, 0.0)
         p_drop = tl.where(keep, p32 * inv_keep, 0.0).to(DO.dtype.element_ty)
@@ -526,7 +537,7 @@ def _keep_mask_kernel(OUT, L, dropout_p, seed, BM: tl.constexpr, BN: tl.constexp
         offs_m = start_m + tl.arange(0, BM)
         for start_n in range(0, L, BN):
             offs_n = start_n + tl.arange(0, BN)
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, L, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m, start_n, L, dropout_p, BN)
             mask = (offs_m[:, None] < L) & (offs_n[None, :] < L)
             tl.store(out_base + offs_m[:, None] * L + offs_n[None, :], keep.to(tl.int8), mask=mask)
 

@@ -1,9 +1,9 @@
-"""The loss kernels compile for the GPU (sm_90, Triton's own ptxas; no GPU needed).
+"""The kernels compile for the GPU (sm_90, Triton's own ptxas; no GPU needed).
 
 The interpreter runs a kernel's Python, not the compiler's rules: a variable whose type
 changes inside a runtime branch, for one, runs there and fails to compile. So the
-benchmark's compile-only mode (``AOT=1``) runs here in a subprocess without the interpreter,
-at every launch configuration the benchmark's cases use, and every kernel must compile.
+benchmarks' compile-only mode (``AOT=1``) runs here in a subprocess without the interpreter,
+at the launch configurations the benchmarks use, and every kernel must compile.
 """
 
 from __future__ import annotations
@@ -14,12 +14,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_inbatch_loss.py"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+BENCH = BENCHMARKS / "bench_inbatch_loss.py"
+
+
+def _compile_only(script: Path, out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AOT": "1", "OUT": str(out), "TRITON_INTERPRET": "0"}
+    return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_loss_kernels_compile_for_sm90(tmp_path):
-    env = {**os.environ, "AOT": "1", "OUT": str(tmp_path), "TRITON_INTERPRET": "0"}
-    run = subprocess.run([sys.executable, str(BENCH)], env=env, capture_output=True, text=True, timeout=600)
+    run = _compile_only(BENCH, tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "bench_inbatch_loss.json").read_text())
     compiled = {k: v for k, v in report.items() if k.startswith("aot_")}
@@ -29,3 +34,13 @@ def test_loss_kernels_compile_for_sm90(tmp_path):
     assert not failed, failed
     for name, info in compiled.items():
         assert int(info["regs"]) > 0, (name, info)
+
+
+def test_attention_kernels_compile_for_sm90(tmp_path):
+    run = _compile_only(BENCHMARKS / "bench_attention.py", tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if "regs=" in line or "ERROR" in line]
+    # head dims 384 and 64, with and without dropout: two short and three blocked kernels each
+    assert len(lines) == 20, run.stdout[-3000:]
+    failed = [line for line in lines if "ERROR" in line]
+    assert not failed, failed
