@@ -145,7 +145,9 @@ def aot_report() -> int:
                             target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
                         )
-                        path = os.path.join(os.environ.get("OUT") or "/tmp", f"attn_{label}.cubin")
+                        out = os.environ.get("OUT") or "/tmp"
+                        os.makedirs(out, exist_ok=True)
+                        path = os.path.join(out, f"attn_{label}.cubin")
                         with open(path, "wb") as fh:
                             fh.write(compiled.asm["cubin"])
                         dump_ = subprocess.run(

@@ -402,7 +402,8 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _full_scores(q_base, sql, sqd, k_base, skl, skd, offs, L, HEAD_DIM: tl.constexpr, BL: tl.constexpr,
                  BD: tl.constexpr, PREC: tl.constexpr):
-    """``(BL, BL)`` float32 ``Q K^T`` of one ``(b, h)``, accumulated over ``BD``-wide head-dim chunks."""
+    """``(BL, BL)`` float32 ``A B^T`` of one ``(b, h)`` (``Q K^T``, ``dO V^T``), accumulated over
+    ``BD``-wide head-dim chunks."""
     s = tl.zeros([BL, BL], dtype=tl.float32)
     for d_start in range(0, HEAD_DIM, BD):
         cols = d_start + tl.arange(0, BD)
@@ -492,12 +493,7 @@ def _attn_bwd_short_kernel(
     allowed = _allowed(_key_ok(PAD + b * spb, offs, L, HAS_PAD), offs, offs, ID)
     lse = tl.load(LSE + bh.to(tl.int64) * L + offs, mask=offs < L, other=float("inf"))
     p = tl.where(allowed, tl.exp2(s * qk_scale - lse[:, None]), 0.0).to(Q.dtype.element_ty)
-    dp = tl.zeros([BL, BL], dtype=tl.float32)
-    for d_start in range(0, HEAD_DIM, BD):
-        cols = d_start + tl.arange(0, BD)
-        do = _load_tile(do_base, offs, sdol, cols, sdod, L, HEAD_DIM)
-        v = _load_tile(v_base, offs, svl, cols, svd, L, HEAD_DIM)
-        dp += tl.dot(do, tl.trans(v), input_precision=PREC)
+    dp = _full_scores(do_base, sdol, sdod, v_base, svl, svd, offs, L, HEAD_DIM, BL, BD, PREC)
     p32 = p.to(tl.float32)
     if DROPOUT:
         keep = _dropout_keep(seed, bh, offs, 0, L, dropout_p, BL)

@@ -373,11 +373,17 @@ def _hoist_ids(ex_ptr, ex_sr, ex_ss, rows, valid, S, pad_id, S_PAD: tl.constexpr
     ids = ()
     if HOIST:
         ex_rows = ex_ptr + rows.to(tl.int64) * ex_sr
-        rows_zero = valid.to(tl.int32) * 0
         for s in tl.static_range(S_PAD):
-            e = tl.load(ex_rows + s * ex_ss, mask=valid & ((rows_zero + s) < S), other=pad_id).to(tl.int64)
-            ids = ids + (_narrow_ids(e, pad_id),)
+            ids = ids + (_narrow_ids(_ex_id(ex_rows, ex_ss, valid, S, s, pad_id), pad_id),)
     return ids
+
+
+@triton.jit
+def _ex_id(ex_rows, ex_ss, valid, S, slot, pad_id):
+    """Excluded id ``slot`` of each row as int64 (``pad_id`` past ``S`` and on ignored rows),
+    one 1-D load straight into the row layout of the compare."""
+    in_s = (valid.to(tl.int32) * 0 + slot) < S
+    return tl.load(ex_rows + slot * ex_ss, mask=valid & in_s, other=pad_id).to(tl.int64)
 
 
 @triton.jit
@@ -408,9 +414,8 @@ def _excl_chunk(
     every step): the ``S_PAD`` id columns unrolled, each one 1-D load straight into the
     compare's row layout. ``NARROW``: ``cid`` is int32 and the ids are narrowed."""
     hit = _by_row(valid, TRANS) & (_by_col(cid, TRANS) != _by_col(cid, TRANS))
-    rows_zero = valid.to(tl.int32) * 0
     for s in tl.static_range(S_PAD):
-        e = tl.load(ex_rows + (s0 + s) * ex_ss, mask=valid & ((rows_zero + s0 + s) < S), other=pad_id).to(tl.int64)
+        e = _ex_id(ex_rows, ex_ss, valid, S, s0 + s, pad_id)
         if NARROW:
             e = _narrow_ids(e, pad_id)
         hit = hit | (_by_col(cid, TRANS) == _by_row(e, TRANS))
@@ -586,7 +591,7 @@ def _tile_ptrs(ptr, s_r, s_d, idx, D, D_PAD: tl.constexpr):
 def _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ: tl.constexpr):
     """Column ids as int64 (padding outside N) and log Q (0 without correction)."""
     col_ok = cols < N
-    cid = tl.load(cid_ptr + cols.to(tl.int64) * s_cid, mask=col_ok, other=pad_id).to(tl.int64)
+    cid = _load_cid(cid_ptr, s_cid, cols, N, pad_id)
     if HAS_LQ:
         lq = tl.load(lq_ptr + cols.to(tl.int64) * s_lq, mask=col_ok, other=0.0).to(tl.float32)
     else:
