@@ -23,11 +23,10 @@ the same one, and :func:`dropout_keep_mask` materialises it for tests.
 
 Tiling: short sequences (``L <= 128``; ODMT's items have ``L = 81``)
 --------------------------------------------------------------------
-The default for the backward whenever ``L <= 128``, and for the forward when also
-``D >= 128`` (with one head-dim chunk the blocked forward is faster; measured, see
-``_SHORT_FWD_MIN_HEAD_DIM``). Both families save the same log2-domain lse, so the backward
-of one follows the forward of the other.
-One program per ``(b, h)`` holds every query and every key (``BL = next_power_of_two(L)``):
+The default whenever ``L <= 128``, forward and backward (``_SHORT_MAX_FWD`` /
+``_SHORT_MAX_BWD`` / ``_SHORT_FWD_MIN_HEAD_DIM`` choose the families apart; both save the
+same log2-domain lse, so the backward of one follows the forward of the other).
+A program holds every query and every key of one ``(b, h)`` (``BL = next_power_of_two(L)``):
 ``S`` is accumulated over head-dim chunks of ``BD`` columns (the largest power of two dividing
 ``D``, clamped to 16..64: 384 = 6 x 64), so Q, K, V are each read exactly once and O written
 once -- the memory roofline's traffic, where a blocked kernel re-reads K and V once per query
@@ -43,17 +42,28 @@ block. With the whole row in registers the softmax needs no online rescaling::
                                                 for each chunk c: dV_c = P~^T dO_c, dQ_c = dS K_c,
                                                                   dK_c = dS^T Q_c, stored at once
 
-The backward reads Q, K twice and V, dO once or twice (the second reads are recent, mostly L2
-hits) and writes dQ, dK, dV once; no atomics, no ``delta`` tensor, one launch. The two
-``(BL x BL)`` float32 tiles (S, then dP; P kept in 16 bits between them) take 8 warps at
-``BL = 128``: an sm_90 compile on the CPU machine (``AOT=1 python benchmarks/bench_attention.py``,
-Triton 3.9, unit strides specialised as the launcher does) gives forward 170 / 119 registers a
-thread at D = 384 / 64 and backward 255 / 236, no spills (with dropout: 180 / 172 and 255 /
-239 registers, 112 B of spills in the D = 384 backward; ``tl.rand``, one Philox draw per
-element keeping one of its four numbers, had spilled up to 1.5 KB and doubled the short
-kernels' instructions at D = 64; at 4 warps everything spills 0.2-3.5 KB). Compile-only numbers: timings
-come from the benchmark on a GPU. If no configuration fits the card (shared memory), the
-blocked kernels below run instead.
+The backward writes dQ, dK, dV once; no atomics, no ``delta`` tensor, one launch. With
+several chunks (``D > 64``) it reads Q, K twice and V, dO once or twice (the second reads are
+recent, mostly L2 hits), one pair a program, the chunk loops software-pipelined (three
+stages). With one chunk (``D <= 64``) each tile is a single load, read once, and nothing
+inside a pair can be pipelined, so the programs are persistent: one an SM, each walking the
+pairs ``pid, pid + programs, ...``, and Triton's software pipeline issues the next pairs'
+loads (asynchronous copies into shared memory) while this pair's math runs -- one program per
+pair had run its loads and its math in turn (Run 5: the short forward at 12 x 64 at 2.5x the
+memory roofline).
+
+The two ``(BL x BL)`` float32 tiles (S, then dP; P kept in 16 bits between them) take 8 warps
+at ``BL = 128``. An sm_90 compile on the CPU machine (``AOT=1 python
+benchmarks/bench_attention.py``, Triton 3.9, unit strides specialised as the launcher does):
+forward 156 / 203 registers a thread at D = 384 / 64 and backward 255 / 255 with 16 / 144 B
+of spills (the persistent kernels' loop-invariant addresses), shared memory 96 / 160 KB
+forward, 224 / 160 KB backward; with dropout up to 608 B of spills (D = 64 backward). A
+persistent loop around the chunked kernels cost ~100 registers and spills at D = 384, hence
+one pair a program there. At 4 warps everything spills 0.2-3.5 KB. ``tl.rand``, one Philox
+draw per element keeping one of its four numbers, had spilled up to 1.5 KB and doubled the
+short kernels' instructions at D = 64 (now ``tl.rand4x``). Compile-only numbers: timings come
+from the benchmark on a GPU. If no configuration fits the card (shared memory), the blocked
+kernels below run instead.
 
 Tiling: blocked kernels (longer sequences)
 ------------------------------------------
@@ -394,9 +404,24 @@ def _attn_bwd_dkdv_kernel(
 
 
 # --------------------------------------------------------------------------------------
-# Short sequences (L <= 128, ODMT's 81 tokens): one program per (b, h) holds every query and
-# every key, so Q, K, V are read once in the forward and the whole backward is one kernel.
+# Short sequences (L <= 128, ODMT's 81 tokens): a program holds every query and every key of
+# one (b, h) at a time, so Q, K, V are read once in the forward and the whole backward is one
+# kernel. Programs walk the (b, h) pairs with a grid stride (``range(pid, BH, programs)``):
+# launched with one program per pair each takes one; launched persistent (a few programs per
+# SM) a program with one head-dim chunk loads the next pair's tiles before this pair's math.
 # --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pair_ptr(ptr, bh, H, stride_b, stride_h):
+    """Base pointer of pair ``bh = b * H + h`` of a ``(B, H, ...)`` tensor (64-bit offsets)."""
+    return ptr + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+
+
+@triton.jit
+def _pair_tile(ptr, bh, H, stride_b, stride_h, stride_l, stride_d, offs, cols, L, HEAD_DIM: tl.constexpr):
+    """The ``(BL, BD)`` tile of pair ``bh``, zeros past ``L`` rows and ``HEAD_DIM`` columns."""
+    return _load_tile(_pair_ptr(ptr, bh, H, stride_b, stride_h), offs, stride_l, cols, stride_d, L, HEAD_DIM)
 
 
 @triton.jit
@@ -413,6 +438,55 @@ def _full_scores(q_base, sql, sqd, k_base, skl, skd, offs, L, HEAD_DIM: tl.const
     return s
 
 
+@triton.jit
+def _short_softmax(s, key_ok, offs, ID, qk_scale, bh, L, dropout_p, seed, BL: tl.constexpr,
+                   DROPOUT: tl.constexpr):
+    """Forward of one pair from its raw scores: ``(E * keep, inv_l, lse)`` with ``E = exp2(S -
+    rowmax)`` (float32, in [0, 1]) and ``inv_l = 1 / (rowsum(E) (1 - p))``, so that ``P * keep /
+    (1 - p) = E * keep * inv_l`` -- the caller scales whichever is smaller, ``P`` or ``P V``.
+
+    Every key of the row is in the tile, so the softmax is a plain (not online) one in the
+    log2 domain; a row with no attendable key gets ``E = 0`` and ``lse = +inf``."""
+    s = tl.where(_allowed(key_ok, offs, offs, ID), s * qk_scale, float("-inf"))
+    m = tl.max(s, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    e = tl.exp2(s - m_safe[:, None])
+    l_sum = tl.sum(e, 1)
+    has_key = l_sum > 0.0
+    inv_l = 1.0 / tl.where(has_key, l_sum, 1.0)
+    if DROPOUT:
+        e = tl.where(_dropout_keep(seed, bh, offs, 0, L, dropout_p, BL), e, 0.0)
+        inv_l = inv_l / (1.0 - dropout_p)
+    lse = tl.where(has_key, m_safe + tl.log2(tl.where(has_key, l_sum, 1.0)), float("inf"))
+    return e, inv_l, lse
+
+
+@triton.jit
+def _short_probs(s, key_ok, offs, ID, qk_scale, lse, dtype: tl.constexpr):
+    """Backward: ``P = exp2(S - lse)`` on the allowed pairs, in the 16-bit input dtype (it is
+    a dot operand, and it halves the tile kept while dP is computed)."""
+    return tl.where(_allowed(key_ok, offs, offs, ID), tl.exp2(s * qk_scale - lse[:, None]), 0.0).to(dtype)
+
+
+@triton.jit
+def _short_ds(p, dp, bh, offs, L, dropout_p, seed, BL: tl.constexpr, DROPOUT: tl.constexpr):
+    """Backward: ``(P~, dS)`` from ``P`` and ``dP = dO V^T``, ``P~ = P * keep / (1 - p)`` (the
+    dV operand) and ``dS = P (dP~ - delta)`` (without ``scale``), both in ``p``'s dtype.
+
+    ``delta_i = sum_d dO_id O_id = sum_j P_ij dP~_ij``: the full row is here, so O is never
+    read."""
+    p32 = p.to(tl.float32)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, offs, 0, L, dropout_p, BL)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        dp = tl.where(keep, dp * inv_keep, 0.0)
+        p_drop = tl.where(keep, p32 * inv_keep, 0.0).to(p.dtype)
+    else:
+        p_drop = p
+    delta = tl.sum(p32 * dp, 1)
+    return p_drop, (p32 * (dp - delta[:, None])).to(p.dtype)
+
+
 @triton.jit(do_not_specialize=["ID", "seed"])
 def _attn_fwd_short_kernel(
     Q, K, V, O, LSE, PAD,
@@ -421,43 +495,47 @@ def _attn_fwd_short_kernel(
     svb, svh, svl, svd,
     sob, soh, sol, sod,
     spb, spl,
-    H, L, ID, qk_scale, dropout_p, seed,
+    BH, H, L, ID, qk_scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr,
     HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    o_base = O + b * sob + h * soh
+    first = tl.program_id(0)
+    step = tl.num_programs(0)
     offs = tl.arange(0, BL)
-
-    # S = Q K^T over head-dim chunks: the whole (BL x BL) score tile stays in registers
-    s = _full_scores(q_base, sql, sqd, k_base, skl, skd, offs, L, HEAD_DIM, BL, BD, PREC)
-    allowed = _allowed(_key_ok(PAD + b * spb, offs, L, HAS_PAD), offs, offs, ID)
-    s = tl.where(allowed, s * qk_scale, float("-inf"))
-    # every key of the row is in the tile: a plain (not online) softmax in the log2 domain
-    m = tl.max(s, 1)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    p = tl.exp2(s - m_safe[:, None])
-    l_sum = tl.sum(p, 1)
-    has_key = l_sum > 0.0
-    inv_l = 1.0 / tl.where(has_key, l_sum, 1.0)
-    if DROPOUT:
-        keep = _dropout_keep(seed, bh, offs, 0, L, dropout_p, BL)
-        p = tl.where(keep, p, 0.0)
-        inv_l = inv_l / (1.0 - dropout_p)
-    p = (p * inv_l[:, None]).to(V.dtype.element_ty)
-
-    for d_start in range(0, HEAD_DIM, BD):
-        cols = d_start + tl.arange(0, BD)
-        v = _load_tile(v_base, offs, svl, cols, svd, L, HEAD_DIM)
-        o = tl.dot(p, v, input_precision=PREC)
-        _store_tile(o_base, o.to(O.dtype.element_ty), offs, sol, cols, sod, L, HEAD_DIM)
-    lse = tl.where(has_key, m_safe + tl.log2(tl.where(has_key, l_sum, 1.0)), float("inf"))
-    tl.store(LSE + bh.to(tl.int64) * L + offs, lse, mask=offs < L)
+    if HEAD_DIM <= BD:
+        # One head-dim chunk: a persistent loop over pairs, whose loads Triton's software
+        # pipeline issues num_stages - 1 pairs ahead (asynchronous copies to shared memory)
+        cols = tl.arange(0, BD)
+        for i in range(0, tl.cdiv(BH - first, step)):
+            bh = first + i * step  # a tensor in the interpreter too (a range variable is an int)
+            q = _pair_tile(Q, bh, H, sqb, sqh, sql, sqd, offs, cols, L, HEAD_DIM)
+            k = _pair_tile(K, bh, H, skb, skh, skl, skd, offs, cols, L, HEAD_DIM)
+            v = _pair_tile(V, bh, H, svb, svh, svl, svd, offs, cols, L, HEAD_DIM)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC)
+            key_ok = _key_ok(PAD + (bh // H).to(tl.int64) * spb, offs, L, HAS_PAD)
+            e, inv_l, lse = _short_softmax(s, key_ok, offs, ID, qk_scale, bh, L, dropout_p, seed, BL, DROPOUT)
+            # normalised after the dot: the (BL, BD) output is half the (BL, BL) tile
+            o = tl.dot(e.to(v.dtype), v, input_precision=PREC) * inv_l[:, None]
+            _store_tile(_pair_ptr(O, bh, H, sob, soh), o.to(O.dtype.element_ty), offs, sol, cols, sod, L, HEAD_DIM)
+            tl.store(LSE + bh.to(tl.int64) * L + offs, lse, mask=offs < L)
+    else:
+        # Several chunks: one pair a program (launched with one program per pair; an outer
+        # loop around the chunk loops cost ~100 registers a thread and spills at D = 384),
+        # the chunk loops pipelined. S = Q K^T: the whole (BL x BL) tile stays in registers.
+        bh = first
+        s = _full_scores(_pair_ptr(Q, bh, H, sqb, sqh), sql, sqd, _pair_ptr(K, bh, H, skb, skh), skl, skd,
+                         offs, L, HEAD_DIM, BL, BD, PREC)
+        key_ok = _key_ok(PAD + (bh // H).to(tl.int64) * spb, offs, L, HAS_PAD)
+        e, inv_l, lse = _short_softmax(s, key_ok, offs, ID, qk_scale, bh, L, dropout_p, seed, BL, DROPOUT)
+        p = (e * inv_l[:, None]).to(V.dtype.element_ty)  # once here, not once per output chunk
+        v_base = _pair_ptr(V, bh, H, svb, svh)
+        o_base = _pair_ptr(O, bh, H, sob, soh)
+        for d_start in range(0, HEAD_DIM, BD):
+            cols = d_start + tl.arange(0, BD)
+            v = _load_tile(v_base, offs, svl, cols, svd, L, HEAD_DIM)
+            o = tl.dot(p, v, input_precision=PREC)
+            _store_tile(o_base, o.to(O.dtype.element_ty), offs, sol, cols, sod, L, HEAD_DIM)
+        tl.store(LSE + bh.to(tl.int64) * L + offs, lse, mask=offs < L)
 
 
 @triton.jit(do_not_specialize=["ID", "seed"])
@@ -471,53 +549,68 @@ def _attn_bwd_short_kernel(
     sdkb, sdkh, sdkl, sdkd,
     sdvb, sdvh, sdvl, sdvd,
     spb, spl,
-    H, L, ID, qk_scale, sm_scale, dropout_p, seed,
+    BH, H, L, ID, qk_scale, sm_scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr,
     HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    do_base = DO + b * sdob + h * sdoh
-    dq_base = DQ + b * sdqb + h * sdqh
-    dk_base = DK + b * sdkb + h * sdkh
-    dv_base = DV + b * sdvb + h * sdvh
+    first = tl.program_id(0)
+    step = tl.num_programs(0)
     offs = tl.arange(0, BL)
-
-    # S = Q K^T, then P in the input dtype, then dP = dO V^T: two chunk loops, so that only one
-    # (BL x BL) float32 accumulator is live at a time (the 16-bit P is half of one)
-    s = _full_scores(q_base, sql, sqd, k_base, skl, skd, offs, L, HEAD_DIM, BL, BD, PREC)
-    allowed = _allowed(_key_ok(PAD + b * spb, offs, L, HAS_PAD), offs, offs, ID)
-    lse = tl.load(LSE + bh.to(tl.int64) * L + offs, mask=offs < L, other=float("inf"))
-    p = tl.where(allowed, tl.exp2(s * qk_scale - lse[:, None]), 0.0).to(Q.dtype.element_ty)
-    dp = _full_scores(do_base, sdol, sdod, v_base, svl, svd, offs, L, HEAD_DIM, BL, BD, PREC)
-    p32 = p.to(tl.float32)
-    if DROPOUT:
-        keep = _dropout_keep(seed, bh, offs, 0, L, dropout_p, BL)
-        inv_keep = 1.0 / (1.0 - dropout_p)
-        dp = tl.where(keep, dp * inv_keep, 0.0)
-        p_drop = tl.where(keep, p32 * inv_keep, 0.0).to(DO.dtype.element_ty)
+    if HEAD_DIM <= BD:
+        # One head-dim chunk: Q, K, V, dO are read once (the chunked path below re-reads Q, K,
+        # dO from L2 in its second pass), in a persistent loop pipelined as in the forward
+        cols = tl.arange(0, BD)
+        for i in range(0, tl.cdiv(BH - first, step)):
+            bh = first + i * step  # a tensor in the interpreter too (a range variable is an int)
+            q = _pair_tile(Q, bh, H, sqb, sqh, sql, sqd, offs, cols, L, HEAD_DIM)
+            k = _pair_tile(K, bh, H, skb, skh, skl, skd, offs, cols, L, HEAD_DIM)
+            v = _pair_tile(V, bh, H, svb, svh, svl, svd, offs, cols, L, HEAD_DIM)
+            do = _pair_tile(DO, bh, H, sdob, sdoh, sdol, sdod, offs, cols, L, HEAD_DIM)
+            lse = tl.load(LSE + bh.to(tl.int64) * L + offs, mask=offs < L, other=float("inf"))
+            key_ok = _key_ok(PAD + (bh // H).to(tl.int64) * spb, offs, L, HAS_PAD)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC)
+            p = _short_probs(s, key_ok, offs, ID, qk_scale, lse, Q.dtype.element_ty)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            p_drop, ds = _short_ds(p, dp, bh, offs, L, dropout_p, seed, BL, DROPOUT)
+            dv = tl.dot(tl.trans(p_drop), do, input_precision=PREC)
+            _store_tile(_pair_ptr(DV, bh, H, sdvb, sdvh), dv.to(DV.dtype.element_ty), offs, sdvl, cols, sdvd, L,
+                        HEAD_DIM)
+            dq = tl.dot(ds, k, input_precision=PREC) * sm_scale
+            _store_tile(_pair_ptr(DQ, bh, H, sdqb, sdqh), dq.to(DQ.dtype.element_ty), offs, sdql, cols, sdqd, L,
+                        HEAD_DIM)
+            dk = tl.dot(tl.trans(ds), q, input_precision=PREC) * sm_scale
+            _store_tile(_pair_ptr(DK, bh, H, sdkb, sdkh), dk.to(DK.dtype.element_ty), offs, sdkl, cols, sdkd, L,
+                        HEAD_DIM)
     else:
-        p_drop = p
-    # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the full row is here, so O is never read
-    delta = tl.sum(p32 * dp, 1)
-    ds = (p32 * (dp - delta[:, None])).to(Q.dtype.element_ty)
-
-    # pass 2 over head-dim chunks: dV = P^T dO, dQ = dS K, dK = dS^T Q, each chunk stored at once
-    for d_start in range(0, HEAD_DIM, BD):
-        cols = d_start + tl.arange(0, BD)
-        do = _load_tile(do_base, offs, sdol, cols, sdod, L, HEAD_DIM)
-        dv = tl.dot(tl.trans(p_drop), do, input_precision=PREC)
-        _store_tile(dv_base, dv.to(DV.dtype.element_ty), offs, sdvl, cols, sdvd, L, HEAD_DIM)
-        k = _load_tile(k_base, offs, skl, cols, skd, L, HEAD_DIM)
-        dq = tl.dot(ds, k, input_precision=PREC) * sm_scale
-        _store_tile(dq_base, dq.to(DQ.dtype.element_ty), offs, sdql, cols, sdqd, L, HEAD_DIM)
-        q = _load_tile(q_base, offs, sql, cols, sqd, L, HEAD_DIM)
-        dk = tl.dot(tl.trans(ds), q, input_precision=PREC) * sm_scale
-        _store_tile(dk_base, dk.to(DK.dtype.element_ty), offs, sdkl, cols, sdkd, L, HEAD_DIM)
+        # Several chunks: one pair a program, as in the forward
+        bh = first
+        q_base = _pair_ptr(Q, bh, H, sqb, sqh)
+        k_base = _pair_ptr(K, bh, H, skb, skh)
+        v_base = _pair_ptr(V, bh, H, svb, svh)
+        do_base = _pair_ptr(DO, bh, H, sdob, sdoh)
+        dq_base = _pair_ptr(DQ, bh, H, sdqb, sdqh)
+        dk_base = _pair_ptr(DK, bh, H, sdkb, sdkh)
+        dv_base = _pair_ptr(DV, bh, H, sdvb, sdvh)
+        # S, then P in the input dtype, then dP = dO V^T: two chunk loops, so that only one
+        # (BL x BL) float32 accumulator is live at a time (the 16-bit P is half of one)
+        s = _full_scores(q_base, sql, sqd, k_base, skl, skd, offs, L, HEAD_DIM, BL, BD, PREC)
+        key_ok = _key_ok(PAD + (bh // H).to(tl.int64) * spb, offs, L, HAS_PAD)
+        lse = tl.load(LSE + bh.to(tl.int64) * L + offs, mask=offs < L, other=float("inf"))
+        p = _short_probs(s, key_ok, offs, ID, qk_scale, lse, Q.dtype.element_ty)
+        dp = _full_scores(do_base, sdol, sdod, v_base, svl, svd, offs, L, HEAD_DIM, BL, BD, PREC)
+        p_drop, ds = _short_ds(p, dp, bh, offs, L, dropout_p, seed, BL, DROPOUT)
+        # pass 2 over head-dim chunks: dV = P~^T dO, dQ = dS K, dK = dS^T Q, stored at once
+        for d_start in range(0, HEAD_DIM, BD):
+            cols = d_start + tl.arange(0, BD)
+            do = _load_tile(do_base, offs, sdol, cols, sdod, L, HEAD_DIM)
+            dv = tl.dot(tl.trans(p_drop), do, input_precision=PREC)
+            _store_tile(dv_base, dv.to(DV.dtype.element_ty), offs, sdvl, cols, sdvd, L, HEAD_DIM)
+            k = _load_tile(k_base, offs, skl, cols, skd, L, HEAD_DIM)
+            dq = tl.dot(ds, k, input_precision=PREC) * sm_scale
+            _store_tile(dq_base, dq.to(DQ.dtype.element_ty), offs, sdql, cols, sdqd, L, HEAD_DIM)
+            q = _load_tile(q_base, offs, sql, cols, sqd, L, HEAD_DIM)
+            dk = tl.dot(tl.trans(ds), q, input_precision=PREC) * sm_scale
+            _store_tile(dk_base, dk.to(DK.dtype.element_ty), offs, sdkl, cols, sdkd, L, HEAD_DIM)
 
 
 # --------------------------------------------------------------------------------------
@@ -616,19 +709,22 @@ def _launch(kind: str, kernel, bh: int, length: int, width: int, dtype, args, me
     raise RuntimeError(f"id_masked_attention: no block configuration fits this device ({last_error})")
 
 
-# Sequences up to these lengths take the one-program-per-(b, h) kernels (``*_short_kernel``),
+# Sequences up to these lengths take the short kernels (``*_short_kernel``: a program holds a whole (b, h)),
 # forward and backward chosen apart (both families save the same log-sum-exp, so either
 # backward follows either forward); longer ones the FlashAttention-style blocked kernels.
 # Tests and benchmarks set them to 0 to run the blocked kernels on the same inputs.
 _SHORT_MAX_FWD = 128
 _SHORT_MAX_BWD = 128
-# The short forward also needs a head dim of at least this much. Run 5 (H100, L = 81, bf16):
-# at D = 384 the short forward takes 308 us against the blocked one's 504 us (its head-dim
-# chunks pipeline, three stages); at D = 64 (one chunk, nothing to pipeline) the blocked
-# forward wins, 487 vs 696 us (12 heads) and 176 vs 249 us (4 heads). The short backward won
-# everywhere (blocked forward + short backward 2,270 / 1,100 us against 2,632 / 1,484 us for
-# the blocked pair at 12 x 64 / 4 x 64).
-_SHORT_FWD_MIN_HEAD_DIM = 128
+# The short forward also needs a head dim of at least this much (0: any). Run 5 (H100, L = 81,
+# bf16): at D = 384 the short forward took 308 us against the blocked one's 504 us (its
+# head-dim chunks pipeline, three stages); at D = 64, one program per pair and nothing to
+# pipeline, the blocked forward won, 487 vs 696 us (12 heads) and 176 vs 249 us (4 heads), so
+# this was 128. The one-chunk short kernels are now persistent and pipelined across pairs
+# (``_short_configs``; unmeasured), which removes that reason; the benchmark times both
+# families at every configuration. The short backward won everywhere in Run 5 (blocked
+# forward + short backward 2,270 / 1,100 us against 2,632 / 1,484 us for the blocked pair at
+# 12 x 64 / 4 x 64).
+_SHORT_FWD_MIN_HEAD_DIM = 0
 
 
 def _head_chunk(head_dim: int) -> int:
@@ -637,26 +733,49 @@ def _head_chunk(head_dim: int) -> int:
     return max(16, min(64, head_dim & -head_dim))
 
 
-def _short_configs(kind: str, length: int, head_dim: int) -> list[tuple[int, int, int]]:
-    """Candidate ``(BD, num_warps, num_stages)`` of a short kernel, in order of preference.
+def _short_configs(kind: str, length: int, head_dim: int) -> list[tuple[int, int, int, int, int]]:
+    """Candidate ``(BD, num_warps, num_stages, programs_per_sm, maxnreg)`` of a short kernel,
+    in order of preference (``programs_per_sm = 0``: one program per ``(b, h)`` pair;
+    ``maxnreg = 0``: the compiler's register count).
 
     The ``(BL, BL)`` float32 score tile (and, in the backward, the dP tile beside it) decides
-    the warps: 8 at BL = 128 (64 registers a thread per tile), 4 below. Pipeline stages
-    overlap the next chunk's loads with the current chunk's dots: three where the head dim has
-    several chunks (Run 5 on an H100 at 2 x 384: forward 308 us with three stages against
-    513 us with two; backward about 190 us faster), two otherwise (one chunk: unmeasured).
-    The fallbacks (two stages, one, then 16-wide chunks) shrink shared memory for cards
-    that refuse the first.
+    the warps: 8 at BL = 128 (64 registers a thread per tile), 4 below. With several head-dim
+    chunks (``D > 64``) a program takes one pair and pipeline stages overlap the next chunk's
+    loads with the current chunk's dots: three (Run 5 on an H100 at 2 x 384: forward 308 us
+    with three stages against 513 us with two; backward about 190 us faster).
+
+    With one chunk (``D <= 64``) there is nothing to pipeline inside a pair, and one program
+    per pair ran its loads and its math one after the other, at most two programs an SM (Run
+    5: the short forward at 12 x 64 took 696 us, 2.5x the memory roofline). Persistent
+    programs, one an SM, walk the pairs instead, and the software pipeline issues the next
+    pairs' loads during this pair's math: ``num_stages - 1`` pairs ahead, three stages in the
+    forward (160 KB of shared memory), two in the backward (four tiles: 160 KB). Unmeasured:
+    chosen on that reasoning and the sm_90 compile (forward 202 registers, backward 255 with
+    144 B of spills, loop-invariant addresses; two programs an SM would need 128 registers,
+    which the benchmark's sweep tries with ``maxnreg``).
+    The fallbacks (fewer stages, one program per pair, then 16-wide chunks) shrink shared
+    memory for cards that refuse the first.
     """
     block_len = max(16, triton.next_power_of_2(length))
     warps = 8 if block_len >= 128 else 4
     chunk = _head_chunk(head_dim)
-    out = [(chunk, warps, 2), (chunk, warps, 1)]
     if head_dim > chunk:
-        out.insert(0, (chunk, warps, 3))
+        out = [(chunk, warps, 3, 0, 0), (chunk, warps, 2, 0, 0), (chunk, warps, 1, 0, 0)]
+    else:
+        stages = 3 if kind == "fwd_short" else 2
+        out = [(chunk, warps, stages, 1, 0), (chunk, warps, 2, 1, 0), (chunk, warps, 1, 0, 0)]
+        out = list(dict.fromkeys(out))
     if chunk > 16:
-        out.append((16, warps, 1))
+        out.append((16, warps, 1, 0, 0))
     return out
+
+
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a nominal 2 on the CPU interpreter, so that the
+    persistent loop walks several pairs a program in the tests)."""
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _launch_short(kind: str, kernel, bh: int, length: int, head_dim: int, args: tuple, meta: dict) -> bool:
@@ -669,13 +788,18 @@ def _launch_short(kind: str, kernel, bh: int, length: int, head_dim: int, args: 
         candidates = [_CHOSEN[cache_key]]
     else:
         candidates = _short_configs(kind, length, head_dim)
-    for chunk, warps, stages in candidates:
+    for config in candidates:
+        chunk, warps, stages, per_sm, maxnreg = config
+        persistent = per_sm > 0 and head_dim <= chunk  # the chunked path takes one pair a program
+        programs = min(bh, per_sm * _num_sms(args[0].device)) if persistent else bh
         try:
-            kernel[(bh,)](*args, BL=block_len, BD=chunk, num_warps=warps, num_stages=stages, **meta)
+            kernel[(programs,)](
+                *args, BL=block_len, BD=chunk, num_warps=warps, num_stages=stages, maxnreg=maxnreg or None, **meta
+            )
         except OutOfResources:  # shared memory / registers: try the next, smaller config
             continue
         if kind not in _OVERRIDE:
-            _CHOSEN[cache_key] = (chunk, warps, stages)
+            _CHOSEN[cache_key] = config
         return True
     return False
 
@@ -730,7 +854,7 @@ def _attention_forward(
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(out), spb, spl)
     if length <= _SHORT_MAX_FWD and head_dim >= _SHORT_FWD_MIN_HEAD_DIM:
         short_meta = {key: meta[key] for key in ("HEAD_DIM", "HAS_PAD", "DROPOUT", "PREC")}
-        short_args = (q, k, v, out, lse, pad, *strides, heads, length, id_index, scale * _LOG2E, dropout_p, seed)
+        short_args = (q, k, v, out, lse, pad, *strides, batch * heads, heads, length, id_index, scale * _LOG2E, dropout_p, seed)
         if _launch_short("fwd_short", _attn_fwd_short_kernel, batch * heads, length, head_dim, short_args, short_meta):
             return out, lse
 
@@ -775,7 +899,7 @@ def _attention_backward(
             q, k, v, grad_out, lse, dq, dk, dv, pad,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
             *_strides(dq), *_strides(dk), *_strides(dv), spb, spl,
-            heads, length, id_index, scale * _LOG2E, scale, dropout_p, seed,
+            batch * heads, heads, length, id_index, scale * _LOG2E, scale, dropout_p, seed,
         )
         if _launch_short("bwd_short", _attn_bwd_short_kernel, batch * heads, length, head_dim, short_args, short_meta):
             return dq, dk, dv

@@ -167,16 +167,32 @@ def test_forward_and_backward_families_are_chosen_apart(path, kinds):
     assert launched == kinds, launched
 
 
-@pytest.mark.parametrize("config", [(16, 4, 1), (32, 8, 2)])
+@pytest.mark.parametrize("config", [(16, 4, 1, 0, 0), (32, 8, 2, 0, 0), (64, 4, 2, 1, 0)])
 def test_other_short_configurations(config, monkeypatch):
     """Short-kernel chunk widths other than the rule's: 16 = three chunks of 48 (masked loop
-    tail with D = 40), 32 = a half-masked chunk; same results, with dropout too."""
+    tail with D = 40), 32 = a half-masked chunk, 64 = one chunk wider than D (persistent);
+    same results, with dropout too."""
     monkeypatch.setattr(attn, "_OVERRIDE", {"fwd_short": config, "bwd_short": config})
     q, k, v = _inputs(2, 1, 21, 40, torch.float32)
     pad = torch.zeros(2, 21, dtype=torch.bool, device=DEVICE)
     pad[1, 15:] = True
     _assert_matches_reference(q, k, v, pad, 10, torch.float32, dropout_p=0.2, seed=3,
                               keep=attn.dropout_keep_mask(2, 1, 21, 0.2, 3, DEVICE))
+
+
+@pytest.mark.parametrize(("batch", "heads", "per_sm"), [(3, 2, 1), (5, 1, 2), (1, 1, 1)])
+def test_persistent_short_kernels_walk_every_pair(batch, heads, per_sm, monkeypatch):
+    """One-chunk short kernels launched persistent: ``per_sm`` programs a (nominal, 2 on the
+    CPU) SM walk the ``batch * heads`` pairs with a grid stride -- 6 pairs over 2 programs, 5
+    over 4 (uneven), 1 pair over 1 -- so every pair is computed once, dropout masks keyed by
+    the pair as in the one-program-per-pair launch."""
+    config = (32, 4, 2, per_sm, 0)
+    monkeypatch.setattr(attn, "_OVERRIDE", {"fwd_short": config, "bwd_short": config})
+    q, k, v = _inputs(batch, heads, 13, 32, torch.float32, seed=batch)
+    pad = _padding("suffix", batch, 13, seed=batch)
+    _assert_matches_reference(q, k, v, pad, 5, torch.float32)
+    _assert_matches_reference(q, k, v, pad, 5, torch.float32, dropout_p=0.2, seed=3,
+                              keep=attn.dropout_keep_mask(batch, heads, 13, 0.2, 3, DEVICE))
 
 
 @pytest.mark.parametrize("config", [(64, 16, 4, 2), (16, 64, 4, 1)])
@@ -398,17 +414,19 @@ def test_launch_falls_back_when_out_of_resources():
 def test_short_kernel_rule():
     assert [attn._head_chunk(d) for d in (16, 24, 64, 80, 96, 384, 512)] == [16, 16, 64, 16, 32, 64, 64]
     # 8 warps for the 128 x 128 score tile of L = 81 (no spills in an sm_90 compile), 4 below
-    # three pipeline stages where the head dim has several chunks (measured at 384), two otherwise
-    assert attn._short_configs("fwd_short", 81, 384)[:2] == [(64, 8, 3), (64, 8, 2)]
-    assert attn._short_configs("bwd_short", 81, 64)[0] == (64, 8, 2)
-    assert attn._short_configs("bwd_short", 33, 80)[0] == (16, 4, 3)
-    assert attn._short_configs("fwd_short", 81, 384)[-1] == (16, 8, 1)
+    # three pipeline stages where the head dim has several chunks (measured at 384), one pair
+    # a program there; one chunk: persistent, one program an SM, three / two stages
+    assert attn._short_configs("fwd_short", 81, 384)[:2] == [(64, 8, 3, 0, 0), (64, 8, 2, 0, 0)]
+    assert attn._short_configs("fwd_short", 81, 64)[0] == (64, 8, 3, 1, 0)
+    assert attn._short_configs("bwd_short", 81, 64)[:2] == [(64, 8, 2, 1, 0), (64, 8, 1, 0, 0)]
+    assert attn._short_configs("bwd_short", 33, 80)[0] == (16, 4, 3, 0, 0)
+    assert attn._short_configs("fwd_short", 81, 384)[-1] == (16, 8, 1, 0, 0)
 
 
-@pytest.mark.parametrize(("head_dim", "kinds"), [(128, {"fwd_short", "bwd_short"}), (64, {"fwd", "bwd_short"})])
+@pytest.mark.parametrize(("head_dim", "kinds"), [(128, {"fwd_short", "bwd_short"}), (64, {"fwd_short", "bwd_short"})])
 def test_default_families_at_l81_like_lengths(head_dim, kinds):
-    """Default rule for short sequences: the short backward always; the short forward from
-    D = 128 (pipelined head-dim chunks), the blocked forward below (one chunk)."""
+    """Default rule for short sequences: the short kernels both ways, pipelined over head-dim
+    chunks (D = 128) or, with one chunk, over pairs (D = 64)."""
     q, k, v = _inputs(1, 1, 9, head_dim, torch.float32)
     pad = torch.zeros(1, 9, dtype=torch.bool, device=DEVICE)
     pad[0, 7:] = True
@@ -436,7 +454,11 @@ def test_short_launch_reports_when_nothing_fits():
     args = (torch.empty(0),)
     assert not attn._launch_short("fwd_short", RefusingKernel(), 6, 81, 384, args, meta)
     assert tried == [((6,), 128, 64, 8, 3), ((6,), 128, 64, 8, 2), ((6,), 128, 64, 8, 1), ((6,), 128, 16, 8, 1)]
-    assert not any(key[0] == "fwd_short" for key in attn._CHOSEN)
+    # one chunk: persistent (one program a nominal CPU SM: 2), then one program per pair
+    tried.clear()
+    assert not attn._launch_short("bwd_short", RefusingKernel(), 6, 81, 64, args, {"HEAD_DIM": 64, "DROPOUT": False})
+    assert tried == [((2,), 128, 64, 8, 2), ((6,), 128, 64, 8, 1), ((6,), 128, 16, 8, 1)]
+    assert not any(key[0] in ("fwd_short", "bwd_short") for key in attn._CHOSEN)
 
 
 def test_bad_inputs_raise_clear_errors():
