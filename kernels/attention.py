@@ -105,6 +105,7 @@ log-sum-exp) with a fake implementation and an autograd formula that calls the c
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -770,6 +771,7 @@ def _short_configs(kind: str, length: int, head_dim: int) -> list[tuple[int, int
     return out
 
 
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (a nominal 2 on the CPU interpreter, so that the
     persistent loop walks several pairs a program in the tests)."""
