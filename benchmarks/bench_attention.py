@@ -95,25 +95,34 @@ def aot_report() -> int:
         ("fwd", attention._attn_fwd_kernel),
         ("dq", attention._attn_bwd_dq_kernel),
         ("dkdv", attention._attn_bwd_dkdv_kernel),
+        ("dqdk", attention._attn_bwd_dqdk_kernel),
     ]
     extra = [int(x) for x in os.environ.get("AOT_WARPS", "").split(",") if x]
     print(f"triton {triton.__version__}, sm_90 compile, L = {length}, bf16; stack = spill bytes a thread")
     for dim in (384, 64):
         for dropout in (False, True):
             for kind, kernel in kernels:
+                chunk = attention._head_chunk(dim)
+                split = attention._SPLIT_BWD and dim > chunk
                 if kind.endswith("short"):
+                    store_ds = {"STORE_DS": split} if kind == "bwd_short" else {}
                     configs = [
-                        dict(BL=128, BD=c[0], num_warps=c[1], num_stages=c[2])
+                        dict(BL=128, BD=c[0], num_warps=c[1], num_stages=c[2], **store_ds)
                         for c in attention._short_configs(kind, length, dim)[:1]
                     ]
                     configs += [dict(configs[0], num_warps=w) for w in extra if w != configs[0]["num_warps"]]
+                elif kind == "dqdk":
+                    if not split or dropout:  # only with several chunks; no dropout inside
+                        continue
+                    group, warps, stages = attention._dqdk_configs(dim, chunk)[0]
+                    configs = [dict(BL=128, BD=chunk, GROUP_D=group * chunk, num_warps=warps, num_stages=stages)]
                 else:
                     bd0, bd1 = attention._split_head_dim(dim)
                     bm, bn, warps, stages = attention._blocks(kind, length, bd0 + bd1)[0]
                     configs = [dict(BD0=bd0, BD1=bd1, BM=bm, BN=bn, num_warps=warps, num_stages=stages)]
                 for cfg in configs:
-                    consts = dict(HEAD_DIM=dim, HAS_PAD=True, DROPOUT=dropout, PREC="tf32")
-                    consts.update({key: val for key, val in cfg.items() if key in kernel.arg_names})
+                    consts = dict(HEAD_DIM=dim, HAS_PAD=True, DROPOUT=dropout, PREC="tf32", **cfg)
+                    consts = {key: val for key, val in consts.items() if key in kernel.arg_names}
                     # what the launcher specialises on contiguous inputs: unit strides are
                     # constants, pointers and other strides divisible by 16 (vector loads)
                     consts.update({arg: 1 for arg in kernel.arg_names if _unit_stride(arg)})
@@ -125,7 +134,7 @@ def aot_report() -> int:
                             sig[arg] = "*fp32"
                         elif arg == "PAD":
                             sig[arg] = "*u8"
-                        elif arg.isupper() and arg not in ("BH", "H", "L", "ID", "N_QBLK", "N_KBLK"):
+                        elif arg.isupper() and arg not in ("BH", "H", "L", "ID", "N_QBLK", "N_KBLK", "N_GROUP"):
                             sig[arg] = "*bf16"
                         elif arg in ("qk_scale", "sm_scale", "dropout_p"):
                             sig[arg] = "fp32"
@@ -173,15 +182,21 @@ ITEMS = 2 if DRY else 1664
 N_IMG, N_TXT = (5, 6) if DRY else (50, 30)
 CHECK_ITEMS = 2 if DRY else 48  # items checked against the float64 reference
 MAX_REL_ERR = 2e-2
-# the default path switches (forward, backward, the short forward's least head dim): at L = 81
-# the backward is the short kernel, the forward too from D = 128, the blocked one below
+# the default path switches (forward, backward, the short forward's least head dim, the split
+# short backward at several head-dim chunks): at L = 81 the short kernels both ways
 SHORT_MAX = (attention._SHORT_MAX_FWD, attention._SHORT_MAX_BWD)
 SHORT_FWD_MIN_HEAD_DIM = attention._SHORT_FWD_MIN_HEAD_DIM
+SPLIT_BWD = attention._SPLIT_BWD
 
 
-def set_paths(fwd_max: int, bwd_max: int, fwd_min_head_dim: int = SHORT_FWD_MIN_HEAD_DIM) -> None:
+def set_paths(
+    fwd_max: int, bwd_max: int, fwd_min_head_dim: int = SHORT_FWD_MIN_HEAD_DIM, split: bool = SPLIT_BWD
+) -> None:
     attention._SHORT_MAX_FWD, attention._SHORT_MAX_BWD = fwd_max, bwd_max
     attention._SHORT_FWD_MIN_HEAD_DIM = fwd_min_head_dim
+    attention._SPLIT_BWD = split
+
+
 CONFIGS = [(2, 384, "h2d384"), (12, 64, "h12d64"), (4, 64, "h4d64")]
 
 res: dict = {
@@ -281,6 +296,8 @@ def sweep_configs(dim: int) -> dict[str, list[tuple[int, ...]]]:
         # stages, 64 KB; backward 456 B at one stage, 80 KB)
         out["fwd_short"].insert(0, (chunks[0], 8, 2, 0, 128))
         out["bwd_short"].insert(0, (chunks[0], 8, 1, 0, 128))
+        # the split backward's dQ/dK kernel: chunks a program, warps, stages
+        out["dqdk"] = [(1, 8, 1), (3, 8, 2), (dim // chunks[0], 8, 3), (2, 4, 2)]
     if dim > 128:
         rows = [(64, 32, 8, 2), (16, 32, 4, 2), (64, 64, 8, 1)]
         out.update(fwd=rows, dq=rows, dkdv=[(32, 32, 8, 2), (16, 16, 4, 2), (64, 16, 8, 2)])
@@ -307,7 +324,7 @@ def sweep(tag: str, dim: int, fwd, fwd_bwd, outputs=None) -> None:
                 res[f"{tag}_sweep_skipped"] = f"time budget {SWEEP_BUDGET_S} s reached"
                 return
             attention._OVERRIDE[kind] = cfg
-            if kind.endswith("_short"):
+            if kind.endswith("_short") or kind == "dqdk":
                 set_paths(*SHORT_MAX, 0)  # the short kernels at any head dim
             else:
                 set_paths(0, 0)
@@ -377,6 +394,8 @@ def case(heads: int, dim: int, tag: str) -> None:
     paths = [("", SHORT_MAX + (SHORT_FWD_MIN_HEAD_DIM,)), ("blocked_", (0, 0, 0))]
     if dim < SHORT_FWD_MIN_HEAD_DIM:  # the default runs the blocked forward: check the short one too
         paths.append(("shortfwd_", SHORT_MAX + (0,)))
+    if dim > attention._head_chunk(dim):  # several chunks: check the other form of the short backward
+        paths.append(("unsplit_" if SPLIT_BWD else "split_", SHORT_MAX + (SHORT_FWD_MIN_HEAD_DIM, not SPLIT_BWD)))
     for path, thresholds in paths:
         set_paths(*thresholds)
         try:
@@ -504,6 +523,9 @@ def case(heads: int, dim: int, tag: str) -> None:
         record(f"{tag}_mixed_fwdbwd", blocked_fwd_bwd, rep=100)
         set_paths(SHORT_MAX[0], 0, 0)  # the short forward, then the blocked backward
         record(f"{tag}_mixed2_fwdbwd", blocked_fwd_bwd, rep=100)
+        if dim > attention._head_chunk(dim):  # the short backward unsplit (Run 5's form)
+            set_paths(*SHORT_MAX, split=not SPLIT_BWD)
+            record(f"{tag}_{'unsplit' if SPLIT_BWD else 'split'}_fwdbwd", blocked_fwd_bwd, rep=100)
     finally:
         set_paths(*SHORT_MAX)
     q.grad = k.grad = v.grad = None
@@ -607,6 +629,7 @@ for _, _, tag in CONFIGS:
     for kind, base in (
         ("fwd_short", num(f"{tag}_ours_fwd")),
         ("bwd_short", num(f"{tag}_ours_fwdbwd")),
+        ("dqdk", num(f"{tag}_ours_fwdbwd")),
         ("fwd", num(f"{tag}_blocked_fwd")),
         ("dq", num(f"{tag}_blocked_fwdbwd")),
         ("dkdv", num(f"{tag}_blocked_fwdbwd")),
@@ -617,6 +640,9 @@ for _, _, tag in CONFIGS:
             best = min(timed, key=timed.get)
             if timed[best] < base:
                 line += f" | {kind}: {best.rsplit('_', 1)[1]} {timed[best]:.0f} us vs {base:.0f}"
+    other = "unsplit" if SPLIT_BWD else "split"
+    if num(f"{tag}_{other}_fwdbwd") is not None:
+        line += f" | short backward {other}: fwd+bwd {num(f'{tag}_{other}_fwdbwd'):.0f} us"
     print(line)
 dump()
 if failures:

@@ -32,38 +32,44 @@ A program holds every query and every key of one ``(b, h)`` (``BL = next_power_o
 once -- the memory roofline's traffic, where a blocked kernel re-reads K and V once per query
 block. With the whole row in registers the softmax needs no online rescaling::
 
-    forward, per (b, h)                         backward, per (b, h): one kernel
+    forward, per (b, h)                         backward, per (b, h)
     ---------------------------------------     ----------------------------------------------
     S = sum_chunks Q_c K_c^T  (BL x BL fp32)    S = sum_c Q_c K_c^T;  P = exp2(S - lse) (16-bit)
-    mask A, P = softmax(S) (* keep / (1-p))     dP = sum_c dO_c V_c^T (* keep / (1-p))
-    for each chunk c: O_c = P V_c, store        delta = rowsum(P * dP)   (= rowsum(dO * O): O is
-    lse = m + log2(l)                                                     never read)
-                                                dS = P (dP - delta)
-                                                for each chunk c: dV_c = P~^T dO_c, dQ_c = dS K_c,
-                                                                  dK_c = dS^T Q_c, stored at once
+    mask A, P = softmax(S) (* keep / (1-p))     for each chunk c: dP += dO_c V_c^T,
+    for each chunk c: O_c = P V_c, store                          dV_c = P~^T dO_c, stored
+    lse = m + log2(l)                           (P~ = P * keep / (1-p); dP~ likewise)
+                                                delta = rowsum(P * dP~)  (= rowsum(dO * O): O is
+                                                                          never read)
+                                                dS = P (dP~ - delta)
+                                                for each chunk c: dQ_c = dS K_c, dK_c = dS^T Q_c
 
-The backward writes dQ, dK, dV once; no atomics, no ``delta`` tensor, one launch. With
-several chunks (``D > 64``) it reads Q, K twice and V, dO once or twice (the second reads are
-recent, mostly L2 hits), one pair a program, the chunk loops software-pipelined (three
-stages). With one chunk (``D <= 64``) each tile is a single load, read once, and nothing
-inside a pair can be pipelined, so the programs are persistent: one an SM, each walking the
-pairs ``pid, pid + programs, ...``, and Triton's software pipeline issues the next pairs'
-loads (asynchronous copies into shared memory) while this pair's math runs -- one program per
-pair had run its loads and its math in turn (Run 5: the short forward at 12 x 64 at 2.5x the
-memory roofline).
+The backward writes dQ, dK, dV once; no atomics, no ``delta`` tensor. With one chunk (``D <=
+64``) each tile is a single load, read once, all in one kernel; nothing inside a pair can be
+pipelined, so the programs are persistent: one an SM, each walking the pairs ``pid, pid +
+programs, ...``, and Triton's software pipeline issues the next pairs' loads (asynchronous
+copies into shared memory) while this pair's math runs -- one program per pair had run its
+loads and its math in turn (Run 5: the short forward at 12 x 64 at 2.5x the memory
+roofline). With several chunks (``D > 64``), one pair a program and the chunk loops
+software-pipelined (three stages), the backward is split in two launches (``_SPLIT_BWD``):
+the pair's kernel runs up to dS and stores it (input dtype, ``(B*H, L, BL)`` scratch, freed
+after the call), then ``_attn_bwd_dqdk_kernel`` runs the last loop over (pair, group of
+chunks) programs, each reading dS once. Run 5 timed the one-kernel form at 2 x 384 at ~3x its
+share of the memory roofline (one 255-register program an SM running three passes in turn);
+split, the first kernel has the forward's shape and the second is small and several to an
+SM. ``_SPLIT_BWD = False`` keeps the one-kernel form (its last loop re-reads K, Q from L2).
 
 The two ``(BL x BL)`` float32 tiles (S, then dP; P kept in 16 bits between them) take 8 warps
 at ``BL = 128``. An sm_90 compile on the CPU machine (``AOT=1 python
 benchmarks/bench_attention.py``, Triton 3.9, unit strides specialised as the launcher does):
-forward 156 / 203 registers a thread at D = 384 / 64 and backward 255 / 255 with 16 / 144 B
-of spills (the persistent kernels' loop-invariant addresses), shared memory 96 / 160 KB
-forward, 224 / 160 KB backward; with dropout up to 608 B of spills (D = 64 backward). A
-persistent loop around the chunked kernels cost ~100 registers and spills at D = 384, hence
-one pair a program there. At 4 warps everything spills 0.2-3.5 KB. ``tl.rand``, one Philox
-draw per element keeping one of its four numbers, had spilled up to 1.5 KB and doubled the
-short kernels' instructions at D = 64 (now ``tl.rand4x``). Compile-only numbers: timings come
-from the benchmark on a GPU. If no configuration fits the card (shared memory), the blocked
-kernels below run instead.
+forward 156 / 203 registers a thread at D = 384 / 64, backward 240 (split, no spills) / 255
+with 144 B of spills (the persistent kernel's loop-invariant addresses), dQ/dK kernel 101;
+shared memory 96 / 160 KB forward, 144 / 160 KB backward, 112 KB dQ/dK; with dropout up to
+440 B of spills (D = 64 backward). A persistent loop around the chunked kernels cost ~100
+registers and spills at D = 384, hence one pair a program there. At 4 warps everything
+spills 0.2-3.5 KB. ``tl.rand``, one Philox draw per element keeping one of its four numbers,
+had spilled up to 1.5 KB and doubled the short kernels' instructions at D = 64 (now
+``tl.rand4x``). Compile-only numbers: timings come from the benchmark on a GPU. If no
+configuration fits the card (shared memory), the blocked kernels below run instead.
 
 Tiling: blocked kernels (longer sequences)
 ------------------------------------------
@@ -470,22 +476,29 @@ def _short_probs(s, key_ok, offs, ID, qk_scale, lse, dtype: tl.constexpr):
 
 
 @triton.jit
-def _short_ds(p, dp, bh, offs, L, dropout_p, seed, BL: tl.constexpr, DROPOUT: tl.constexpr):
-    """Backward: ``(P~, dS)`` from ``P`` and ``dP = dO V^T``, ``P~ = P * keep / (1 - p)`` (the
-    dV operand) and ``dS = P (dP~ - delta)`` (without ``scale``), both in ``p``'s dtype.
-
-    ``delta_i = sum_d dO_id O_id = sum_j P_ij dP~_ij``: the full row is here, so O is never
-    read."""
-    p32 = p.to(tl.float32)
+def _short_dropped(p, bh, offs, L, dropout_p, seed, BL: tl.constexpr, DROPOUT: tl.constexpr):
+    """Backward: ``P~ = P * keep / (1 - p)`` in ``p``'s dtype (the dV operand; ``P`` without
+    dropout)."""
     if DROPOUT:
         keep = _dropout_keep(seed, bh, offs, 0, L, dropout_p, BL)
-        inv_keep = 1.0 / (1.0 - dropout_p)
-        dp = tl.where(keep, dp * inv_keep, 0.0)
-        p_drop = tl.where(keep, p32 * inv_keep, 0.0).to(p.dtype)
-    else:
-        p_drop = p
+        return tl.where(keep, p.to(tl.float32) * (1.0 / (1.0 - dropout_p)), 0.0).to(p.dtype)
+    return p
+
+
+@triton.jit
+def _short_ds(p, p_drop, dp, dropout_p, DROPOUT: tl.constexpr):
+    """Backward: ``dS = P (dP~ - delta)`` (without ``scale``) in ``p``'s dtype, from ``P``,
+    ``P~`` and ``dP = dO V^T``, with ``dP~ = dP * keep / (1 - p)``.
+
+    ``keep`` is read off ``P~`` instead of drawn again: wherever ``P != 0``, ``P~ != 0`` exactly
+    when the key is kept (``P * 1/(1-p)`` cannot underflow), and where ``P = 0`` the element
+    adds nothing to ``delta`` or ``dS``. ``delta_i = sum_d dO_id O_id = sum_j P_ij dP~_ij``:
+    the full row is here, so O is never read."""
+    p32 = p.to(tl.float32)
+    if DROPOUT:
+        dp = tl.where(p_drop != 0.0, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     delta = tl.sum(p32 * dp, 1)
-    return p_drop, (p32 * (dp - delta[:, None])).to(p.dtype)
+    return (p32 * (dp - delta[:, None])).to(p.dtype)
 
 
 @triton.jit(do_not_specialize=["ID", "seed"])
@@ -541,7 +554,7 @@ def _attn_fwd_short_kernel(
 
 @triton.jit(do_not_specialize=["ID", "seed"])
 def _attn_bwd_short_kernel(
-    Q, K, V, DO, LSE, DQ, DK, DV, PAD,
+    Q, K, V, DO, LSE, DQ, DK, DV, PAD, DS,
     sqb, sqh, sql, sqd,
     skb, skh, skl, skd,
     svb, svh, svl, svd,
@@ -552,7 +565,7 @@ def _attn_bwd_short_kernel(
     spb, spl,
     BH, H, L, ID, qk_scale, sm_scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr,
-    HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr, STORE_DS: tl.constexpr,
 ):
     first = tl.program_id(0)
     step = tl.num_programs(0)
@@ -572,7 +585,8 @@ def _attn_bwd_short_kernel(
             s = tl.dot(q, tl.trans(k), input_precision=PREC)
             p = _short_probs(s, key_ok, offs, ID, qk_scale, lse, Q.dtype.element_ty)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            p_drop, ds = _short_ds(p, dp, bh, offs, L, dropout_p, seed, BL, DROPOUT)
+            p_drop = _short_dropped(p, bh, offs, L, dropout_p, seed, BL, DROPOUT)
+            ds = _short_ds(p, p_drop, dp, dropout_p, DROPOUT)
             dv = tl.dot(tl.trans(p_drop), do, input_precision=PREC)
             _store_tile(_pair_ptr(DV, bh, H, sdvb, sdvh), dv.to(DV.dtype.element_ty), offs, sdvl, cols, sdvd, L,
                         HEAD_DIM)
@@ -583,35 +597,76 @@ def _attn_bwd_short_kernel(
             _store_tile(_pair_ptr(DK, bh, H, sdkb, sdkh), dk.to(DK.dtype.element_ty), offs, sdkl, cols, sdkd, L,
                         HEAD_DIM)
     else:
-        # Several chunks: one pair a program, as in the forward
+        # Several chunks: one pair a program, as in the forward. Pass 1: S = Q K^T, then P in
+        # the input dtype; pass 2: dP = dO V^T and, from the same dO chunk, dV = P~^T dO.
         bh = first
         q_base = _pair_ptr(Q, bh, H, sqb, sqh)
         k_base = _pair_ptr(K, bh, H, skb, skh)
         v_base = _pair_ptr(V, bh, H, svb, svh)
         do_base = _pair_ptr(DO, bh, H, sdob, sdoh)
-        dq_base = _pair_ptr(DQ, bh, H, sdqb, sdqh)
-        dk_base = _pair_ptr(DK, bh, H, sdkb, sdkh)
         dv_base = _pair_ptr(DV, bh, H, sdvb, sdvh)
-        # S, then P in the input dtype, then dP = dO V^T: two chunk loops, so that only one
-        # (BL x BL) float32 accumulator is live at a time (the 16-bit P is half of one)
         s = _full_scores(q_base, sql, sqd, k_base, skl, skd, offs, L, HEAD_DIM, BL, BD, PREC)
         key_ok = _key_ok(PAD + (bh // H).to(tl.int64) * spb, offs, L, HAS_PAD)
         lse = tl.load(LSE + bh.to(tl.int64) * L + offs, mask=offs < L, other=float("inf"))
         p = _short_probs(s, key_ok, offs, ID, qk_scale, lse, Q.dtype.element_ty)
-        dp = _full_scores(do_base, sdol, sdod, v_base, svl, svd, offs, L, HEAD_DIM, BL, BD, PREC)
-        p_drop, ds = _short_ds(p, dp, bh, offs, L, dropout_p, seed, BL, DROPOUT)
-        # pass 2 over head-dim chunks: dV = P~^T dO, dQ = dS K, dK = dS^T Q, stored at once
+        p_drop = _short_dropped(p, bh, offs, L, dropout_p, seed, BL, DROPOUT)
+        dp = tl.zeros([BL, BL], dtype=tl.float32)
         for d_start in range(0, HEAD_DIM, BD):
             cols = d_start + tl.arange(0, BD)
             do = _load_tile(do_base, offs, sdol, cols, sdod, L, HEAD_DIM)
+            v = _load_tile(v_base, offs, svl, cols, svd, L, HEAD_DIM)
+            dp += tl.dot(do, tl.trans(v), input_precision=PREC)
             dv = tl.dot(tl.trans(p_drop), do, input_precision=PREC)
             _store_tile(dv_base, dv.to(DV.dtype.element_ty), offs, sdvl, cols, sdvd, L, HEAD_DIM)
-            k = _load_tile(k_base, offs, skl, cols, skd, L, HEAD_DIM)
-            dq = tl.dot(ds, k, input_precision=PREC) * sm_scale
-            _store_tile(dq_base, dq.to(DQ.dtype.element_ty), offs, sdql, cols, sdqd, L, HEAD_DIM)
-            q = _load_tile(q_base, offs, sql, cols, sqd, L, HEAD_DIM)
-            dk = tl.dot(tl.trans(ds), q, input_precision=PREC) * sm_scale
-            _store_tile(dk_base, dk.to(DK.dtype.element_ty), offs, sdkl, cols, sdkd, L, HEAD_DIM)
+        ds = _short_ds(p, p_drop, dp, dropout_p, DROPOUT)
+        if STORE_DS:
+            # split backward: dS to the (BH, L, BL) scratch (zeros past L: P = 0 there), rows
+            # whole so that the stores and _attn_bwd_dqdk_kernel's loads are vectors
+            tl.store(DS + bh.to(tl.int64) * L * BL + offs[:, None] * BL + offs[None, :], ds, mask=offs[:, None] < L)
+        else:
+            # pass 3: dQ = dS K, dK = dS^T Q, each chunk stored at once
+            dq_base = _pair_ptr(DQ, bh, H, sdqb, sdqh)
+            dk_base = _pair_ptr(DK, bh, H, sdkb, sdkh)
+            for d_start in range(0, HEAD_DIM, BD):
+                cols = d_start + tl.arange(0, BD)
+                k = _load_tile(k_base, offs, skl, cols, skd, L, HEAD_DIM)
+                dq = tl.dot(ds, k, input_precision=PREC) * sm_scale
+                _store_tile(dq_base, dq.to(DQ.dtype.element_ty), offs, sdql, cols, sdqd, L, HEAD_DIM)
+                q = _load_tile(q_base, offs, sql, cols, sqd, L, HEAD_DIM)
+                dk = tl.dot(tl.trans(ds), q, input_precision=PREC) * sm_scale
+                _store_tile(dk_base, dk.to(DK.dtype.element_ty), offs, sdkl, cols, sdkd, L, HEAD_DIM)
+
+
+@triton.jit
+def _attn_bwd_dqdk_kernel(
+    Q, K, DS, DQ, DK,
+    sqb, sqh, sql, sqd,
+    skb, skh, skl, skd,
+    sdqb, sdqh, sdql, sdqd,
+    sdkb, sdkh, sdkl, sdkd,
+    H, L, N_GROUP, sm_scale,
+    HEAD_DIM: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr, GROUP_D: tl.constexpr, PREC: tl.constexpr,
+):
+    """Pass 3 of the split short backward: ``dQ = dS K`` and ``dK = dS^T Q`` over the
+    ``GROUP_D`` head-dim columns of group ``pid % N_GROUP`` of pair ``pid // N_GROUP``,
+    ``BD`` at a time (a pipelined chunk loop), ``dS`` read once from the scratch."""
+    pid = tl.program_id(0)
+    bh = pid // N_GROUP
+    d_lo = (pid % N_GROUP) * GROUP_D
+    offs = tl.arange(0, BL)
+    ds = tl.load(DS + bh.to(tl.int64) * L * BL + offs[:, None] * BL + offs[None, :], mask=offs[:, None] < L, other=0.0)
+    q_base = _pair_ptr(Q, bh, H, sqb, sqh)
+    k_base = _pair_ptr(K, bh, H, skb, skh)
+    dq_base = _pair_ptr(DQ, bh, H, sdqb, sdqh)
+    dk_base = _pair_ptr(DK, bh, H, sdkb, sdkh)
+    for d_start in range(d_lo, tl.minimum(d_lo + GROUP_D, HEAD_DIM), BD):
+        cols = d_start + tl.arange(0, BD)
+        k = _load_tile(k_base, offs, skl, cols, skd, L, HEAD_DIM)
+        dq = tl.dot(ds, k, input_precision=PREC) * sm_scale
+        _store_tile(dq_base, dq.to(DQ.dtype.element_ty), offs, sdql, cols, sdqd, L, HEAD_DIM)
+        q = _load_tile(q_base, offs, sql, cols, sqd, L, HEAD_DIM)
+        dk = tl.dot(tl.trans(ds), q, input_precision=PREC) * sm_scale
+        _store_tile(dk_base, dk.to(DK.dtype.element_ty), offs, sdkl, cols, sdkd, L, HEAD_DIM)
 
 
 # --------------------------------------------------------------------------------------
@@ -780,8 +835,11 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch_short(kind: str, kernel, bh: int, length: int, head_dim: int, args: tuple, meta: dict) -> bool:
-    """Launch a short kernel with the first configuration that fits; False if none does."""
+def _launch_short(
+    kind: str, kernel, bh: int, length: int, head_dim: int, args: tuple, meta: dict
+) -> tuple[int, ...] | None:
+    """Launch a short kernel with the first configuration that fits and return it; None if
+    none does."""
     block_len = max(16, triton.next_power_of_2(length))
     cache_key = (kind, block_len, head_dim, args[0].dtype, meta["DROPOUT"])
     if kind in _OVERRIDE:
@@ -802,8 +860,49 @@ def _launch_short(kind: str, kernel, bh: int, length: int, head_dim: int, args: 
             continue
         if kind not in _OVERRIDE:
             _CHOSEN[cache_key] = config
-        return True
-    return False
+        return config
+    return None
+
+
+# The short backward with several head-dim chunks runs split in two launches: the pair's
+# kernel computes S, P, dP, dV and stores dS (input dtype, ``(B*H, L, BL)``, 69 MB at 2 x 384,
+# freed after the call) instead of running the dQ / dK pass itself; ``_attn_bwd_dqdk_kernel``
+# then computes dQ and dK over (pair, group of chunks) programs. Run 5 measured the fused form
+# at 2 x 384 at 1,431 us, ~3x its share of the memory roofline: one 255-register program an SM
+# ran its three passes in turn. Split, the first kernel has the forward's shape (0.90 of the
+# roofline at 2 x 384) and the second small programs, several an SM. Unmeasured; False runs
+# the fused form (the benchmark times both).
+_SPLIT_BWD = True
+
+
+def _dqdk_configs(head_dim: int, chunk: int) -> list[tuple[int, int, int]]:
+    """Candidate ``(chunks_per_program, num_warps, num_stages)`` of ``_attn_bwd_dqdk_kernel``:
+    two chunks a program (three programs a pair at 384 = 6 x 64), 8 warps (96 registers, no
+    spills, 48 KB of shared memory at one stage in the sm_90 compile: two programs an SM),
+    two stages; the fallback one stage."""
+    group = min(2, triton.cdiv(head_dim, chunk))
+    return [(group, 8, 2), (group, 8, 1)]
+
+
+def _launch_dqdk(q, k, ds, dq, dk, length: int, head_dim: int, chunk: int, scale: float) -> None:
+    block_len = max(16, triton.next_power_of_2(length))
+    candidates = [_OVERRIDE["dqdk"]] if "dqdk" in _OVERRIDE else _dqdk_configs(head_dim, chunk)
+    last_error: Exception | None = None
+    for group, warps, stages in candidates:
+        n_group = triton.cdiv(head_dim, group * chunk)
+        try:
+            _attn_bwd_dqdk_kernel[(ds.shape[0] * n_group,)](
+                q, k, ds, dq, dk,
+                *_strides(q), *_strides(k), *_strides(dq), *_strides(dk),
+                q.shape[1], length, n_group, scale,
+                HEAD_DIM=head_dim, BL=block_len, BD=chunk, GROUP_D=group * chunk, PREC=_precision(q.dtype),
+                num_warps=warps, num_stages=stages,
+            )  # fmt: skip
+        except OutOfResources as err:
+            last_error = err
+            continue
+        return
+    raise RuntimeError(f"id_masked_attention: no dQ/dK configuration fits this device ({last_error})")
 
 
 def _check_device(q: torch.Tensor) -> None:
@@ -857,7 +956,8 @@ def _attention_forward(
     if length <= _SHORT_MAX_FWD and head_dim >= _SHORT_FWD_MIN_HEAD_DIM:
         short_meta = {key: meta[key] for key in ("HEAD_DIM", "HAS_PAD", "DROPOUT", "PREC")}
         short_args = (q, k, v, out, lse, pad, *strides, batch * heads, heads, length, id_index, scale * _LOG2E, dropout_p, seed)
-        if _launch_short("fwd_short", _attn_fwd_short_kernel, batch * heads, length, head_dim, short_args, short_meta):
+        config = _launch_short("fwd_short", _attn_fwd_short_kernel, batch * heads, length, head_dim, short_args, short_meta)
+        if config is not None:
             return out, lse
 
     def args(n_blk: int) -> tuple:
@@ -896,14 +996,25 @@ def _attention_backward(
         DROPOUT=dropout_p > 0.0, PREC=_precision(q.dtype),
     )
     if length <= _SHORT_MAX_BWD:
+        split = _SPLIT_BWD and head_dim > _head_chunk(head_dim)
+        # dS scratch, rows padded to the kernels' BL: unmasked columns, vector loads and stores
+        block_len = max(16, triton.next_power_of_2(length))
+        ds = torch.empty((batch * heads, length, block_len), dtype=q.dtype, device=q.device) if split else dq
         short_meta = {key: meta[key] for key in ("HEAD_DIM", "HAS_PAD", "DROPOUT", "PREC")}
         short_args = (
-            q, k, v, grad_out, lse, dq, dk, dv, pad,
+            q, k, v, grad_out, lse, dq, dk, dv, pad, ds,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
             *_strides(dq), *_strides(dk), *_strides(dv), spb, spl,
             batch * heads, heads, length, id_index, scale * _LOG2E, scale, dropout_p, seed,
         )
-        if _launch_short("bwd_short", _attn_bwd_short_kernel, batch * heads, length, head_dim, short_args, short_meta):
+        config = _launch_short(
+            "bwd_short", _attn_bwd_short_kernel, batch * heads, length, head_dim, short_args,
+            dict(short_meta, STORE_DS=split),
+        )
+        if config is not None:
+            # with a chunk as wide as D (an override) the kernel ran its one-chunk path: all done
+            if split and head_dim > config[0]:
+                _launch_dqdk(q, k, ds, dq, dk, length, head_dim, config[0], scale)
             return dq, dk, dv
     delta = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
     common = (heads, length)

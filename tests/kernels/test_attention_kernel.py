@@ -68,9 +68,11 @@ def _assert_matches_reference(q, k, v, pad, id_index, dtype, **kw):
 # The kernel families: "short" (one program per (b, h), L <= attn._SHORT_MAX_FWD/_BWD, the
 # default at ODMT's L = 81) and "blocked" (FlashAttention-2 style, longer sequences; forced
 # here by setting the thresholds to 0 so that tiny shapes exercise it); "mixed" = the blocked
-# forward followed by the short backward (the thresholds are separate: both save one lse).
-PATHS = ("short", "blocked", "mixed")
-_THRESHOLDS = {"short": (128, 128), "blocked": (0, 0), "mixed": (0, 128)}
+# forward followed by the short backward (the thresholds are separate: both save one lse);
+# "fused" = the short kernels with the backward unsplit at several head-dim chunks (the
+# default splits it: dS scratch + the dQ/dK kernel, ``attn._SPLIT_BWD``).
+PATHS = ("short", "blocked", "mixed", "fused")
+_THRESHOLDS = {"short": (128, 128), "blocked": (0, 0), "mixed": (0, 128), "fused": (128, 128)}
 
 
 class _kernel_path:
@@ -78,15 +80,17 @@ class _kernel_path:
 
     def __init__(self, path: str):
         self.thresholds = _THRESHOLDS[path]
+        self.split = path != "fused"
 
     def __enter__(self):
-        self.saved = (attn._SHORT_MAX_FWD, attn._SHORT_MAX_BWD, attn._SHORT_FWD_MIN_HEAD_DIM)
+        self.saved = (attn._SHORT_MAX_FWD, attn._SHORT_MAX_BWD, attn._SHORT_FWD_MIN_HEAD_DIM, attn._SPLIT_BWD)
         # the tests' head dims are small: the short forward is forced regardless of D
         attn._SHORT_MAX_FWD, attn._SHORT_MAX_BWD = self.thresholds
         attn._SHORT_FWD_MIN_HEAD_DIM = 0
+        attn._SPLIT_BWD = self.split
 
     def __exit__(self, *exc):
-        attn._SHORT_MAX_FWD, attn._SHORT_MAX_BWD, attn._SHORT_FWD_MIN_HEAD_DIM = self.saved
+        attn._SHORT_MAX_FWD, attn._SHORT_MAX_BWD, attn._SHORT_FWD_MIN_HEAD_DIM, attn._SPLIT_BWD = self.saved
 
 
 def _padding(pattern: str, batch: int, length: int, seed: int) -> torch.Tensor | None:
@@ -120,6 +124,7 @@ def _padding(pattern: str, batch: int, length: int, seed: int) -> torch.Tensor |
 @example(2, 1, 33, 64, "random", "first", torch.float16, 3, "blocked").via("ODMT-like, fp16, blocked")
 @example(1, 2, 16, 16, "none", None, torch.float32, 0, "short").via("no mask at all")
 @example(2, 2, 33, 24, "suffix", "middle", torch.float32, 5, "mixed").via("blocked forward, short backward")
+@example(2, 1, 17, 24, "random", "last", torch.float16, 7, "fused").via("two chunks, backward unsplit")
 def test_matches_reference(batch, heads, length, dim, pattern, id_pos, dtype, pad_seed, path):
     q, k, v = _inputs(batch, heads, length, dim, dtype, seed=length * dim)
     pad = _padding(pattern, batch, length, pad_seed)
@@ -165,6 +170,24 @@ def test_forward_and_backward_families_are_chosen_apart(path, kinds):
     launched = {key[0] for key in attn._CHOSEN}
     attn._CHOSEN.clear()
     assert launched == kinds, launched
+
+
+@pytest.mark.parametrize("dqdk", [(1, 4, 1), (3, 8, 2)])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_split_backward(dqdk, dropout, monkeypatch):
+    """Several head-dim chunks (D = 48 = 3 x 16): the short backward stores dS and the dQ/dK
+    kernel finishes it, one or three chunks a program; same gradients as the reference, with
+    dropout too (the dS kernel reads the keep-mask off P~)."""
+    launched = []
+    real = attn._launch_dqdk
+    monkeypatch.setattr(attn, "_launch_dqdk", lambda *a: (launched.append(a[-2]), real(*a)))
+    monkeypatch.setattr(attn, "_OVERRIDE", {"dqdk": dqdk})
+    q, k, v = _inputs(2, 2, 19, 48, torch.float32, seed=11)
+    pad = _padding("suffix", 2, 19, seed=4)
+    keep = attn.dropout_keep_mask(2, 2, 19, dropout, 9, DEVICE) if dropout else None
+    with _kernel_path("short"):
+        _assert_matches_reference(q, k, v, pad, 0, torch.float32, dropout_p=dropout, seed=9, keep=keep)
+    assert launched == [16]  # the chunk the backward ran with
 
 
 @pytest.mark.parametrize("config", [(16, 4, 1, 0, 0), (32, 8, 2, 0, 0), (64, 4, 2, 1, 0)])
@@ -335,7 +358,9 @@ def test_opcheck_custom_ops(path, monkeypatch):
     monkeypatch.setattr(attn, "_SHORT_MAX_FWD", _THRESHOLDS[path][0])
     monkeypatch.setattr(attn, "_SHORT_MAX_BWD", _THRESHOLDS[path][1])
     monkeypatch.setattr(attn, "_SHORT_FWD_MIN_HEAD_DIM", 0)
-    q, k, v = (x.requires_grad_() for x in _inputs(2, 1, 9, 16, torch.float32))
+    monkeypatch.setattr(attn, "_SPLIT_BWD", path != "fused")
+    # 24 = two 16-wide chunks: the split (or, "fused", unsplit) backward
+    q, k, v = (x.requires_grad_() for x in _inputs(2, 1, 9, 24, torch.float32))
     pad = torch.zeros(2, 9, dtype=torch.bool, device=DEVICE)
     pad[0, 5:] = True
     fwd = torch.ops.odmt.id_masked_attention.default
