@@ -38,8 +38,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a cap, keep the log, show its
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/env.log"
 
-# The loss first: its kernels changed after Run 5 (untimed); the attention kernels did not.
-STEPS="${STEPS:-loss tests attention step}"
+# Both kernel families changed after Run 5 (untimed): the attention first (persistent short
+# kernels at D = 64, split backward at 384, nearest to its targets), then the loss.
+STEPS="${STEPS:-attention loss tests step}"
 for s in $STEPS; do
   case $s in
     # each benchmark stops its tile sweep at SWEEP_BUDGET_S seconds; the default leaves the
@@ -47,14 +48,14 @@ for s in $STEPS; do
     # FlexAttention is off unless FLEX=1: its compile and ~55 ms calls at D = 384 took most of
     # Run 4's attention step; Runs 2 and 4 measured it (never the fastest anchor)
     attention)
-      FLEX="${FLEX:-0}" SWEEP_BUDGET_S="${SWEEP_BUDGET_S:-$((${CAP_ATTENTION:-150} - 45))}" \
-        step bench_attention "${CAP_ATTENTION:-150}" python3 benchmarks/bench_attention.py ;;
+      FLEX="${FLEX:-0}" SWEEP_BUDGET_S="${SWEEP_BUDGET_S:-$((${CAP_ATTENTION:-180} - 45))}" \
+        step bench_attention "${CAP_ATTENTION:-180}" python3 benchmarks/bench_attention.py ;;
     loss)
-      SWEEP_BUDGET_S="${SWEEP_BUDGET_S:-$((${CAP_LOSS:-240} - 45))}" \
-        step bench_inbatch_loss "${CAP_LOSS:-240}" python3 benchmarks/bench_inbatch_loss.py ;;
+      SWEEP_BUDGET_S="${SWEEP_BUDGET_S:-$((${CAP_LOSS:-220} - 45))}" \
+        step bench_inbatch_loss "${CAP_LOSS:-220}" python3 benchmarks/bench_inbatch_loss.py ;;
     # the sm_90 compile tests are for GPU-less CI (the benchmarks compile everything there)
-    tests) HYPOTHESIS_PROFILE=gpu step kernel_tests "${CAP_TESTS:-100}" python3 -m pytest ${TESTS:-tests/kernels} -q -x \
+    tests) HYPOTHESIS_PROFILE=gpu step kernel_tests "${CAP_TESTS:-90}" python3 -m pytest ${TESTS:-tests/kernels} -q -x \
       -p no:cacheprovider --ignore=tests/kernels/test_kernels_compile.py ;;
-    step) step bench_odmt_step "${CAP_STEP:-80}" python3 benchmarks/bench_odmt_step.py ;;
+    step) step bench_odmt_step "${CAP_STEP:-70}" python3 benchmarks/bench_odmt_step.py ;;
   esac
 done
