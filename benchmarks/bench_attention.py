@@ -133,7 +133,7 @@ def aot_report() -> int:
                         elif arg in ("LSE", "DELTA"):
                             sig[arg] = "*fp32"
                         elif arg == "PAD":
-                            sig[arg] = "*u8"
+                            sig[arg] = "*i32"
                         elif arg.isupper() and arg not in ("BH", "H", "L", "ID", "N_QBLK", "N_KBLK", "N_GROUP"):
                             sig[arg] = "*bf16"
                         elif arg in ("qk_scale", "sm_scale", "dropout_p"):

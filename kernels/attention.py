@@ -920,7 +920,9 @@ def _strides(t: torch.Tensor) -> tuple[int, ...]:
 def _pad_arg(key_padding_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     if key_padding_mask is None:
         return q, 0, 0  # never read (HAS_PAD=False)
-    pad = key_padding_mask.to(torch.uint8)
+    # int32, not bytes: a 4-byte element can travel by asynchronous copy, so the software
+    # pipeline of the persistent short kernels loads the next pairs' padding rows ahead too
+    pad = key_padding_mask.to(torch.int32)
     return pad, pad.stride(0), pad.stride(1)
 
 
