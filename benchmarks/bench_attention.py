@@ -282,22 +282,21 @@ def sweep_configs(dim: int) -> dict[str, list[tuple[int, ...]]]:
     out: dict[str, list[tuple[int, ...]]] = {}
     if dim <= 64:
         # one head-dim chunk: the persistent, pipelined kernels against one program per pair
-        # (Run 5's form), more stages, two programs an SM at 128 registers, 16 warps
-        out["fwd_short"] = [(64, 8, 1, 0, 0), (64, 8, 2, 1, 0), (64, 8, 2, 2, 128), (64, 16, 3, 1, 0), (64, 8, 4, 1, 0)]
-        out["bwd_short"] = [(64, 8, 1, 0, 0), (64, 16, 2, 1, 0), (64, 8, 3, 1, 0), (64, 8, 2, 2, 128)]
+        # (Run 5's form), other stage counts, two forward programs an SM at 128 registers
+        # (224 B of spills, 113 KB each). 16 warps: 128 registers, 0.7 KB of spills and the
+        # 128 x 128 tile's exponentials computed twice (sm_90 compile), left out.
+        out["fwd_short"] = [(64, 8, 1, 0, 0), (64, 8, 2, 1, 0), (64, 8, 2, 2, 128), (64, 8, 4, 1, 0)]
+        out["bwd_short"] = [(64, 8, 1, 0, 0), (64, 8, 3, 1, 0)]
     else:
-        chunks = (64, 32) if dim % 64 == 0 else (32, 16)
-        candidates = [(chunks[0], 8, 4), (chunks[0], 16, 3), (chunks[0], 4, 3), (chunks[0], 8, 2), (chunks[0], 8, 3)]
-        candidates += [(chunks[1], 8, 3), (chunks[1], 16, 2)]
-        for kind in ("fwd_short", "bwd_short"):  # the rule's own first choice is the baseline already
-            rule = attention._short_configs(kind, N_IMG + 1 + N_TXT, dim)[0]
-            out[kind] = [(*c, 0, 0) for c in candidates if (*c, 0, 0) != rule][:4]
+        chunk = 64 if dim % 64 == 0 else 16
         # two programs an SM at 128 registers (sm_90 compile: forward 24 B of spills at two
-        # stages, 64 KB; backward 456 B at one stage, 80 KB)
-        out["fwd_short"].insert(0, (chunks[0], 8, 2, 0, 128))
-        out["bwd_short"].insert(0, (chunks[0], 8, 1, 0, 128))
+        # stages, 64 KB; the split backward's first kernel 520 B at one stage, 64 KB); other
+        # stage and warp counts (Run 5 at 2 x 384: 16 warps slower both ways, 2 stages slower
+        # than 3)
+        out["fwd_short"] = [(chunk, 8, 2, 0, 128), (chunk, 8, 4, 0, 0), (chunk, 4, 3, 0, 0)]
+        out["bwd_short"] = [(chunk, 8, 1, 0, 128), (chunk, 8, 2, 0, 0), (chunk, 8, 4, 0, 0)]
         # the split backward's dQ/dK kernel: chunks a program, warps, stages
-        out["dqdk"] = [(1, 8, 1), (3, 8, 2), (dim // chunks[0], 8, 3), (2, 4, 2)]
+        out["dqdk"] = [(1, 8, 1), (3, 8, 2), (dim // chunk, 8, 3), (2, 4, 2)]
     if dim > 128:
         rows = [(64, 32, 8, 2), (16, 32, 4, 2), (64, 64, 8, 1)]
         out.update(fwd=rows, dq=rows, dkdv=[(32, 32, 8, 2), (16, 16, 4, 2), (64, 16, 8, 2)])
