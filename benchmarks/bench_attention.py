@@ -105,7 +105,10 @@ def aot_report() -> int:
                 chunk = attention._head_chunk(dim)
                 split = attention._SPLIT_BWD and dim > chunk
                 if kind.endswith("short"):
-                    store_ds = {"STORE_DS": split} if kind == "bwd_short" else {}
+                    if kind == "bwd_short":
+                        store_ds = {"STORE_DS": split}
+                    else:  # the forward's key blocks (64 + 32 at L = 81)
+                        store_ds = dict(zip(("BLA", "BLB"), attention._key_blocks(length, 128), strict=True))
                     configs = [
                         dict(BL=128, BD=c[0], num_warps=c[1], num_stages=c[2], **store_ds)
                         for c in attention._short_configs(kind, length, dim)[:1]

@@ -446,57 +446,81 @@ def _full_scores(q_base, sql, sqd, k_base, skl, skd, offs, L, HEAD_DIM: tl.const
 
 
 @triton.jit
+def _scaled_scores(s, key_ok, offs_m, offs_n, ID, qk_scale):
+    """``S * scale`` (log2 domain) where query ``offs_m`` may attend key ``offs_n``, else -inf."""
+    return tl.where(_allowed(key_ok, offs_m, offs_n, ID), s * qk_scale, float("-inf"))
+
+
+@triton.jit
 def _short_softmax(s, key_ok, offs, ID, qk_scale, bh, L, dropout_p, seed, BL: tl.constexpr,
                    DROPOUT: tl.constexpr):
-    """Forward of one pair from its raw scores: ``(E * keep, inv_l, lse)`` with ``E = exp2(S -
-    rowmax)`` (float32, in [0, 1]) and ``inv_l = 1 / (rowsum(E) (1 - p))``, so that ``P * keep /
-    (1 - p) = E * keep * inv_l`` -- the caller scales whichever is smaller, ``P`` or ``P V``.
+    """Forward of one pair from its raw ``(BL, BL)`` scores: ``(E * keep, inv_l, lse)`` with
+    ``E = exp2(S - rowmax)`` (float32, in [0, 1]) and ``inv_l = 1 / (rowsum(E) (1 - p))``, so
+    that ``P * keep / (1 - p) = E * keep * inv_l``.
 
     Every key of the row is in the tile, so the softmax is a plain (not online) one in the
     log2 domain; a row with no attendable key gets ``E = 0`` and ``lse = +inf``."""
-    s = tl.where(_allowed(key_ok, offs, offs, ID), s * qk_scale, float("-inf"))
-    m = tl.max(s, 1)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    s = _scaled_scores(s, key_ok, offs, offs, ID, qk_scale)
+    m_safe = _safe_max(tl.max(s, 1))
     e = tl.exp2(s - m_safe[:, None])
     l_sum = tl.sum(e, 1)
-    has_key = l_sum > 0.0
-    inv_l = 1.0 / tl.where(has_key, l_sum, 1.0)
     if DROPOUT:
         e = tl.where(_dropout_keep(seed, bh, offs, 0, L, dropout_p, BL), e, 0.0)
-        inv_l = inv_l / (1.0 - dropout_p)
-    lse = tl.where(has_key, m_safe + tl.log2(tl.where(has_key, l_sum, 1.0)), float("inf"))
+    inv_l, lse = _softmax_norm(m_safe, l_sum, dropout_p, DROPOUT)
     return e, inv_l, lse
 
 
 @triton.jit
-def _short_probs(s, key_ok, offs, ID, qk_scale, lse, dtype: tl.constexpr):
-    """Backward: ``P = exp2(S - lse)`` on the allowed pairs, in the 16-bit input dtype (it is
-    a dot operand, and it halves the tile kept while dP is computed)."""
-    return tl.where(_allowed(key_ok, offs, offs, ID), tl.exp2(s * qk_scale - lse[:, None]), 0.0).to(dtype)
+def _safe_max(m):
+    """Row maxima with -inf (no attendable key) replaced by 0, so that exp2(S - m) is 0, not NaN."""
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
-def _short_dropped(p, bh, offs, L, dropout_p, seed, BL: tl.constexpr, DROPOUT: tl.constexpr):
-    """Backward: ``P~ = P * keep / (1 - p)`` in ``p``'s dtype (the dV operand; ``P`` without
-    dropout)."""
+def _softmax_norm(m_safe, l_sum, dropout_p, DROPOUT: tl.constexpr):
+    """``(inv_l, lse)`` of rows with maxima ``m_safe`` and exp-sums ``l_sum``: ``inv_l = 1 /
+    (l (1 - p))`` (1 on empty rows), ``lse = m + log2(l)`` (+inf on empty rows)."""
+    has_key = l_sum > 0.0
+    inv_l = 1.0 / tl.where(has_key, l_sum, 1.0)
     if DROPOUT:
-        keep = _dropout_keep(seed, bh, offs, 0, L, dropout_p, BL)
+        inv_l = inv_l / (1.0 - dropout_p)
+    return inv_l, tl.where(has_key, m_safe + tl.log2(tl.where(has_key, l_sum, 1.0)), float("inf"))
+
+
+@triton.jit
+def _short_probs(s, key_ok, offs_m, offs_n, ID, qk_scale, lse, dtype: tl.constexpr):
+    """Backward: ``P = exp2(S - lse)`` on the allowed pairs, in the 16-bit input dtype (it is
+    a dot operand, and it halves the tile kept while dP is computed)."""
+    return tl.where(_allowed(key_ok, offs_m, offs_n, ID), tl.exp2(s * qk_scale - lse[:, None]), 0.0).to(dtype)
+
+
+@triton.jit
+def _short_dropped(p, bh, offs_m, start_n, L, dropout_p, seed, BN: tl.constexpr, DROPOUT: tl.constexpr):
+    """Backward: ``P~ = P * keep / (1 - p)`` of keys ``start_n .. start_n + BN`` in ``p``'s
+    dtype (the dV operand; ``P`` without dropout)."""
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m, start_n, L, dropout_p, BN)
         return tl.where(keep, p.to(tl.float32) * (1.0 / (1.0 - dropout_p)), 0.0).to(p.dtype)
     return p
 
 
 @triton.jit
-def _short_ds(p, p_drop, dp, dropout_p, DROPOUT: tl.constexpr):
-    """Backward: ``dS = P (dP~ - delta)`` (without ``scale``) in ``p``'s dtype, from ``P``,
-    ``P~`` and ``dP = dO V^T``, with ``dP~ = dP * keep / (1 - p)``.
-
-    ``keep`` is read off ``P~`` instead of drawn again: wherever ``P != 0``, ``P~ != 0`` exactly
-    when the key is kept (``P * 1/(1-p)`` cannot underflow), and where ``P = 0`` the element
-    adds nothing to ``delta`` or ``dS``. ``delta_i = sum_d dO_id O_id = sum_j P_ij dP~_ij``:
-    the full row is here, so O is never read."""
-    p32 = p.to(tl.float32)
+def _dp_tilde(p_drop, dp, dropout_p, DROPOUT: tl.constexpr):
+    """Backward: ``dP~ = dP * keep / (1 - p)`` (float32), ``keep`` read off ``P~`` instead of
+    drawn again: wherever ``P != 0``, ``P~ != 0`` exactly when the key is kept (``P / (1 - p)``
+    cannot underflow), and where ``P = 0`` the element adds nothing to ``delta`` or ``dS``."""
     if DROPOUT:
         dp = tl.where(p_drop != 0.0, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    return dp
+
+
+@triton.jit
+def _short_ds(p, p_drop, dp, dropout_p, DROPOUT: tl.constexpr):
+    """Backward of a whole ``(BL, BL)`` tile: ``dS = P (dP~ - delta)`` (without ``scale``) in
+    ``p``'s dtype. ``delta_i = sum_d dO_id O_id = sum_j P_ij dP~_ij``: the full row is here,
+    so O is never read."""
+    p32 = p.to(tl.float32)
+    dp = _dp_tilde(p_drop, dp, dropout_p, DROPOUT)
     delta = tl.sum(p32 * dp, 1)
     return (p32 * (dp - delta[:, None])).to(p.dtype)
 
@@ -510,7 +534,7 @@ def _attn_fwd_short_kernel(
     sob, soh, sol, sod,
     spb, spl,
     BH, H, L, ID, qk_scale, dropout_p, seed,
-    HEAD_DIM: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr, BLA: tl.constexpr, BLB: tl.constexpr,
     HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
 ):
     first = tl.program_id(0)
@@ -518,18 +542,42 @@ def _attn_fwd_short_kernel(
     offs = tl.arange(0, BL)
     if HEAD_DIM <= BD:
         # One head-dim chunk: a persistent loop over pairs, whose loads Triton's software
-        # pipeline issues num_stages - 1 pairs ahead (asynchronous copies to shared memory)
+        # pipeline issues num_stages - 1 pairs ahead (asynchronous copies to shared memory).
+        # Keys in one block of BLA, or two (BLA + BLB = 64 + 32 for 64 < L <= 96: a quarter
+        # of the 128 x 128 tile's work is padding that is never computed).
         cols = tl.arange(0, BD)
+        offs_a = tl.arange(0, BLA)
         for i in range(0, tl.cdiv(BH - first, step)):
             bh = first + i * step  # a tensor in the interpreter too (a range variable is an int)
             q = _pair_tile(Q, bh, H, sqb, sqh, sql, sqd, offs, cols, L, HEAD_DIM)
-            k = _pair_tile(K, bh, H, skb, skh, skl, skd, offs, cols, L, HEAD_DIM)
-            v = _pair_tile(V, bh, H, svb, svh, svl, svd, offs, cols, L, HEAD_DIM)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC)
-            key_ok = _key_ok(PAD + (bh // H).to(tl.int64) * spb, offs, L, HAS_PAD)
-            e, inv_l, lse = _short_softmax(s, key_ok, offs, ID, qk_scale, bh, L, dropout_p, seed, BL, DROPOUT)
-            # normalised after the dot: the (BL, BD) output is half the (BL, BL) tile
-            o = tl.dot(e.to(v.dtype), v, input_precision=PREC) * inv_l[:, None]
+            k = _pair_tile(K, bh, H, skb, skh, skl, skd, offs_a, cols, L, HEAD_DIM)
+            v = _pair_tile(V, bh, H, svb, svh, svl, svd, offs_a, cols, L, HEAD_DIM)
+            pad_row = PAD + (bh // H).to(tl.int64) * spb
+            s_a = tl.dot(q, tl.trans(k), input_precision=PREC)
+            s_a = _scaled_scores(s_a, _key_ok(pad_row, offs_a, L, HAS_PAD), offs, offs_a, ID, qk_scale)
+            m = tl.max(s_a, 1)
+            if BLB > 0:
+                offs_b = BLA + tl.arange(0, BLB)
+                k_b = _pair_tile(K, bh, H, skb, skh, skl, skd, offs_b, cols, L, HEAD_DIM)
+                v_b = _pair_tile(V, bh, H, svb, svh, svl, svd, offs_b, cols, L, HEAD_DIM)
+                s_b = tl.dot(q, tl.trans(k_b), input_precision=PREC)
+                s_b = _scaled_scores(s_b, _key_ok(pad_row, offs_b, L, HAS_PAD), offs, offs_b, ID, qk_scale)
+                m = tl.maximum(m, tl.max(s_b, 1))
+            m_safe = _safe_max(m)
+            e_a = tl.exp2(s_a - m_safe[:, None])
+            l_sum = tl.sum(e_a, 1)
+            if DROPOUT:
+                e_a = tl.where(_dropout_keep(seed, bh, offs, 0, L, dropout_p, BLA), e_a, 0.0)
+            # normalised after the dot: the (BL, BD) output is smaller than the score tile
+            o = tl.dot(e_a.to(v.dtype), v, input_precision=PREC)
+            if BLB > 0:
+                e_b = tl.exp2(s_b - m_safe[:, None])
+                l_sum += tl.sum(e_b, 1)
+                if DROPOUT:
+                    e_b = tl.where(_dropout_keep(seed, bh, offs, BLA, L, dropout_p, BLB), e_b, 0.0)
+                o = tl.dot(e_b.to(v_b.dtype), v_b, acc=o, input_precision=PREC)
+            inv_l, lse = _softmax_norm(m_safe, l_sum, dropout_p, DROPOUT)
+            o = o * inv_l[:, None]
             _store_tile(_pair_ptr(O, bh, H, sob, soh), o.to(O.dtype.element_ty), offs, sol, cols, sod, L, HEAD_DIM)
             tl.store(LSE + bh.to(tl.int64) * L + offs, lse, mask=offs < L)
     else:
@@ -571,8 +619,10 @@ def _attn_bwd_short_kernel(
     step = tl.num_programs(0)
     offs = tl.arange(0, BL)
     if HEAD_DIM <= BD:
-        # One head-dim chunk: Q, K, V, dO are read once (the chunked path below re-reads Q, K,
-        # dO from L2 in its second pass), in a persistent loop pipelined as in the forward
+        # One head-dim chunk: Q, K, V, dO are read once, in a persistent loop pipelined as in
+        # the forward. One key block: split as in the forward, the second block's dV and dK
+        # products (32 rows) fall back to mma.sync with layout shuffles (sm_90 compile: no
+        # fewer instructions, twice the CTA barriers)
         cols = tl.arange(0, BD)
         for i in range(0, tl.cdiv(BH - first, step)):
             bh = first + i * step  # a tensor in the interpreter too (a range variable is an int)
@@ -583,9 +633,9 @@ def _attn_bwd_short_kernel(
             lse = tl.load(LSE + bh.to(tl.int64) * L + offs, mask=offs < L, other=float("inf"))
             key_ok = _key_ok(PAD + (bh // H).to(tl.int64) * spb, offs, L, HAS_PAD)
             s = tl.dot(q, tl.trans(k), input_precision=PREC)
-            p = _short_probs(s, key_ok, offs, ID, qk_scale, lse, Q.dtype.element_ty)
+            p = _short_probs(s, key_ok, offs, offs, ID, qk_scale, lse, Q.dtype.element_ty)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            p_drop = _short_dropped(p, bh, offs, L, dropout_p, seed, BL, DROPOUT)
+            p_drop = _short_dropped(p, bh, offs, 0, L, dropout_p, seed, BL, DROPOUT)
             ds = _short_ds(p, p_drop, dp, dropout_p, DROPOUT)
             dv = tl.dot(tl.trans(p_drop), do, input_precision=PREC)
             _store_tile(_pair_ptr(DV, bh, H, sdvb, sdvh), dv.to(DV.dtype.element_ty), offs, sdvl, cols, sdvd, L,
@@ -608,8 +658,8 @@ def _attn_bwd_short_kernel(
         s = _full_scores(q_base, sql, sqd, k_base, skl, skd, offs, L, HEAD_DIM, BL, BD, PREC)
         key_ok = _key_ok(PAD + (bh // H).to(tl.int64) * spb, offs, L, HAS_PAD)
         lse = tl.load(LSE + bh.to(tl.int64) * L + offs, mask=offs < L, other=float("inf"))
-        p = _short_probs(s, key_ok, offs, ID, qk_scale, lse, Q.dtype.element_ty)
-        p_drop = _short_dropped(p, bh, offs, L, dropout_p, seed, BL, DROPOUT)
+        p = _short_probs(s, key_ok, offs, offs, ID, qk_scale, lse, Q.dtype.element_ty)
+        p_drop = _short_dropped(p, bh, offs, 0, L, dropout_p, seed, BL, DROPOUT)
         dp = tl.zeros([BL, BL], dtype=tl.float32)
         for d_start in range(0, HEAD_DIM, BD):
             cols = d_start + tl.arange(0, BD)
@@ -835,6 +885,16 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _key_blocks(length: int, block_len: int) -> tuple[int, int]:
+    """Key blocks ``(BLA, BLB)`` of the one-chunk short forward: ``(BL / 2, BL / 4)`` when ``L
+    <= 3 BL / 4`` and ``BL >= 64`` (ODMT's L = 81: 64 + 32 keys instead of 128; sm_90 compile
+    at D = 64: 1,006 instead of 1,097 instructions a pair, 48 exponentials a thread instead
+    of 64, 184 registers instead of 198), else ``(BL, 0)``. The chunked path ignores them."""
+    if block_len >= 64 and 4 * length <= 3 * block_len:
+        return block_len // 2, block_len // 4
+    return block_len, 0
+
+
 def _launch_short(
     kind: str, kernel, bh: int, length: int, head_dim: int, args: tuple, meta: dict
 ) -> tuple[int, ...] | None:
@@ -852,10 +912,12 @@ def _launch_short(
         chunk, warps, stages, per_sm, maxnreg = config
         persistent = per_sm > 0 and head_dim <= chunk  # the chunked path takes one pair a program
         programs = min(bh, per_sm * _num_sms(args[0].device)) if persistent else bh
+        blocks = dict(zip(("BLA", "BLB"), _key_blocks(length, block_len), strict=True)) if kind == "fwd_short" else {}
         try:
             kernel[(programs,)](
-                *args, BL=block_len, BD=chunk, num_warps=warps, num_stages=stages, maxnreg=maxnreg or None, **meta
-            )
+                *args, BL=block_len, BD=chunk, num_warps=warps, num_stages=stages, maxnreg=maxnreg or None,
+                **blocks, **meta,
+            )  # fmt: skip
         except OutOfResources:  # shared memory / registers: try the next, smaller config
             continue
         if kind not in _OVERRIDE:

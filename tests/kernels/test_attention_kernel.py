@@ -172,6 +172,21 @@ def test_forward_and_backward_families_are_chosen_apart(path, kinds):
     assert launched == kinds, launched
 
 
+@pytest.mark.parametrize(("id_index", "dropout"), [(50, 0.0), (70, 0.2), (None, 0.0)])
+def test_two_key_blocks_at_odmt_length(id_index, dropout):
+    """L = 81 with one head-dim chunk: keys in blocks of 64 + 32 (the 128 x 128 tile's last
+    quarter is never computed); the ID key in either block, text padding in the second,
+    dropout drawn per block with the one-block counters (same mask)."""
+    assert attn._key_blocks(81, 128) == (64, 32) and attn._key_blocks(97, 128) == (128, 0)
+    q, k, v = _inputs(2, 1, 81, 32, torch.float32, seed=81)
+    pad = torch.zeros(2, 81, dtype=torch.bool, device=DEVICE)
+    pad[0, 60:] = True
+    pad[1, 75:] = True
+    keep = attn.dropout_keep_mask(2, 1, 81, dropout, 4, DEVICE) if dropout else None
+    with _kernel_path("short"):
+        _assert_matches_reference(q, k, v, pad, id_index, torch.float32, dropout_p=dropout, seed=4, keep=keep)
+
+
 @pytest.mark.parametrize("dqdk", [(1, 4, 1), (3, 8, 2)])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_split_backward(dqdk, dropout, monkeypatch):
