@@ -61,10 +61,10 @@ SM. ``_SPLIT_BWD = False`` keeps the one-kernel form (its last loop re-reads K, 
 The two ``(BL x BL)`` float32 tiles (S, then dP; P kept in 16 bits between them) take 8 warps
 at ``BL = 128``. An sm_90 compile on the CPU machine (``AOT=1 python
 benchmarks/bench_attention.py``, Triton 3.9, unit strides specialised as the launcher does):
-forward 156 / 203 registers a thread at D = 384 / 64, backward 240 (split, no spills) / 255
-with 144 B of spills (the persistent kernel's loop-invariant addresses), dQ/dK kernel 101;
-shared memory 96 / 160 KB forward, 144 / 160 KB backward, 112 KB dQ/dK; with dropout up to
-440 B of spills (D = 64 backward). A persistent loop around the chunked kernels cost ~100
+forward 162 / 184 registers a thread at D = 384 / 64, backward 240 (split, no spills) / 255
+with 208 B of spills (the persistent kernel's loop-invariant addresses), dQ/dK kernel 101;
+shared memory 96 / 137 KB forward, 144 / 161 KB backward, 112 KB dQ/dK; with dropout up to
+616 B of spills (D = 64 backward). A persistent loop around the chunked kernels cost ~100
 registers and spills at D = 384, hence one pair a program there. At 4 warps everything
 spills 0.2-3.5 KB. ``tl.rand``, one Philox draw per element keeping one of its four numbers,
 had spilled up to 1.5 KB and doubled the short kernels' instructions at D = 64 (now
@@ -855,9 +855,9 @@ def _short_configs(kind: str, length: int, head_dim: int) -> list[tuple[int, int
     5: the short forward at 12 x 64 took 696 us, 2.5x the memory roofline). Persistent
     programs, one an SM, walk the pairs instead, and the software pipeline issues the next
     pairs' loads during this pair's math: ``num_stages - 1`` pairs ahead, three stages in the
-    forward (160 KB of shared memory), two in the backward (four tiles: 160 KB). Unmeasured:
-    chosen on that reasoning and the sm_90 compile (forward 202 registers, backward 255 with
-    144 B of spills, loop-invariant addresses; two programs an SM would need 128 registers,
+    forward (137 KB of shared memory), two in the backward (four tiles: 161 KB). Unmeasured:
+    chosen on that reasoning and the sm_90 compile (forward 184 registers, backward 255 with
+    208 B of spills, loop-invariant addresses; two programs an SM would need 128 registers,
     which the benchmark's sweep tries with ``maxnreg``).
     The fallbacks (fewer stages, one program per pair, then 16-wide chunks) shrink shared
     memory for cards that refuse the first.
