@@ -674,17 +674,25 @@ def _attn_bwd_short_kernel(
             # whole so that the stores and _attn_bwd_dqdk_kernel's loads are vectors
             tl.store(DS + bh.to(tl.int64) * L * BL + offs[:, None] * BL + offs[None, :], ds, mask=offs[:, None] < L)
         else:
-            # pass 3: dQ = dS K, dK = dS^T Q, each chunk stored at once
-            dq_base = _pair_ptr(DQ, bh, H, sdqb, sdqh)
-            dk_base = _pair_ptr(DK, bh, H, sdkb, sdkh)
-            for d_start in range(0, HEAD_DIM, BD):
-                cols = d_start + tl.arange(0, BD)
-                k = _load_tile(k_base, offs, skl, cols, skd, L, HEAD_DIM)
-                dq = tl.dot(ds, k, input_precision=PREC) * sm_scale
-                _store_tile(dq_base, dq.to(DQ.dtype.element_ty), offs, sdql, cols, sdqd, L, HEAD_DIM)
-                q = _load_tile(q_base, offs, sql, cols, sqd, L, HEAD_DIM)
-                dk = tl.dot(tl.trans(ds), q, input_precision=PREC) * sm_scale
-                _store_tile(dk_base, dk.to(DK.dtype.element_ty), offs, sdkl, cols, sdkd, L, HEAD_DIM)
+            # pass 3 here: dQ = dS K, dK = dS^T Q over every chunk
+            _dq_dk_chunks(ds, q_base, sql, sqd, k_base, skl, skd, _pair_ptr(DQ, bh, H, sdqb, sdqh), sdql, sdqd,
+                          _pair_ptr(DK, bh, H, sdkb, sdkh), sdkl, sdkd, offs, 0, HEAD_DIM, L, sm_scale, HEAD_DIM, BD,
+                          PREC)
+
+
+@triton.jit
+def _dq_dk_chunks(ds, q_base, sql, sqd, k_base, skl, skd, dq_base, sdql, sdqd, dk_base, sdkl, sdkd, offs, d_lo, d_hi,
+                  L, sm_scale, HEAD_DIM: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+    """The backward's last pass over head-dim chunks ``[d_lo, d_hi)`` of one pair: ``dQ_c = dS
+    K_c`` and ``dK_c = dS^T Q_c`` (times ``scale``), each chunk stored at once."""
+    for d_start in range(d_lo, d_hi, BD):
+        cols = d_start + tl.arange(0, BD)
+        k = _load_tile(k_base, offs, skl, cols, skd, L, HEAD_DIM)
+        dq = tl.dot(ds, k, input_precision=PREC) * sm_scale
+        _store_tile(dq_base, dq.to(dq_base.dtype.element_ty), offs, sdql, cols, sdqd, L, HEAD_DIM)
+        q = _load_tile(q_base, offs, sql, cols, sqd, L, HEAD_DIM)
+        dk = tl.dot(tl.trans(ds), q, input_precision=PREC) * sm_scale
+        _store_tile(dk_base, dk.to(dk_base.dtype.element_ty), offs, sdkl, cols, sdkd, L, HEAD_DIM)
 
 
 @triton.jit
@@ -705,18 +713,9 @@ def _attn_bwd_dqdk_kernel(
     d_lo = (pid % N_GROUP) * GROUP_D
     offs = tl.arange(0, BL)
     ds = tl.load(DS + bh.to(tl.int64) * L * BL + offs[:, None] * BL + offs[None, :], mask=offs[:, None] < L, other=0.0)
-    q_base = _pair_ptr(Q, bh, H, sqb, sqh)
-    k_base = _pair_ptr(K, bh, H, skb, skh)
-    dq_base = _pair_ptr(DQ, bh, H, sdqb, sdqh)
-    dk_base = _pair_ptr(DK, bh, H, sdkb, sdkh)
-    for d_start in range(d_lo, tl.minimum(d_lo + GROUP_D, HEAD_DIM), BD):
-        cols = d_start + tl.arange(0, BD)
-        k = _load_tile(k_base, offs, skl, cols, skd, L, HEAD_DIM)
-        dq = tl.dot(ds, k, input_precision=PREC) * sm_scale
-        _store_tile(dq_base, dq.to(DQ.dtype.element_ty), offs, sdql, cols, sdqd, L, HEAD_DIM)
-        q = _load_tile(q_base, offs, sql, cols, sqd, L, HEAD_DIM)
-        dk = tl.dot(tl.trans(ds), q, input_precision=PREC) * sm_scale
-        _store_tile(dk_base, dk.to(DK.dtype.element_ty), offs, sdkl, cols, sdkd, L, HEAD_DIM)
+    _dq_dk_chunks(ds, _pair_ptr(Q, bh, H, sqb, sqh), sql, sqd, _pair_ptr(K, bh, H, skb, skh), skl, skd,
+                  _pair_ptr(DQ, bh, H, sdqb, sdqh), sdql, sdqd, _pair_ptr(DK, bh, H, sdkb, sdkh), sdkl, sdkd, offs,
+                  d_lo, tl.minimum(d_lo + GROUP_D, HEAD_DIM), L, sm_scale, HEAD_DIM, BD, PREC)
 
 
 # --------------------------------------------------------------------------------------
