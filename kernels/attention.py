@@ -620,9 +620,9 @@ def _attn_bwd_short_kernel(
     offs = tl.arange(0, BL)
     if HEAD_DIM <= BD:
         # One head-dim chunk: Q, K, V, dO are read once, in a persistent loop pipelined as in
-        # the forward. One key block: split as in the forward, the second block's dV and dK
-        # products (32 rows) fall back to mma.sync with layout shuffles (sm_90 compile: no
-        # fewer instructions, twice the CTA barriers)
+        # the forward, with one key block (split 64 + 32 as in the forward, the 32-key block's
+        # dV and dK products fell back to mma.sync and layout shuffles: no fewer instructions
+        # and twice the CTA barriers in the sm_90 compile)
         cols = tl.arange(0, BD)
         for i in range(0, tl.cdiv(BH - first, step)):
             bh = first + i * step  # a tensor in the interpreter too (a range variable is an int)
