@@ -65,7 +65,7 @@ def _assert_matches_reference(q, k, v, pad, id_index, dtype, **kw):
     return out, grads
 
 
-# The kernel families: "short" (one program per (b, h), L <= attn._SHORT_MAX_FWD/_BWD, the
+# The kernel families: "short" (a program holds a whole (b, h), L <= attn._SHORT_MAX_FWD/_BWD, the
 # default at ODMT's L = 81) and "blocked" (FlashAttention-2 style, longer sequences; forced
 # here by setting the thresholds to 0 so that tiny shapes exercise it); "mixed" = the blocked
 # forward followed by the short backward (the thresholds are separate: both save one lse);
