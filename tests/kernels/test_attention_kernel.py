@@ -220,12 +220,13 @@ def test_other_short_configurations(config, monkeypatch):
 
 @pytest.mark.parametrize(("batch", "heads", "per_sm"), [(3, 2, 1), (5, 1, 2), (1, 1, 1)])
 def test_persistent_short_kernels_walk_every_pair(batch, heads, per_sm, monkeypatch):
-    """One-chunk short kernels launched persistent: ``per_sm`` programs a (nominal, 2 on the
-    CPU) SM walk the ``batch * heads`` pairs with a grid stride -- 6 pairs over 2 programs, 5
-    over 4 (uneven), 1 pair over 1 -- so every pair is computed once, dropout masks keyed by
-    the pair as in the one-program-per-pair launch."""
+    """One-chunk short kernels launched persistent: ``per_sm`` programs on each of 2 SMs (the
+    count forced, so that a GPU runs the same grids) walk the ``batch * heads`` pairs with a
+    grid stride -- 6 pairs over 2 programs, 5 over 4 (uneven), 1 pair over 1 -- so every pair
+    is computed once, dropout masks keyed by the pair as in the one-program-per-pair launch."""
     config = (32, 4, 2, per_sm, 0)
     monkeypatch.setattr(attn, "_OVERRIDE", {"fwd_short": config, "bwd_short": config})
+    monkeypatch.setattr(attn, "_num_sms", lambda device: 2)
     q, k, v = _inputs(batch, heads, 13, 32, torch.float32, seed=batch)
     pad = _padding("suffix", batch, 13, seed=batch)
     _assert_matches_reference(q, k, v, pad, 5, torch.float32)
