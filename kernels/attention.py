@@ -488,39 +488,33 @@ def _softmax_norm(m_safe, l_sum, dropout_p, DROPOUT: tl.constexpr):
 
 
 @triton.jit
-def _short_probs(s, key_ok, offs_m, offs_n, ID, qk_scale, lse, dtype: tl.constexpr):
+def _short_probs(s, key_ok, offs, ID, qk_scale, lse, dtype: tl.constexpr):
     """Backward: ``P = exp2(S - lse)`` on the allowed pairs, in the 16-bit input dtype (it is
     a dot operand, and it halves the tile kept while dP is computed)."""
-    return tl.where(_allowed(key_ok, offs_m, offs_n, ID), tl.exp2(s * qk_scale - lse[:, None]), 0.0).to(dtype)
+    return tl.where(_allowed(key_ok, offs, offs, ID), tl.exp2(s * qk_scale - lse[:, None]), 0.0).to(dtype)
 
 
 @triton.jit
-def _short_dropped(p, bh, offs_m, start_n, L, dropout_p, seed, BN: tl.constexpr, DROPOUT: tl.constexpr):
-    """Backward: ``P~ = P * keep / (1 - p)`` of keys ``start_n .. start_n + BN`` in ``p``'s
-    dtype (the dV operand; ``P`` without dropout)."""
+def _short_dropped(p, bh, offs, L, dropout_p, seed, BL: tl.constexpr, DROPOUT: tl.constexpr):
+    """Backward: ``P~ = P * keep / (1 - p)`` in ``p``'s dtype (the dV operand; ``P`` without
+    dropout)."""
     if DROPOUT:
-        keep = _dropout_keep(seed, bh, offs_m, start_n, L, dropout_p, BN)
+        keep = _dropout_keep(seed, bh, offs, 0, L, dropout_p, BL)
         return tl.where(keep, p.to(tl.float32) * (1.0 / (1.0 - dropout_p)), 0.0).to(p.dtype)
     return p
 
 
 @triton.jit
-def _dp_tilde(p_drop, dp, dropout_p, DROPOUT: tl.constexpr):
-    """Backward: ``dP~ = dP * keep / (1 - p)`` (float32), ``keep`` read off ``P~`` instead of
-    drawn again: wherever ``P != 0``, ``P~ != 0`` exactly when the key is kept (``P / (1 - p)``
-    cannot underflow), and where ``P = 0`` the element adds nothing to ``delta`` or ``dS``."""
-    if DROPOUT:
-        dp = tl.where(p_drop != 0.0, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-    return dp
-
-
-@triton.jit
 def _short_ds(p, p_drop, dp, dropout_p, DROPOUT: tl.constexpr):
     """Backward of a whole ``(BL, BL)`` tile: ``dS = P (dP~ - delta)`` (without ``scale``) in
-    ``p``'s dtype. ``delta_i = sum_d dO_id O_id = sum_j P_ij dP~_ij``: the full row is here,
-    so O is never read."""
+    ``p``'s dtype, ``dP~ = dP * keep / (1 - p)``. ``keep`` is read off ``P~`` instead of drawn
+    again: wherever ``P != 0``, ``P~ != 0`` exactly when the key is kept (``P / (1 - p)``
+    cannot underflow), and where ``P = 0`` the element adds nothing to ``delta`` or ``dS``.
+    ``delta_i = sum_d dO_id O_id = sum_j P_ij dP~_ij``: the full row is here, so O is never
+    read."""
     p32 = p.to(tl.float32)
-    dp = _dp_tilde(p_drop, dp, dropout_p, DROPOUT)
+    if DROPOUT:
+        dp = tl.where(p_drop != 0.0, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     delta = tl.sum(p32 * dp, 1)
     return (p32 * (dp - delta[:, None])).to(p.dtype)
 
@@ -633,9 +627,9 @@ def _attn_bwd_short_kernel(
             lse = tl.load(LSE + bh.to(tl.int64) * L + offs, mask=offs < L, other=float("inf"))
             key_ok = _key_ok(PAD + (bh // H).to(tl.int64) * spb, offs, L, HAS_PAD)
             s = tl.dot(q, tl.trans(k), input_precision=PREC)
-            p = _short_probs(s, key_ok, offs, offs, ID, qk_scale, lse, Q.dtype.element_ty)
+            p = _short_probs(s, key_ok, offs, ID, qk_scale, lse, Q.dtype.element_ty)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            p_drop = _short_dropped(p, bh, offs, 0, L, dropout_p, seed, BL, DROPOUT)
+            p_drop = _short_dropped(p, bh, offs, L, dropout_p, seed, BL, DROPOUT)
             ds = _short_ds(p, p_drop, dp, dropout_p, DROPOUT)
             dv = tl.dot(tl.trans(p_drop), do, input_precision=PREC)
             _store_tile(_pair_ptr(DV, bh, H, sdvb, sdvh), dv.to(DV.dtype.element_ty), offs, sdvl, cols, sdvd, L,
@@ -658,8 +652,8 @@ def _attn_bwd_short_kernel(
         s = _full_scores(q_base, sql, sqd, k_base, skl, skd, offs, L, HEAD_DIM, BL, BD, PREC)
         key_ok = _key_ok(PAD + (bh // H).to(tl.int64) * spb, offs, L, HAS_PAD)
         lse = tl.load(LSE + bh.to(tl.int64) * L + offs, mask=offs < L, other=float("inf"))
-        p = _short_probs(s, key_ok, offs, offs, ID, qk_scale, lse, Q.dtype.element_ty)
-        p_drop = _short_dropped(p, bh, offs, 0, L, dropout_p, seed, BL, DROPOUT)
+        p = _short_probs(s, key_ok, offs, ID, qk_scale, lse, Q.dtype.element_ty)
+        p_drop = _short_dropped(p, bh, offs, L, dropout_p, seed, BL, DROPOUT)
         dp = tl.zeros([BL, BL], dtype=tl.float32)
         for d_start in range(0, HEAD_DIM, BD):
             cols = d_start + tl.arange(0, BD)
