@@ -480,6 +480,14 @@ SWEEP = [  # most informative first: the run's time budget usually cuts the list
     # barriers in the three-branch forward's sm_90 SASS); Run 5 measured the same change on
     # the CE dQ (8 -> 4 warps: 5.11 -> 3.27 ms) and the forward at 8 only: time 8 against it
     ("odmt3", "fwd", "fwd3", {"num_warps": 8}),
+    # d streamed in 64-wide chunks instead of whole resident query tiles: the resident three
+    # 64 x 256 query tiles (96 KB, 192 KB with the candidate stages) leave room for one
+    # 4-warp program an SM, one warp a scheduler to cover every latency (Run 5: 7.3 ms where
+    # the tile's instruction count predicts ~1 ms); chunked, 24 KB and 255 registers (no
+    # spills) give two programs an SM, or one of 8 warps at 128 rows -- for three times the
+    # L2 reads (each column tile re-reads the query chunks)
+    ("odmt3", "fwd", "fwd3", {"FULL_D": False, "BLOCK_DO": 64}),
+    ("odmt3", "fwd", "fwd3", {"FULL_D": False, "BLOCK_DO": 64, "BLOCK_T": 128, "num_warps": 8}),
     # two CTAs an SM (96 KB, 166 registers x 128 threads): one's softmax beside the other's
     # tensor-core work (the rule's 128-row tile holds the SM alone, its wgmma waited on at once)
     ("ce", "fwd", "fwd", {"BLOCK_T": 64, "BLOCK_W": 64, "num_warps": 4, "num_stages": 2}),
@@ -597,7 +605,7 @@ def _aot_compile(label: str, kernel, cfg: dict, meta: dict, cuobjdump: str) -> d
     from triton.compiler import ASTSource
 
     ptr = {"tgt_ptr": "*i32", "tid_ptr": "*i64", "cid_ptr": "*i64", "ex_ptr": "*i64", "fl_ptr": "*i8"}
-    ptr["fit_ptr"] = "*i32"
+    ptr["fit_ptr"] = ptr["c32_ptr"] = "*i32"
     ptr.update({k: "*i64" for k in ("vals_ptr", "order_ptr", "pos_ptr", "gstart_ptr")})
     fp32 = {"lq_ptr", "cb_ptr", "part_ptr", "loss_ptr", "lse_ptr", "stats_ptr", "g_ptr", "gmax_ptr"}
     consts = {k: v for k, v in meta.items() if k in kernel.arg_names}

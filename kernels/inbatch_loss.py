@@ -169,6 +169,17 @@ instructions a thread issues per column tile, before -> after:
 * CE dQ (64 x 32, 4 warps): 793 -> 288 unflagged, 2,040 -> 741 flagged.
 * CE dC (64 columns x 32-row steps, 8 warps; ids loaded per step, now batched): 487 -> 294
   unflagged, 1,108 -> 804 flagged.
+* CE forward, loads that the dot waited on (where each load's first reader sits in the SASS
+  of the loop): Triton folds ``dot + bias`` into the dot's accumulator, so the first
+  ``HGMMA`` of every tile waited on that tile's column-bias load; the flagged branch read
+  the int64 column ids after the dot and compared right away. Now the bias is added by an
+  ``fma`` after the dot and int32 ids (``_cid32_tensor``) load before it: every load of the
+  loop's int32 path is issued ahead of the tile's dot, at 527 -> 605 instructions unflagged
+  (one FADD an element, the id loads) and 1,630 -> 1,639 flagged (16k; 65k: 429 -> 508 and
+  1,528 -> 1,528). The dQ kernel keeps the fold (two programs an SM cover each other's
+  waits; the same change made it spill); in dC the per-step excluded ids of a flagged step
+  still load in the branch (loaded before the dot they went through ``cp.async``, and the
+  step's instructions grew from 294 to 412 unflagged, 812 to 1,123 flagged: dropped).
 
 Predicted, unmeasured: each CE pass 1.5-2.5x faster on the anchors' layout; the next lent
 GPU's ``benchmarks/gpu_check.sh`` times it. Also seen in the SASS: the three-branch forward
@@ -447,6 +458,89 @@ def _excl_ids(
 
 
 @triton.jit
+def _hit32(
+    c32,
+    rows,
+    valid,
+    tid,
+    ids,
+    ex_rows,
+    ex_ss,
+    S,
+    pad_id,
+    S_PAD: tl.constexpr,
+    EX_ONE: tl.constexpr,
+    HOIST: tl.constexpr,
+    WITH_PAD: tl.constexpr,
+    TRANS: tl.constexpr,
+):
+    """The int32 membership test of :func:`_drop_tile` (target item, padding, excluded ids),
+    one fused compare-or an element and id in SASS (``ISETP.EQ.OR``)."""
+    hit = _by_col(c32, TRANS) == _by_row(tid.to(tl.int32), TRANS)
+    if WITH_PAD:
+        hit = hit | _by_col(c32 == pad_id, TRANS)
+    if HOIST:
+        for s in tl.static_range(S_PAD):
+            hit = hit | (_by_col(c32, TRANS) == _by_row(ids[s], TRANS))
+    elif S_PAD > 0:
+        hit = hit | _excl_ids(c32, ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, True, TRANS)
+    return hit
+
+
+@triton.jit
+def _load_cid32(c32_ptr, cols, N, pad_id, IDS32: tl.constexpr):
+    """The tile's column ids narrowed to int32 (``_cid32_tensor``; meaningful only when the
+    call's ``fit`` flag is set), issued before the tile's score dot so that its latency hides
+    behind the dot: loaded in the flagged branch, after the dot, the compares stalled on them
+    (sm_90 SASS). A placeholder without ``IDS32``."""
+    if IDS32:
+        return tl.load(c32_ptr + cols, mask=cols < N, other=pad_id)
+    else:
+        return cols
+
+
+@triton.jit
+def _flagged_drop(
+    cols,
+    c32,
+    cid_ptr,
+    s_cid,
+    N,
+    rows,
+    valid,
+    tgt,
+    tid,
+    ids,
+    fit,
+    ex_ptr,
+    ex_sr,
+    ex_ss,
+    S,
+    pad_id,
+    S_PAD: tl.constexpr,
+    EX_ONE: tl.constexpr,
+    IDS32: tl.constexpr,
+    HOIST: tl.constexpr,
+):
+    """:func:`_drop_tile` of the single-branch forward (no padding test: the column bias has
+    it) on the prefetched int32 ids ``c32`` when they are exact (``fit``); the int64 ids are
+    read here otherwise. (The dQ kernel reads its ids in the branch still: two of its programs
+    share an SM and cover each other's waits, and the prefetch made it spill.)"""
+    if IDS32 and fit != 0:
+        drop, is_t = _drop_tile(
+            cols, c32, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id,
+            S_PAD, EX_ONE, IDS32, HOIST, False, False, True,
+        )  # fmt: skip
+    else:
+        cid = _load_cid(cid_ptr, s_cid, cols, N, pad_id)
+        drop, is_t = _drop_tile(
+            cols, cid, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id,
+            S_PAD, EX_ONE, IDS32, HOIST, False,
+        )  # fmt: skip
+    return drop, is_t
+
+
+@triton.jit
 def _drop_tile(
     cols,
     cid,
@@ -467,6 +561,7 @@ def _drop_tile(
     HOIST: tl.constexpr,
     WITH_PAD: tl.constexpr = True,
     TRANS: tl.constexpr = False,
+    CID32: tl.constexpr = False,
 ):
     """The full exclusion test of a flagged tile: returns ``(drop, is_t)``, ``drop`` true on
     other copies of the row's target item and on its excluded ids, and with ``WITH_PAD`` on
@@ -476,19 +571,16 @@ def _drop_tile(
     Compares run in int32 when the pad id fits (``IDS32``) and every candidate id does
     (``fit``, one device flag per call, read once per program: a per-tile min/max of the
     column ids cost three CTA barriers a tile); the excluded ids come from ``ids`` (hoisted,
-    ``HOIST``) or are loaded here. ``TRANS``: the tile is ``(cols, rows)``."""
+    ``HOIST``) or are loaded here. ``TRANS``: the tile is ``(cols, rows)``. ``CID32``: the
+    caller checked ``fit`` and passes ``cid`` as int32 (see :func:`_flagged_drop`)."""
     is_t = _by_col(cols, TRANS) == _by_row(tgt, TRANS)
     ex_rows = ex_ptr + rows.to(tl.int64) * ex_sr
-    if IDS32 and fit != 0:
-        c32 = cid.to(tl.int32)
-        hit = _by_col(c32, TRANS) == _by_row(tid.to(tl.int32), TRANS)
-        if WITH_PAD:
-            hit = hit | _by_col(c32 == pad_id, TRANS)
-        if HOIST:
-            for s in tl.static_range(S_PAD):
-                hit = hit | (_by_col(c32, TRANS) == _by_row(ids[s], TRANS))
-        elif S_PAD > 0:
-            hit = hit | _excl_ids(c32, ex_rows, ex_ss, valid, S, pad_id, S_PAD, EX_ONE, True, TRANS)
+    if CID32:
+        hit = _hit32(cid, rows, valid, tid, ids, ex_rows, ex_ss, S, pad_id, S_PAD, EX_ONE, HOIST, WITH_PAD, TRANS)
+    elif IDS32 and fit != 0:
+        hit = _hit32(
+            cid.to(tl.int32), rows, valid, tid, ids, ex_rows, ex_ss, S, pad_id, S_PAD, EX_ONE, HOIST, WITH_PAD, TRANS
+        )
     else:
         hit = _by_col(cid, TRANS) == _by_row(tid, TRANS)
         if WITH_PAD:
@@ -635,6 +727,7 @@ def _ce_fwd_kernel(
     ex_sr,
     ex_ss,
     cb_ptr,
+    c32_ptr,
     fit_ptr,
     fl_ptr,
     part_ptr,
@@ -675,6 +768,7 @@ def _ce_fwd_kernel(
         flag = tl.load(fl_row + n0 // BLOCK_N)
         col_ok = cols < N
         bias = _load_bias(cb_ptr, cols, N)
+        c32 = _load_cid32(c32_ptr, cols, N, pad_id, IDS32)
         if FULL_D:
             c = tl.load(c_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             c_ptrs += BLOCK_N * sc_n
@@ -683,12 +777,13 @@ def _ce_fwd_kernel(
             s = _score_tile(
                 q_ptr, sq_r, sq_d, c_ptr, sc_n, sc_d, rows, row_in, cols, col_ok, D, BLOCK_R, BLOCK_N, BLOCK_D, PREC
             )
-        s = s + bias[None, :]
+        # an fma, not ``s + bias``: Triton folds ``dot + x`` into the dot's accumulator, and
+        # every tile's dot then waited on the bias load (sm_90 SASS); one FADD an element now
+        s = tl.fma(s, 1.0, bias[None, :])
         if flag != 0:  # the row tile's target columns are in flagged tiles only
-            cid = _load_cid(cid_ptr, s_cid, cols, N, pad_id)
-            drop, is_t = _drop_tile(
-                cols, cid, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id,
-                S_PAD, EX_ONE, IDS32, HOIST, False,
+            drop, is_t = _flagged_drop(
+                cols, c32, cid_ptr, s_cid, N, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id,
+                S_PAD, EX_ONE, IDS32, HOIST,
             )  # fmt: skip
             s = tl.where(drop, float("-inf"), s)
             zt += tl.sum(tl.where(is_t, s, 0.0), axis=1)
@@ -1942,6 +2037,15 @@ def _col_bias_tensor(p: dict) -> torch.Tensor:
     return p["col_bias"]
 
 
+def _cid32_tensor(p: dict) -> torch.Tensor:
+    """``(N,)`` int32 copy of the candidate ids (wrapped where an id does not fit: the kernels
+    then compare the int64 ids and never read it), for the single-branch forward's prefetch
+    (:func:`_load_cid32`); built once per call and cached in ``p``."""
+    if "cid32" not in p:
+        p["cid32"] = p["candidates"][0].to(torch.int32).contiguous()
+    return p["cid32"]
+
+
 def _ids_fit(sorted_ids: torch.Tensor) -> torch.Tensor:
     """``(1,)`` int32 device flag, 1 when every candidate id fits in int32 (the kernels then
     compare in int32): the first and last of the sorted ids, no host sync."""
@@ -2107,6 +2211,7 @@ def _ce_op(
             candidates.stride(1),
             *p["rows"],
             _col_bias_tensor(p),
+            _cid32_tensor(p),
             p["fit"],
             _tile_flags(p, c["BLOCK_T"], c["BLOCK_W"]),
             part,
