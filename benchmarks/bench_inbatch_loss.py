@@ -605,7 +605,7 @@ def _aot_compile(label: str, kernel, cfg: dict, meta: dict, cuobjdump: str) -> d
     from triton.compiler import ASTSource
 
     ptr = {"tgt_ptr": "*i32", "tid_ptr": "*i64", "cid_ptr": "*i64", "ex_ptr": "*i64", "fl_ptr": "*i8"}
-    ptr["fit_ptr"] = ptr["c32_ptr"] = "*i32"
+    ptr.update({k: "*i32" for k in ("fit_ptr", "c32_ptr", "dl_ptr", "tot_ptr", "crow_ptr", "coff_ptr")})
     ptr.update({k: "*i64" for k in ("vals_ptr", "order_ptr", "pos_ptr", "gstart_ptr")})
     fp32 = {"lq_ptr", "cb_ptr", "part_ptr", "loss_ptr", "lse_ptr", "stats_ptr", "g_ptr", "gmax_ptr"}
     consts = {k: v for k, v in meta.items() if k in kernel.arg_names}
@@ -652,6 +652,8 @@ def aot_report() -> int:
     ``AOT_TILES=1``, the backward kernels at each tile of :data:`AOT_TILES` too)."""
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     flags = dict(HAS_LQ=True, S_PAD=16, EX_ONE=True, IDS32=True, HOIST=True, PREC="tf32", FORM_KL=True, DETACH=True)
+    flags["DL_K"] = K._dl_width(HIST)
+    flags["LISTS"] = True
     kernels = [
         ("ce_fwd", K._ce_fwd_kernel, "fwd"),
         ("ce_dq", K._ce_dq_kernel, "dq"),
@@ -699,6 +701,15 @@ def aot_report() -> int:
         )
         RES[f"aot_flags_{br}x{bn}"] = info
         print(f"{'flags_' + str(br) + 'x' + str(bn):28s} {info}", flush=True)
+        info = _aot_compile(
+            f"dense_{br}x{bn}",
+            K._dense_kernel,
+            dict(num_warps=4, num_stages=1),
+            dict(DL_K=K._dl_width(HIST), BLOCK_R=br, BLOCK_N=bn, BLOCK=K._DENSE_BLOCK),
+            cuobjdump,
+        )
+        RES[f"aot_dense_{br}x{bn}"] = info
+        print(f"{'dense_' + str(br) + 'x' + str(bn):28s} {info}", flush=True)
     dump()
     return 0
 

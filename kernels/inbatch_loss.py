@@ -130,6 +130,25 @@ int64. Raw int64 inputs and stride-0 views of ``exclude_ids`` are read in place,
 builder too. A ``(BLOCK_R, S)`` register tile of the ids (tried first, before the tuple) made
 the compiler hoist sixteen extracted vectors and spill ~2.5 KB a thread.
 
+Drop lists (single branch): a flagged pair of the anchors' layout holds a handful of dropped
+elements among its thousands, yet the id test costs one compare an element and id (17 at 15
+excluded ids). So ``_drop_lists`` lays out, per call, each row's dropped columns -- every
+column whose id is its target item or one of its excluded ids, but the target column --
+sorted, ``(R, DL_K)`` int32 (``DL_K = _dl_width(S)``: 16 to 64), from one search per (row,
+id) in the sorted ids and a per-row cumulative count, no host sync. The flag grids of the
+CE kernels raise a flagged pair to 2, "dense", where a row has three or more dropped
+columns in the column tile or some row of the row tile has more than ``DL_K``
+(``_list_flags``, ``_dense_kernel``); the column-wise kernel's grid where a column has three
+or more dropping rows in the row tile (``_col_list_flags``, ``_dense_cols_kernel``, over the
+lists' (column, row) pairs sorted by column). On a sparse pair (flag 1) each row (dC: each
+column) compares against its next two entries, held in registers: a cursor per row walks
+a list that keeps at most two entries per column tile (``_tile_lists``; dC: per row tile,
+``_col_lists``), so it advances by the pair on every flagged tile, its next two loads
+issued there and first read after the next tile's dot. Dense pairs run the id test above.
+(The forward split that starts mid-row counts its rows' entries below its first column.)
+Instructions a thread per flagged tile at 16k, sm_90 SASS of Triton 3.9: forward 1,639 ->
+950 (128 x 64), dQ 741 -> 448, dC 804 -> 489; unflagged ~unchanged (598, 294, 314).
+
 How many pairs are flagged depends on the data (printed by the benchmark for each case).
 Measured with ``_tile_flags`` on the CPU at R = N = 16,384, 15 excluded ids: the anchors'
 layout (targets and histories drawn at random over all columns, so each row tile's
@@ -247,6 +266,13 @@ _FULL_D_MAX = 256
 _SM_OVERRIDE: int | None = None
 # Excluded ids compared per unrolled chunk.
 _S_CHUNK = 16
+# Padding of the drop lists (``_drop_lists``): above every column index.
+_DL_END = tl.constexpr(2**31 - 1)
+# Smallest R * N whose single-branch kernels read drop lists. Below it (the paper's 1,536 x
+# 1,664) a call is bound by the host's launches, which the lists' small operations (~25 in
+# the forward, ~45 in the backward) would lengthen. None: 2**24 on a GPU, 0 under the interpreter (the
+# tests run the list paths; one sets it high for the id test alone).
+_DL_MIN_PAIRS: int | None = None
 # Per-kind overrides of the launch heuristic (keys of ``_config``'s dict); the benchmark's
 # tile sweep and the tests set it, nothing else does.
 _CONFIG_OVERRIDE: dict[str, dict] = {}
@@ -354,6 +380,64 @@ def _flag_kernel(
         m = k < cnt
         st = tl.load(gstart_ptr + g_lo + k, mask=m, other=0)
         tl.store(fl_rows + tl.load(order_ptr + st, mask=m, other=0) // BLOCK_N, one, mask=m)
+
+
+@triton.jit
+def _dense_kernel(
+    dl_ptr,
+    tot_ptr,
+    fl_ptr,
+    R,
+    N,
+    n_ct,
+    DL_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROWWISE: tl.constexpr,
+):
+    """Raises a tile pair's flag (``_tile_flags``) from 1 to 2, "dense", where the kernels'
+    drop-list pair does not cover it: some row's list overflowed (``tot > DL_K``: every
+    flagged pair of its row tile) or, for the row-wise kernels (``ROWWISE``), some row has
+    three or more dropped columns in the column tile (entries ``k`` and ``k + 2`` of its
+    sorted list in one tile; the column-wise test is ``_dense_cols_kernel``). Only flagged
+    pairs are raised (they hold every dropped column; a grid the tests force keeps its
+    zeros); byte stores of one value, no atomics."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_in = rows < R
+    fl_rows = fl_ptr + (rows // BLOCK_R).to(tl.int64) * n_ct
+    lbase = dl_ptr + rows.to(tl.int64) * DL_K
+    two = tl.full((BLOCK,), 2, tl.int8)
+    for k in range(0, DL_K - 2 if ROWWISE else 0):
+        a = tl.load(lbase + k, mask=row_in, other=_DL_END)
+        c = tl.load(lbase + k + 2, mask=row_in, other=_DL_END)
+        three = (c < N) & (a // BLOCK_N == c // BLOCK_N)
+        f = tl.load(fl_rows + c // BLOCK_N, mask=three, other=0)
+        tl.store(fl_rows + c // BLOCK_N, two, mask=three & (f != 0))
+    over = row_in & (tl.load(tot_ptr + rows, mask=row_in, other=0) > DL_K)
+    if tl.max(over.to(tl.int32), axis=0) > 0:
+        for ct in range(0, n_ct):
+            f = tl.load(fl_rows + ct, mask=over, other=0)
+            tl.store(fl_rows + ct, two, mask=over & (f != 0))
+
+
+@triton.jit
+def _dense_cols_kernel(
+    crow_ptr, ccol_ptr, n_entries, fl_ptr, N, n_ct, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr
+):
+    """The column-wise counterpart of :func:`_dense_kernel`: raises a flagged pair to 2 where
+    some column has three or more dropping rows in the row tile (entries ``k`` and ``k + 2``
+    of the (column, row)-sorted drop pairs, ``_col_pairs``, on one column and row tile)."""
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = k + 2 < n_entries
+    c0 = tl.load(ccol_ptr + k, mask=ok, other=-1)
+    c2 = tl.load(ccol_ptr + k + 2, mask=ok, other=-2)
+    r0 = tl.load(crow_ptr + k, mask=ok, other=0)
+    r2 = tl.load(crow_ptr + k + 2, mask=ok, other=0)
+    three = ok & (c0 == c2) & (c2 < N) & (r0 // BLOCK_R == r2 // BLOCK_R)
+    at = fl_ptr + (r2 // BLOCK_R).to(tl.int64) * n_ct + c2 // BLOCK_N
+    f = tl.load(at, mask=three, other=0)
+    tl.store(at, tl.full((BLOCK,), 2, tl.int8), mask=three & (f != 0))
 
 
 @triton.jit
@@ -538,6 +622,60 @@ def _flagged_drop(
             S_PAD, EX_ONE, IDS32, HOIST, False,
         )  # fmt: skip
     return drop, is_t
+
+
+# --------------------------------------------------------------------------------------
+# Drop lists: the row-wise kernels' exclusion on sparse flagged tiles
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dl_seek(lbase, valid, bound, DL_K: tl.constexpr):
+    """Per row, how many entries of its drop list (``_tile_lists``) lie below ``bound``:
+    the cursor of a program whose columns start at ``bound`` (a forward split), in 16-wide
+    chunks."""
+    n = valid.to(tl.int32) * 0
+    for k0 in tl.static_range(0, DL_K, 16):
+        e = tl.load(lbase[:, None] + (k0 + tl.arange(0, 16))[None, :], mask=valid[:, None], other=_DL_END)
+        n += tl.sum((e < bound).to(tl.int32), axis=1)
+    return n
+
+
+@triton.jit
+def _dl_pair(base, ok, cur, stop):
+    """The next two entries of each list at cursor ``cur`` (``_DL_END`` from ``stop`` on)."""
+    h1 = tl.load(base + cur, mask=ok & (cur < stop), other=_DL_END)
+    h2 = tl.load(base + cur + 1, mask=ok & (cur + 1 < stop), other=_DL_END)
+    return h1, h2
+
+
+@triton.jit
+def _dl_drop(cols, h1, h2, tgt, TRANS: tl.constexpr = False):
+    """``(drop, is_t)`` of a sparse flagged tile (flag 1: no row has more than two drop
+    columns in it): two compares an element against the row's next two drop columns, which
+    never hold the target column, instead of one per excluded id."""
+    c = _by_col(cols, TRANS)
+    drop = (c == _by_row(h1, TRANS)) | (c == _by_row(h2, TRANS))
+    return drop, c == _by_row(tgt, TRANS)
+
+
+@triton.jit
+def _dl_next(base, ok, cur, h1, h2, end, stop):
+    """Cursor and next pair after a flagged tile ending at ``end`` (a column, or a row in
+    the column-wise kernel): past the pair's entries below ``end`` -- a list keeps at most
+    two entries per tile (``_tile_lists``, ``_col_lists``), so that is all of them, dense
+    tiles included; unflagged tiles hold none. The loads issue here and are first read
+    after the next tile's dot."""
+    cur = cur + (h1 < end).to(tl.int32) + (h2 < end).to(tl.int32)
+    h1, h2 = _dl_pair(base, ok, cur, stop)
+    return cur, h1, h2
+
+
+@triton.jit
+def _dl_drop_rows(rows, cols, h1, h2, tgt, TRANS: tl.constexpr = False):
+    """:func:`_dl_drop` of the column-wise kernel: each column's next two dropping rows."""
+    drop = (_by_row(rows, TRANS) == _by_col(h1, TRANS)) | (_by_row(rows, TRANS) == _by_col(h2, TRANS))
+    return drop, _by_col(cols, TRANS) == _by_row(tgt, TRANS)
 
 
 @triton.jit
@@ -730,6 +868,7 @@ def _ce_fwd_kernel(
     c32_ptr,
     fit_ptr,
     fl_ptr,
+    dl_ptr,
     part_ptr,
     R,
     N,
@@ -741,6 +880,7 @@ def _ce_fwd_kernel(
     EX_ONE: tl.constexpr,
     IDS32: tl.constexpr,
     HOIST: tl.constexpr,
+    DL_K: tl.constexpr,
     FULL_D: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -763,6 +903,9 @@ def _ce_fwd_kernel(
     lsum = tl.zeros((BLOCK_R,), tl.float32)
     zt = tl.zeros((BLOCK_R,), tl.float32)
     fl_row = fl_ptr + tl.program_id(0) * tl.cdiv(N, BLOCK_N)
+    lbase = dl_ptr + rows.to(tl.int64) * DL_K
+    cur = _dl_seek(lbase, valid, n_lo, DL_K)
+    h1, h2 = _dl_pair(lbase, valid, cur, DL_K)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         flag = tl.load(fl_row + n0 // BLOCK_N)
@@ -781,12 +924,12 @@ def _ce_fwd_kernel(
         # every tile's dot then waited on the bias load (sm_90 SASS); one FADD an element now
         s = tl.fma(s, 1.0, bias[None, :])
         if flag != 0:  # the row tile's target columns are in flagged tiles only
-            drop, is_t = _flagged_drop(
-                cols, c32, cid_ptr, s_cid, N, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id,
-                S_PAD, EX_ONE, IDS32, HOIST,
+            s, zt = _fwd_flagged(
+                s, zt, flag, h1, h2, cols, c32, cid_ptr, s_cid, N, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr,
+                ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32, HOIST, DL_K > 0,
             )  # fmt: skip
-            s = tl.where(drop, float("-inf"), s)
-            zt += tl.sum(tl.where(is_t, s, 0.0), axis=1)
+            if DL_K > 0:
+                cur, h1, h2 = _dl_next(lbase, valid, cur, h1, h2, n0 + BLOCK_N, DL_K)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         lsum = lsum * _exp(m - m_new) + tl.sum(_exp(s - m_new[:, None]), axis=1)
         m = m_new
@@ -823,6 +966,107 @@ def _ce_combine_kernel(part_ptr, tgt_ptr, loss_ptr, lse_ptr, R, n_splits, BLOCK:
 
 
 @triton.jit
+def _drop_scores(s, zt, drop, is_t):
+    """The forward's flagged tile: dropped scores to ``-inf``, the target score summed."""
+    s = tl.where(drop, float("-inf"), s)
+    return s, zt + tl.sum(tl.where(is_t, s, 0.0), axis=1)
+
+
+@triton.jit
+def _fwd_flagged(
+    s,
+    zt,
+    flag,
+    h1,
+    h2,
+    cols,
+    c32,
+    cid_ptr,
+    s_cid,
+    N,
+    rows,
+    valid,
+    tgt,
+    tid,
+    ids,
+    fit,
+    ex_ptr,
+    ex_sr,
+    ex_ss,
+    S,
+    pad_id,
+    S_PAD: tl.constexpr,
+    EX_ONE: tl.constexpr,
+    IDS32: tl.constexpr,
+    HOIST: tl.constexpr,
+    LISTS: tl.constexpr,
+):
+    """The single-branch forward's flagged tile: the drop-list pair on a sparse one (flag 1,
+    with ``LISTS``), the id test otherwise. Each branch masks the scores itself: boolean tiles
+    merged out of an if were packed into bit fields, ~10 instructions an element (SASS)."""
+    if LISTS:
+        if flag == 1:
+            drop, is_t = _dl_drop(cols, h1, h2, tgt)
+            s, zt = _drop_scores(s, zt, drop, is_t)
+        else:
+            drop, is_t = _flagged_drop(
+                cols, c32, cid_ptr, s_cid, N, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id,
+                S_PAD, EX_ONE, IDS32, HOIST,
+            )  # fmt: skip
+            s, zt = _drop_scores(s, zt, drop, is_t)
+    else:
+        drop, is_t = _flagged_drop(
+            cols, c32, cid_ptr, s_cid, N, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id,
+            S_PAD, EX_ONE, IDS32, HOIST,
+        )  # fmt: skip
+        s, zt = _drop_scores(s, zt, drop, is_t)
+    return s, zt
+
+
+@triton.jit
+def _dz_kept(z, drop, is_t, g, TRANS: tl.constexpr):
+    """``g (p - onehot)`` of a flagged tile from ``z = s - lse``."""
+    return (_exp(tl.where(drop, float("-inf"), z)) - is_t.to(tl.float32)) * _by_row(g, TRANS)
+
+
+@triton.jit
+def _ce_id_drop(
+    cols,
+    cid,
+    cid_ptr,
+    s_cid,
+    N,
+    rows,
+    valid,
+    tgt,
+    tid,
+    ids,
+    fit,
+    ex_ptr,
+    ex_sr,
+    ex_ss,
+    S,
+    pad_id,
+    S_PAD: tl.constexpr,
+    EX_ONE: tl.constexpr,
+    IDS32: tl.constexpr,
+    HOIST: tl.constexpr,
+    LOAD_CID: tl.constexpr,
+    TRANS: tl.constexpr,
+):
+    """:func:`_drop_tile` of the single-branch backward (no padding test: the column bias
+    has it), the column ids loaded here when ``LOAD_CID``."""
+    if LOAD_CID:
+        col_ids = _load_cid(cid_ptr, s_cid, cols, N, pad_id)
+    else:
+        col_ids = cid
+    return _drop_tile(
+        cols, col_ids, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id,
+        S_PAD, EX_ONE, IDS32, HOIST, False, TRANS,
+    )  # fmt: skip
+
+
+@triton.jit
 def _ce_dz(
     s,
     bias,
@@ -840,6 +1084,8 @@ def _ce_dz(
     lse,
     g,
     flag,
+    h1,
+    h2,
     ex_ptr,
     ex_sr,
     ex_ss,
@@ -850,24 +1096,39 @@ def _ce_dz(
     IDS32: tl.constexpr,
     HOIST: tl.constexpr,
     LOAD_CID: tl.constexpr,
-    TRANS: tl.constexpr = False,
+    TRANS: tl.constexpr,
+    LISTS: tl.constexpr,
 ):
     """``g_r (softmax_r - onehot)`` on kept entries, 0 elsewhere, from the raw scores ``s``
     and the column bias. ``lse`` is ``+inf`` on ignored rows (so ``p = 0`` there without a
     mask); the one-hot term lives in flagged tiles only (every target column's tile is
     flagged), which also read the column ids (``LOAD_CID``) unless the caller holds them.
-    ``TRANS``: ``s`` and the result are ``(cols, rows)``."""
+    ``TRANS``: ``s`` and the result are ``(cols, rows)``. ``LISTS``: sparse flagged tiles
+    (flag 1) test a drop-list pair ``h1``, ``h2`` -- each row's next two dropped columns (1,
+    :func:`_dl_drop`) or each column's next two dropping rows (2, :func:`_dl_drop_rows`) --
+    and dense ones (2) the ids; 0: every flagged tile tests the ids."""
     z = (s + _by_col(bias, TRANS)) - _by_row(lse, TRANS)  # the forward's order: 0 exactly where p is 1
     if flag != 0:
-        if LOAD_CID:
-            col_ids = _load_cid(cid_ptr, s_cid, cols, N, pad_id)
+        # each branch forms dz itself (boolean tiles merged out of an if become bit fields)
+        if LISTS != 0:
+            if flag == 1:
+                if LISTS == 1:
+                    drop, is_t = _dl_drop(cols, h1, h2, tgt, TRANS)
+                else:
+                    drop, is_t = _dl_drop_rows(rows, cols, h1, h2, tgt, TRANS)
+                dz = _dz_kept(z, drop, is_t, g, TRANS)
+            else:
+                drop, is_t = _ce_id_drop(
+                    cols, cid, cid_ptr, s_cid, N, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id,
+                    S_PAD, EX_ONE, IDS32, HOIST, LOAD_CID, TRANS,
+                )  # fmt: skip
+                dz = _dz_kept(z, drop, is_t, g, TRANS)
         else:
-            col_ids = cid
-        drop, is_t = _drop_tile(
-            cols, col_ids, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id,
-            S_PAD, EX_ONE, IDS32, HOIST, False, TRANS,
-        )  # fmt: skip
-        dz = (_exp(tl.where(drop, float("-inf"), z)) - is_t.to(tl.float32)) * _by_row(g, TRANS)
+            drop, is_t = _ce_id_drop(
+                cols, cid, cid_ptr, s_cid, N, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id,
+                S_PAD, EX_ONE, IDS32, HOIST, LOAD_CID, TRANS,
+            )  # fmt: skip
+            dz = _dz_kept(z, drop, is_t, g, TRANS)
     else:
         dz = _exp(z) * _by_row(g, TRANS)
     return dz
@@ -891,6 +1152,7 @@ def _ce_dq_kernel(
     cb_ptr,
     fit_ptr,
     fl_ptr,
+    dl_ptr,
     lse_ptr,
     g_ptr,
     gmax_ptr,
@@ -906,6 +1168,7 @@ def _ce_dq_kernel(
     EX_ONE: tl.constexpr,
     IDS32: tl.constexpr,
     HOIST: tl.constexpr,
+    DL_K: tl.constexpr,
     FULL_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -929,6 +1192,9 @@ def _ce_dq_kernel(
         c_ptrs, d_ok = _tile_ptrs(c_ptr, sc_n, sc_d, tl.arange(0, BLOCK_N), D, BLOCK_DO)
     acc = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
     fl_row = fl_ptr + tl.program_id(0) * tl.cdiv(N, BLOCK_N)
+    lbase = dl_ptr + rows.to(tl.int64) * DL_K
+    cur = valid.to(tl.int32) * 0
+    h1, h2 = _dl_pair(lbase, valid, cur, DL_K)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         flag = tl.load(fl_row + n0 // BLOCK_N)
@@ -951,10 +1217,13 @@ def _ce_dq_kernel(
                 other=0.0,
             )
         dz = _ce_dz(
-            s, bias, cols, cols, cid_ptr, s_cid, N, rows, valid, tgt, tid, ids, fit, lse, g, flag, ex_ptr, ex_sr,
-            ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32, HOIST, True,
+            s, bias, cols, cols, cid_ptr, s_cid, N, rows, valid, tgt, tid, ids, fit, lse, g, flag, h1, h2, ex_ptr,
+            ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32, HOIST, True, False, 1 if DL_K > 0 else 0,
         )  # fmt: skip
         acc = tl.dot(dz.to(c.dtype), c, acc=acc, input_precision=PREC)
+        if DL_K > 0:
+            if flag != 0:
+                cur, h1, h2 = _dl_next(lbase, valid, cur, h1, h2, n0 + BLOCK_N, DL_K)
     acc = acc * gmax
     tl.store(
         dq_ptr + rows.to(tl.int64)[:, None] * sdq_r + offs_o[None, :] * sdq_d,
@@ -981,6 +1250,8 @@ def _ce_dc_kernel(
     cb_ptr,
     fit_ptr,
     fl_ptr,
+    crow_ptr,
+    coff_ptr,
     lse_ptr,
     g_ptr,
     gmax_ptr,
@@ -995,6 +1266,7 @@ def _ce_dc_kernel(
     S_PAD: tl.constexpr,
     EX_ONE: tl.constexpr,
     IDS32: tl.constexpr,
+    LISTS: tl.constexpr,
     FULL_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -1018,6 +1290,14 @@ def _ce_dc_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
     fl_col = fl_ptr + tl.program_id(0)
     n_ct = tl.cdiv(N, BLOCK_N)
+    # each column's cursor in its list of dropping rows (``_col_lists``), absolute indices
+    if LISTS:
+        cur = tl.load(coff_ptr + cols, mask=col_ok, other=0)
+        stop = tl.load(coff_ptr + cols + 1, mask=col_ok, other=0)
+    else:
+        cur = cols * 0
+        stop = cur
+    h1, h2 = _dl_pair(crow_ptr, col_ok, cur, stop)
     for r0 in range(0, R, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         flag = tl.load(fl_col + (r0 // BLOCK_R) * n_ct)
@@ -1042,13 +1322,16 @@ def _ce_dc_kernel(
             )
         # rows change every step: the excluded ids are loaded in the flagged branch
         dz = _ce_dz(
-            s, bias, cols, cid, cid_ptr, s_cid, N, rows, valid, tgt, tid, (), fit, lse, g, flag, ex_ptr, ex_sr,
-            ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32, False, False, TRANS_S and FULL_D,
+            s, bias, cols, cid, cid_ptr, s_cid, N, rows, valid, tgt, tid, (), fit, lse, g, flag, h1, h2, ex_ptr,
+            ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32, False, False, TRANS_S and FULL_D, 2 if LISTS else 0,
         )  # fmt: skip
         if TRANS_S and FULL_D:  # dz^T straight from the score accumulator into the A operand
             acc = tl.dot(dz.to(q.dtype), q, acc=acc, input_precision=PREC)
         else:
             acc = tl.dot(tl.trans(dz.to(q.dtype)), q, acc=acc, input_precision=PREC)
+        if LISTS:
+            if flag != 0:
+                cur, h1, h2 = _dl_next(crow_ptr, col_ok, cur, h1, h2, r0 + BLOCK_R, stop)
     acc = acc * gmax
     tl.store(
         dc_ptr + cols.to(tl.int64)[:, None] * sdc_n + offs_o[None, :] * sdc_d,
@@ -2085,6 +2368,8 @@ def _prep(target, candidate_ids, exclude_ids, log_q, pad_id: int, ignore_index: 
         # fwd / dQ kernels load a row tile's excluded ids once, before the column loop
         hoist=dict(HOIST=xflags["IDS32"] and xflags["EX_ONE"] and xflags["S_PAD"] > 0),
         pad_id=pad_id,
+        exclude=exclude_ids,
+        lists_on=_lists_on(target, target.shape[0], candidate_ids.shape[0]),
         sorted=(vals, order),
         groups={},
         tile_flags={},
@@ -2157,6 +2442,189 @@ def _tile_flags(p: dict, block_r: int, block_n: int) -> torch.Tensor:
     return p["tile_flags"][key]
 
 
+_DENSE_BLOCK = 128
+
+
+def _lists_on(t: torch.Tensor, R: int, N: int) -> bool:
+    """Whether the single-branch kernels of this call read drop lists (``_DL_MIN_PAIRS``)."""
+    least = _DL_MIN_PAIRS if _DL_MIN_PAIRS is not None else (0 if _interpreting(t) else 1 << 24)
+    return R * N >= least
+
+
+def _dl_width(S: int) -> int:
+    """Entries a row's drop list holds: twice its ``S + 1`` ids (room for some duplicate
+    items), 16 to 64. A row with more drop columns overflows, and its row tile's flagged
+    pairs take the id test."""
+    return min(64, max(16, triton.next_power_of_2(2 * (S + 1))))
+
+
+def _drop_lists(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the sorted columns its softmax drops for an id (``(R, DL_K)`` int32, padded
+    with ``_DL_END``): every column whose id is the row's target item or one of its excluded
+    ids, but the target column itself (padding is the column bias's). Also each row's count
+    before the cap (with its target column and repeats; ``> DL_K``: overflow). From the
+    sorted candidate ids: one search per (row, id), each id's run of sorted positions laid
+    out by a per-row cumulative count. Fixed-size tensors, no host sync; cached in ``p``.
+    Most rows drop a handful of columns spread over many tiles, so on a sparse flagged pair
+    each row needs only its next two (:func:`_dl_drop`)."""
+    if "drop_lists" not in p:
+        tgt, tid = p["rows"][:2]
+        vals, order = p["sorted"]
+        R, N, S = tgt.numel(), vals.numel(), p["S"]
+        width = _dl_width(S)
+        ids = tid[:, None]
+        if S:
+            ids = torch.cat([ids, p["exclude"].to(torch.int64)], 1)
+        ok = (tgt >= 0)[:, None] & (ids != p["pad_id"])
+        lo = torch.searchsorted(vals, ids)
+        cnt = torch.where(ok, torch.searchsorted(vals, ids, right=True) - lo, 0)
+        upto = cnt.cumsum(1)
+        k = torch.arange(width, device=tgt.device).expand(R, width).contiguous()
+        slot = torch.searchsorted(upto, k, right=True).clamp_(max=S)  # the id whose run holds entry k
+        pos = lo.gather(1, slot) + k - (upto - cnt).gather(1, slot)
+        col = order[pos.clamp_(0, N - 1)].to(torch.int32)
+        keep = (k < upto[:, -1:]) & (col != tgt[:, None])
+        lists = torch.where(keep, col, _DL_END.value).sort(1).values.contiguous()
+        p["drop_lists"] = (lists, upto[:, -1].to(torch.int32).contiguous())
+    return p["drop_lists"]
+
+
+def _tile_lists(p: dict, block_n: int) -> torch.Tensor:
+    """The drop lists the kernels walk with tiles ``block_n`` wide: :func:`_drop_lists` with
+    each row's entries past the second in one column tile removed. Such a tile is dense
+    (:func:`_list_flags`) and tests the ids, so the list needs only enough to step past it,
+    and the cursor advances by its pair on every flagged tile, with no per-tile search.
+    Cached per width."""
+    key = ("lists", block_n)
+    if key not in p["groups"]:
+        lists = _drop_lists(p)[0]
+        tile = lists // block_n
+        third = torch.zeros_like(lists, dtype=torch.bool)
+        third[:, 2:] = (lists[:, 2:] != _DL_END.value) & (tile[:, 2:] == tile[:, :-2])
+        p["groups"][key] = lists.masked_fill(third, _DL_END.value).sort(1).values.contiguous()
+    return p["groups"][key]
+
+
+def _list_flags(p: dict, block_r: int, block_n: int) -> torch.Tensor:
+    """:func:`_tile_flags` with the dense pairs raised to 2 (``_dense_kernel``): the grid of
+    the kernels that read drop lists. Cached per call and tile shape."""
+    key = ("lists", block_r, block_n)
+    if key not in p["tile_flags"]:
+        flags = _tile_flags(p, block_r, block_n).clone()
+        lists, total = _drop_lists(p)
+        R, width = lists.shape
+        grid = (triton.cdiv(R, _DENSE_BLOCK),)
+        compiled = _dense_kernel[grid](
+            lists,
+            total,
+            flags,
+            R,
+            p["sorted"][0].numel(),
+            flags.shape[1],
+            DL_K=width,
+            BLOCK_R=block_r,
+            BLOCK_N=block_n,
+            BLOCK=_DENSE_BLOCK,
+            ROWWISE=True,
+        )
+        _record("dense", compiled, dict(BLOCK_R=block_r, BLOCK_N=block_n), grid)
+        p["tile_flags"][key] = flags
+    return p["tile_flags"][key]
+
+
+def _col_pairs(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (column, row) pairs of the drop lists sorted by column, then row: ``(cols, rows)``,
+    int64 ``(R * DL_K,)``, the lists' padding last (column ``_DL_END``). Cached in ``p``."""
+    if "col_pairs" not in p:
+        lists = _drop_lists(p)[0]
+        R = lists.shape[0]
+        key = (lists.to(torch.int64) * R + torch.arange(R, device=lists.device)[:, None]).flatten().sort().values
+        p["col_pairs"] = (key // R, key % R)
+    return p["col_pairs"]
+
+
+def _col_lists(p: dict, block_r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column, the sorted rows that drop it, for the column-wise kernel stepping
+    ``block_r`` rows at a time: ``(rows, offsets)``, column ``j``'s rows are
+    ``rows[offsets[j]:offsets[j + 1]]`` (int32), at most two of them per row tile (a column
+    with more in one row tile makes that pair dense, :func:`_col_list_flags`, so the id test
+    covers it and the cursor only has to step past). Cached per row step."""
+    key = ("col_lists", block_r)
+    if key not in p["groups"]:
+        cols, rows = _col_pairs(p)
+        N = p["sorted"][0].numel()
+        third = torch.zeros_like(cols, dtype=torch.bool)
+        third[2:] = (cols[2:] < N) & (cols[2:] == cols[:-2]) & (rows[2:] // block_r == rows[:-2] // block_r)
+        R = p["rows"][0].numel()
+        key2 = torch.where(third, _DL_END.value * R, cols * R + rows).sort().values
+        cols2 = key2 // R
+        offsets = torch.searchsorted(cols2, torch.arange(N + 1, device=cols.device))
+        p["groups"][key] = (
+            torch.where(cols2 < N, key2 % R, _DL_END.value).to(torch.int32),
+            offsets.to(torch.int32),
+        )
+    return p["groups"][key]
+
+
+def _col_list_flags(p: dict, block_r: int, block_n: int) -> torch.Tensor:
+    """:func:`_tile_flags` with the pairs the column lists do not cover raised to 2: some
+    column with three or more dropping rows in the row tile (``_dense_cols_kernel``), or a
+    row whose list overflowed (``_dense_kernel``). Cached per call and tile shape."""
+    key = ("col_lists", block_r, block_n)
+    if key not in p["tile_flags"]:
+        flags = _tile_flags(p, block_r, block_n).clone()
+        lists, total = _drop_lists(p)
+        R, width = lists.shape
+        N = p["sorted"][0].numel()
+        grid = (triton.cdiv(R, _DENSE_BLOCK),)
+        _dense_kernel[grid](
+            lists,
+            total,
+            flags,
+            R,
+            N,
+            flags.shape[1],
+            DL_K=width,
+            BLOCK_R=block_r,
+            BLOCK_N=block_n,
+            BLOCK=_DENSE_BLOCK,
+            ROWWISE=False,
+        )
+        cols, rows = _col_pairs(p)
+        grid = (triton.cdiv(cols.numel(), _DENSE_BLOCK),)
+        compiled = _dense_cols_kernel[grid](
+            rows,
+            cols,
+            cols.numel(),
+            flags,
+            N,
+            flags.shape[1],
+            BLOCK_R=block_r,
+            BLOCK_N=block_n,
+            BLOCK=_DENSE_BLOCK,
+        )
+        _record("dense_cols", compiled, dict(BLOCK_R=block_r, BLOCK_N=block_n), grid)
+        p["tile_flags"][key] = flags
+    return p["tile_flags"][key]
+
+
+def _row_list_args(p: dict, block_r: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(flag grid, drop lists, DL_K)`` of a row-wise single-branch launch; without lists
+    (``_lists_on``) the 0/1 grid, a placeholder never read and ``DL_K = 0``."""
+    if not p["lists_on"]:
+        return _tile_flags(p, block_r, block_n), p["rows"][0], 0
+    lists = _tile_lists(p, block_n)
+    return _list_flags(p, block_r, block_n), lists, lists.shape[1]
+
+
+def _col_list_args(p: dict, block_r: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """``(flag grid, rows, offsets, LISTS)`` of the column-wise single-branch launch (see
+    :func:`_row_list_args`)."""
+    if not p["lists_on"]:
+        return _tile_flags(p, block_r, block_n), p["rows"][0], p["rows"][0], False
+    return (_col_list_flags(p, block_r, block_n), *_col_lists(p, block_r), True)
+
+
 def _tile_meta(c: dict, grid_over_rows: bool, with_do: bool) -> dict:
     meta = dict(
         BLOCK_R=c["BLOCK_T"] if grid_over_rows else c["BLOCK_W"],
@@ -2213,7 +2681,7 @@ def _ce_op(
             _col_bias_tensor(p),
             _cid32_tensor(p),
             p["fit"],
-            _tile_flags(p, c["BLOCK_T"], c["BLOCK_W"]),
+            *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])[:2],
             part,
             R,
             N,
@@ -2225,6 +2693,7 @@ def _ce_op(
         meta = dict(
             **p["flags"],
             **p["hoist"],
+            DL_K=_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])[2],
             **_tile_meta(c, True, False),
             PREC=_prec(queries.dtype),
             D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
@@ -2289,9 +2758,16 @@ def _ce_backward_impl(
             _config("dq", R, N, D, interp),
             lambda c: (
                 _bwd_grid(c, R, D),
-                (*head, _tile_flags(p, c["BLOCK_T"], c["BLOCK_W"]), lse, g, gmax, dq, dq.stride(0), dq.stride(1))
-                + (R, N, D, p["S"], pad_id),
-                dict(**p["flags"], **p["hoist"], **_tile_meta(c, True, True), PREC=prec, TRANS_S=c.get("TRANS_S", False)),
+                (*head, *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])[:2], lse, g, gmax, dq)
+                + (dq.stride(0), dq.stride(1), R, N, D, p["S"], pad_id),
+                dict(
+                    **p["flags"],
+                    **p["hoist"],
+                    DL_K=_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])[2],
+                    **_tile_meta(c, True, True),
+                    PREC=prec,
+                    TRANS_S=c.get("TRANS_S", False),
+                ),
             ),
             with_do=True,
         )
@@ -2302,9 +2778,15 @@ def _ce_backward_impl(
             _config("dc", N, R, D, interp),
             lambda c: (
                 _bwd_grid(c, N, D),
-                (*head, _tile_flags(p, c["BLOCK_W"], c["BLOCK_T"]), lse, g, gmax, dc, dc.stride(0), dc.stride(1))
-                + (R, N, D, p["S"], pad_id),
-                dict(**p["flags"], **_tile_meta(c, False, True), PREC=prec, TRANS_S=c.get("TRANS_S", False)),
+                (*head, *_col_list_args(p, c["BLOCK_W"], c["BLOCK_T"])[:3], lse, g, gmax)
+                + (dc, dc.stride(0), dc.stride(1), R, N, D, p["S"], pad_id),
+                dict(
+                    **p["flags"],
+                    LISTS=_col_list_args(p, c["BLOCK_W"], c["BLOCK_T"])[3],
+                    **_tile_meta(c, False, True),
+                    PREC=prec,
+                    TRANS_S=c.get("TRANS_S", False),
+                ),
             ),
             with_do=True,
         )

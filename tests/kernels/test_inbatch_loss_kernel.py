@@ -999,3 +999,169 @@ def test_kernels_take_the_path_their_flags_say(monkeypatch, grid):
         return
     _check_ce(qs, cs, target, cand, exclude, log_q, "none", torch.float32)
     _check_odmt(qs, cs, target, cand, exclude, log_q, 0.5, False, "ce", "sum", torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Drop lists: on a sparse flagged pair (flag 1) the single-branch forward and dQ compare
+# each row's next two dropped columns instead of its ids; dense pairs (flag 2) test the ids.
+# --------------------------------------------------------------------------------------
+
+
+def _brute_force_drops(target, cand, exclude) -> list[list[int] | None]:
+    """Per row, the sorted columns dropped for an id, one entry per (id slot, column) as
+    the lists count them (the target column left out; None on ignored rows), by definition."""
+    out = []
+    for r in range(target.numel()):
+        t = int(target[r])
+        if t == IGNORE:
+            out.append(None)
+            continue
+        slots = [int(cand[t])] + ([int(e) for e in exclude[r]] if exclude is not None else [])
+        cols = [j for x in slots if x != PAD for j in range(cand.numel()) if int(cand[j]) == x]
+        out.append(sorted(cols))
+    return out
+
+
+@pytest.mark.parametrize("case", FLAG_CASES)
+def test_drop_lists_hold_each_rows_dropped_columns(case):
+    _, _, target, cand, exclude, _ = _flag_case(case, torch.float32, 1)
+    p = K._prep(target, cand, exclude, None, PAD, IGNORE)
+    lists, total = K._drop_lists(p)
+    width = K._dl_width(p["S"])
+    assert lists.shape == (target.numel(), width) and lists.dtype == torch.int32
+    end = K._DL_END.value
+    overflowed = 0
+    for r, cols in enumerate(_brute_force_drops(target, cand, exclude)):
+        if cols is None:
+            assert int(total[r]) == 0 and torch.all(lists[r] == end)
+            continue
+        assert int(total[r]) == len(cols)  # with the target column and repeats
+        if len(cols) > width:
+            overflowed += 1
+            continue
+        want = [j for j in cols if j != int(target[r])]
+        assert lists[r, : len(want)].tolist() == want and torch.all(lists[r, len(want) :] == end), r
+    assert (overflowed > 0) == (case == "all_same")
+
+
+def _brute_force_list_flags(target, cand, exclude, width: int, block_r: int, block_n: int) -> torch.Tensor:
+    """The grid with dense pairs raised to 2, by definition: a flagged pair where some row of
+    the row tile has three or more dropped columns in the column tile, or where some row of
+    the row tile drops more columns than its list holds."""
+    flags = _brute_force_flags(target, cand, exclude, block_r, block_n)
+    for r, cols in enumerate(_brute_force_drops(target, cand, exclude)):
+        if cols is None:
+            continue
+        if len(cols) > width:
+            flags[r // block_r][flags[r // block_r] != 0] = 2
+            continue
+        kept = [j for j in cols if j != int(target[r])]
+        for j in kept:
+            if sum(k // block_n == j // block_n for k in kept) >= 3:
+                flags[r // block_r, j // block_n] = 2
+    return flags
+
+
+def test_list_flags_raise_exactly_the_dense_pairs():
+    """Against the definition over every flag case and several tile shapes; across the cases
+    both flagged kinds occur, so the kernel tests below run both paths."""
+    seen = set()
+    for case in FLAG_CASES:
+        _, _, target, cand, exclude, _ = _flag_case(case, torch.float32, 1)
+        p = K._prep(target, cand, exclude, None, PAD, IGNORE)
+        width = K._dl_width(p["S"])
+        for block_r, block_n in [(16, 16), (8, 32), (32, 4), (64, 64)]:
+            got = K._list_flags(p, block_r, block_n)
+            want = _brute_force_list_flags(target, cand, exclude, width, block_r, block_n)
+            assert torch.equal(got, want), (case, block_r, block_n)
+            assert torch.equal(K._tile_flags(p, block_r, block_n), want.clamp(max=1))  # the cached 0/1 grid
+            seen |= set(got.unique().tolist())
+    assert seen == {0, 1, 2}
+
+
+@pytest.mark.parametrize("case", FLAG_CASES)
+def test_tile_lists_keep_two_entries_a_column_tile(case):
+    _, _, target, cand, exclude, _ = _flag_case(case, torch.float32, 1)
+    p = K._prep(target, cand, exclude, None, PAD, IGNORE)
+    full = K._drop_lists(p)[0]
+    end = K._DL_END.value
+    for block_n in (4, 16):
+        got = K._tile_lists(p, block_n)
+        for r in range(full.shape[0]):
+            kept, per_tile = [], {}
+            for j in full[r].tolist():
+                if j != end and per_tile.get(j // block_n, 0) < 2:
+                    kept.append(j)
+                    per_tile[j // block_n] = per_tile.get(j // block_n, 0) + 1
+            assert got[r].tolist() == kept + [end] * (full.shape[1] - len(kept)), (r, block_n)
+
+
+@pytest.mark.parametrize("case", ["sequences", "dup_target_far", "expanded", "excl_some_tiles"])
+def test_ce_dense_path_everywhere_matches_reference(monkeypatch, case):
+    """Every flagged pair forced dense (the id test) in all three kernels gives the reference
+    too, as the real grids do (the flag cases above): both paths agree."""
+    for name in ("_list_flags", "_col_list_flags"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda p, br, bn, real=real: real(p, br, bn).clamp(max=1) * 2)
+    qs, cs, target, cand, exclude, log_q = _flag_case(case, torch.float32, 1)
+    _check_ce(qs, cs, target, cand, exclude, log_q, "none", torch.float32)
+
+
+def _brute_force_col_flags(target, cand, exclude, width: int, block_r: int, block_n: int) -> torch.Tensor:
+    """The column-wise kernel's grid, by definition: a flagged pair is dense where some
+    column has three or more dropping rows (with their repeats) in the row tile, or where
+    some row of the row tile drops more columns than its list holds."""
+    flags = _brute_force_flags(target, cand, exclude, block_r, block_n)
+    drops = _brute_force_drops(target, cand, exclude)
+    for r, cols in enumerate(drops):
+        if cols is not None and len(cols) > width:
+            flags[r // block_r][flags[r // block_r] != 0] = 2
+    for j in range(cand.numel()):
+        rows = [r for r, cols in enumerate(drops) if cols is not None for k in cols if k == j and k != int(target[r])]
+        for r in rows:
+            if sum(s // block_r == r // block_r for s in rows) >= 3:
+                flags[r // block_r, j // block_n] = 2
+    return flags
+
+
+@pytest.mark.parametrize("case", FLAG_CASES)
+def test_column_lists_and_their_flags(case):
+    """Each column's dropping rows, at most two a row tile, and the column-wise dense grid,
+    against their definitions (rows whose list overflowed aside: their pairs are dense)."""
+    _, _, target, cand, exclude, _ = _flag_case(case, torch.float32, 1)
+    p = K._prep(target, cand, exclude, None, PAD, IGNORE)
+    width = K._dl_width(p["S"])
+    drops = _brute_force_drops(target, cand, exclude)
+    complete = [cols is not None and len(cols) <= width for cols in drops]
+    end = K._DL_END.value
+    for block_r, block_n in [(16, 16), (4, 32), (64, 8)]:
+        got = K._col_list_flags(p, block_r, block_n)
+        assert torch.equal(got, _brute_force_col_flags(target, cand, exclude, width, block_r, block_n))
+        rows, offsets = K._col_lists(p, block_r)
+        assert rows.dtype == offsets.dtype == torch.int32 and offsets.numel() == cand.numel() + 1
+        assert torch.all(rows[int(offsets[-1]) :] == end)
+        for j in range(cand.numel()):
+            listed = rows[int(offsets[j]) : int(offsets[j + 1])].tolist()
+            assert listed == sorted(listed)
+            per_tile: dict[int, int] = {}
+            for r in listed:
+                per_tile[r // block_r] = per_tile.get(r // block_r, 0) + 1
+            assert max(per_tile.values(), default=0) <= 2
+            want = [r for r, cols in enumerate(drops) if complete[r] for k in cols if k == j and k != int(target[r])]
+            kept, seen = [], {}
+            for r in sorted(want):  # the first two of each row tile
+                if seen.get(r // block_r, 0) < 2:
+                    kept.append(r)
+                seen[r // block_r] = seen.get(r // block_r, 0) + 1
+            assert [r for r in listed if complete[r]] == kept, (j, block_r)
+
+
+@pytest.mark.parametrize("case", ["sequences", "expanded", "all_same"])
+def test_ce_without_lists_matches_reference(monkeypatch, case):
+    """Below ``_DL_MIN_PAIRS`` (calls bound by the host's launches) the single-branch kernels
+    read no drop list and every flagged pair takes the id test."""
+    monkeypatch.setattr(K, "_DL_MIN_PAIRS", 1 << 40)
+    qs, cs, target, cand, exclude, log_q = _flag_case(case, torch.float32, 1)
+    p = K._prep(target, cand, exclude, None, PAD, IGNORE)
+    assert not p["lists_on"] and K._row_list_args(p, 16, 16)[2] == 0 and not K._col_list_args(p, 16, 16)[3]
+    _check_ce(qs, cs, target, cand, exclude, log_q, "none", torch.float32)
