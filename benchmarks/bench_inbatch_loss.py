@@ -215,14 +215,27 @@ def flag_fractions(tag: str, target, cand, hist, d: int) -> None:
         br, bn = (cfg["BLOCK_W"], cfg["BLOCK_T"]) if kind.startswith("dc") else (cfg["BLOCK_T"], cfg["BLOCK_W"])
         frac = K._tile_flags(p, br, bn).float().mean().item()
         RES[f"{tag}_flagged_{kind}"] = frac
-        parts.append(f"{kind} {br}x{bn}: {100 * frac:.1f}%")
+        part = f"{kind} {br}x{bn}: {100 * frac:.1f}%"
+        if p["lists_on"] and kind in ("fwd", "dq", "dc"):  # of which dense: the id test, not the lists
+            grid = (K._col_list_args if kind == "dc" else K._row_list_args)(p, br, bn)[0]
+            dense = (grid == 2).float().mean().item()
+            RES[f"{tag}_dense_{kind}"] = dense
+            part += f" ({100 * dense:.1f}% dense)"
+        parts.append(part)
     print("tile pairs with the exclusion test on: " + ", ".join(parts), flush=True)
     # what one call spends before its first loss kernel: row targets, the sort, the id grouping
-    # and one flag grid (the forward's tile)
+    # and one flag grid (the forward's tile), and with drop lists the lists and their grid
     cfg = K._config("fwd", R, N, d, interpret=DRY)
     ms = bench(lambda: K._tile_flags(K._prep(target, cand, hist, None, PAD, IGNORE), cfg["BLOCK_T"], cfg["BLOCK_W"]))
     RES[f"{tag}_prep_and_flags_ms"] = ms
-    print(f"prep + one flag grid: {ms * 1000:.1f} us", flush=True)
+    line = f"prep + one flag grid: {ms * 1000:.1f} us"
+    if p["lists_on"]:
+        ms = bench(
+            lambda: K._row_list_args(K._prep(target, cand, hist, None, PAD, IGNORE), cfg["BLOCK_T"], cfg["BLOCK_W"])
+        )
+        RES[f"{tag}_prep_and_lists_ms"] = ms
+        line += f"; with the forward's drop lists and grid: {ms * 1000:.1f} us"
+    print(line, flush=True)
 
 
 def eager_fns(Hs, Ds, target, cand, hist, log_pop):
@@ -605,7 +618,7 @@ def _aot_compile(label: str, kernel, cfg: dict, meta: dict, cuobjdump: str) -> d
     from triton.compiler import ASTSource
 
     ptr = {"tgt_ptr": "*i32", "tid_ptr": "*i64", "cid_ptr": "*i64", "ex_ptr": "*i64", "fl_ptr": "*i8"}
-    ptr.update({k: "*i32" for k in ("fit_ptr", "c32_ptr", "dl_ptr", "tot_ptr", "crow_ptr", "coff_ptr")})
+    ptr.update({k: "*i32" for k in ("fit_ptr", "c32_ptr", "dl_ptr", "dl_start_ptr", "tot_ptr", "crow_ptr", "coff_ptr")})
     ptr.update({k: "*i64" for k in ("vals_ptr", "order_ptr", "pos_ptr", "gstart_ptr")})
     fp32 = {"lq_ptr", "cb_ptr", "part_ptr", "loss_ptr", "lse_ptr", "stats_ptr", "g_ptr", "gmax_ptr"}
     consts = {k: v for k, v in meta.items() if k in kernel.arg_names}

@@ -145,7 +145,7 @@ column) compares against its next two entries, held in registers: a cursor per r
 a list that keeps at most two entries per column tile (``_tile_lists``; dC: per row tile,
 ``_col_lists``), so it advances by the pair on every flagged tile, its next two loads
 issued there and first read after the next tile's dot. Dense pairs run the id test above.
-(The forward split that starts mid-row counts its rows' entries below its first column.)
+(A forward split reads where each row's walk starts, ``_split_starts``.)
 Instructions a thread per flagged tile at 16k, sm_90 SASS of Triton 3.9: forward 1,639 ->
 950 (128 x 64), dQ 741 -> 448, dC 804 -> 489; unflagged ~unchanged (598, 294, 314).
 
@@ -630,18 +630,6 @@ def _flagged_drop(
 
 
 @triton.jit
-def _dl_seek(lbase, valid, bound, DL_K: tl.constexpr):
-    """Per row, how many entries of its drop list (``_tile_lists``) lie below ``bound``:
-    the cursor of a program whose columns start at ``bound`` (a forward split), in 16-wide
-    chunks."""
-    n = valid.to(tl.int32) * 0
-    for k0 in tl.static_range(0, DL_K, 16):
-        e = tl.load(lbase[:, None] + (k0 + tl.arange(0, 16))[None, :], mask=valid[:, None], other=_DL_END)
-        n += tl.sum((e < bound).to(tl.int32), axis=1)
-    return n
-
-
-@triton.jit
 def _dl_pair(base, ok, cur, stop):
     """The next two entries of each list at cursor ``cur`` (``_DL_END`` from ``stop`` on)."""
     h1 = tl.load(base + cur, mask=ok & (cur < stop), other=_DL_END)
@@ -869,6 +857,7 @@ def _ce_fwd_kernel(
     fit_ptr,
     fl_ptr,
     dl_ptr,
+    dl_start_ptr,
     part_ptr,
     R,
     N,
@@ -903,9 +892,18 @@ def _ce_fwd_kernel(
     lsum = tl.zeros((BLOCK_R,), tl.float32)
     zt = tl.zeros((BLOCK_R,), tl.float32)
     fl_row = fl_ptr + tl.program_id(0) * tl.cdiv(N, BLOCK_N)
-    lbase = dl_ptr + rows.to(tl.int64) * DL_K
-    cur = _dl_seek(lbase, valid, n_lo, DL_K)
-    h1, h2 = _dl_pair(lbase, valid, cur, DL_K)
+    # absolute cursors into the lists (R * DL_K < 2^31), each row's start in this split read
+    # from ``dl_start_ptr``: the loads' addresses and masks then stay in the score tile's row
+    # layout. Counted here (a reduction over a 2-D load), or from a per-row base pointer, the
+    # cursors took another layout and sm_90 SASS converted pointers and masks through shared
+    # memory every flagged tile (5 CTA barriers)
+    first = rows * DL_K
+    stop = tl.where(row_in, first + DL_K, 0)
+    if DL_K > 0:
+        cur = first + tl.load(dl_start_ptr + split * R + rows, mask=row_in, other=0)
+    else:
+        cur = first
+    h1, h2 = _dl_pair(dl_ptr, row_in, cur, stop)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         flag = tl.load(fl_row + n0 // BLOCK_N)
@@ -929,7 +927,7 @@ def _ce_fwd_kernel(
                 ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32, HOIST, DL_K > 0,
             )  # fmt: skip
             if DL_K > 0:
-                cur, h1, h2 = _dl_next(lbase, valid, cur, h1, h2, n0 + BLOCK_N, DL_K)
+                cur, h1, h2 = _dl_next(dl_ptr, row_in, cur, h1, h2, n0 + BLOCK_N, stop)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         lsum = lsum * _exp(m - m_new) + tl.sum(_exp(s - m_new[:, None]), axis=1)
         m = m_new
@@ -1192,9 +1190,9 @@ def _ce_dq_kernel(
         c_ptrs, d_ok = _tile_ptrs(c_ptr, sc_n, sc_d, tl.arange(0, BLOCK_N), D, BLOCK_DO)
     acc = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
     fl_row = fl_ptr + tl.program_id(0) * tl.cdiv(N, BLOCK_N)
-    lbase = dl_ptr + rows.to(tl.int64) * DL_K
-    cur = valid.to(tl.int32) * 0
-    h1, h2 = _dl_pair(lbase, valid, cur, DL_K)
+    cur = rows * DL_K  # absolute cursors, as in the forward
+    stop = tl.where(row_in, cur + DL_K, 0)
+    h1, h2 = _dl_pair(dl_ptr, row_in, cur, stop)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         flag = tl.load(fl_row + n0 // BLOCK_N)
@@ -1223,7 +1221,7 @@ def _ce_dq_kernel(
         acc = tl.dot(dz.to(c.dtype), c, acc=acc, input_precision=PREC)
         if DL_K > 0:
             if flag != 0:
-                cur, h1, h2 = _dl_next(lbase, valid, cur, h1, h2, n0 + BLOCK_N, DL_K)
+                cur, h1, h2 = _dl_next(dl_ptr, row_in, cur, h1, h2, n0 + BLOCK_N, stop)
     acc = acc * gmax
     tl.store(
         dq_ptr + rows.to(tl.int64)[:, None] * sdq_r + offs_o[None, :] * sdq_d,
@@ -2446,9 +2444,10 @@ _DENSE_BLOCK = 128
 
 
 def _lists_on(t: torch.Tensor, R: int, N: int) -> bool:
-    """Whether the single-branch kernels of this call read drop lists (``_DL_MIN_PAIRS``)."""
+    """Whether the single-branch kernels of this call read drop lists (``_DL_MIN_PAIRS``; and
+    ``R * 64 < 2^31``: the kernels' cursors into them are int32)."""
     least = _DL_MIN_PAIRS if _DL_MIN_PAIRS is not None else (0 if _interpreting(t) else 1 << 24)
-    return R * N >= least
+    return R * N >= least and R * 64 < 2**31
 
 
 def _dl_width(S: int) -> int:
@@ -2617,6 +2616,17 @@ def _row_list_args(p: dict, block_r: int, block_n: int) -> tuple[torch.Tensor, t
     return _list_flags(p, block_r, block_n), lists, lists.shape[1]
 
 
+def _split_starts(p: dict, block_n: int, n_split: int, split_cols: int) -> torch.Tensor:
+    """``(n_split, R)`` int32: where each row's walk of its list starts in each forward
+    split (the entries below the split's first column), by one batched search here."""
+    if not p["lists_on"]:
+        return p["rows"][0]
+    lists = _tile_lists(p, block_n)
+    R = lists.shape[0]
+    firsts = torch.arange(n_split, device=lists.device, dtype=torch.int32) * split_cols
+    return torch.searchsorted(lists, firsts.expand(R, n_split).contiguous()).T.to(torch.int32).contiguous()
+
+
 def _col_list_args(p: dict, block_r: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """``(flag grid, rows, offsets, LISTS)`` of the column-wise single-branch launch (see
     :func:`_row_list_args`)."""
@@ -2682,6 +2692,7 @@ def _ce_op(
             _cid32_tensor(p),
             p["fit"],
             *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])[:2],
+            _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"]),
             part,
             R,
             N,
