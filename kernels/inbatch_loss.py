@@ -397,7 +397,7 @@ def _dense_kernel(
     ROWWISE: tl.constexpr,
 ):
     """Raises a tile pair's flag (``_tile_flags``) from 1 to 2, "dense", where the kernels'
-    drop-list pair does not cover it: some row's list overflowed (``tot > DL_K``: every
+    drop-list pair does not cover it: some row's list overflowed (``tot > DL_K - 2``: every
     flagged pair of its row tile) or, for the row-wise kernels (``ROWWISE``), some row has
     three or more dropped columns in the column tile (entries ``k`` and ``k + 2`` of its
     sorted list in one tile; the column-wise test is ``_dense_cols_kernel``). Only flagged
@@ -414,7 +414,7 @@ def _dense_kernel(
         three = (c < N) & (a // BLOCK_N == c // BLOCK_N)
         f = tl.load(fl_rows + c // BLOCK_N, mask=three, other=0)
         tl.store(fl_rows + c // BLOCK_N, two, mask=three & (f != 0))
-    over = row_in & (tl.load(tot_ptr + rows, mask=row_in, other=0) > DL_K)
+    over = row_in & (tl.load(tot_ptr + rows, mask=row_in, other=0) > DL_K - 2)
     if tl.max(over.to(tl.int32), axis=0) > 0:
         for ct in range(0, n_ct):
             f = tl.load(fl_rows + ct, mask=over, other=0)
@@ -630,10 +630,17 @@ def _flagged_drop(
 
 
 @triton.jit
-def _dl_pair(base, ok, cur, stop):
-    """The next two entries of each list at cursor ``cur`` (``_DL_END`` from ``stop`` on)."""
-    h1 = tl.load(base + cur, mask=ok & (cur < stop), other=_DL_END)
-    h2 = tl.load(base + cur + 1, mask=ok & (cur + 1 < stop), other=_DL_END)
+def _dl_pair(base, ok, cur, stop, BOUNDED: tl.constexpr):
+    """The next two entries of each list at cursor ``cur`` (``_DL_END`` from ``stop`` on).
+    The row lists end in two ``_DL_END`` at least (``_drop_lists``), so a row's cursor never
+    reads past them and needs no ``stop`` (not ``BOUNDED``: two registers and two compares a
+    row fewer); a column's list is a segment of one array (``_col_lists``)."""
+    if BOUNDED:
+        h1 = tl.load(base + cur, mask=ok & (cur < stop), other=_DL_END)
+        h2 = tl.load(base + cur + 1, mask=ok & (cur + 1 < stop), other=_DL_END)
+    else:
+        h1 = tl.load(base + cur, mask=ok, other=_DL_END)
+        h2 = tl.load(base + cur + 1, mask=ok, other=_DL_END)
     return h1, h2
 
 
@@ -648,14 +655,14 @@ def _dl_drop(cols, h1, h2, tgt, TRANS: tl.constexpr = False):
 
 
 @triton.jit
-def _dl_next(base, ok, cur, h1, h2, end, stop):
+def _dl_next(base, ok, cur, h1, h2, end, stop, BOUNDED: tl.constexpr):
     """Cursor and next pair after a flagged tile ending at ``end`` (a column, or a row in
     the column-wise kernel): past the pair's entries below ``end`` -- a list keeps at most
     two entries per tile (``_tile_lists``, ``_col_lists``), so that is all of them, dense
     tiles included; unflagged tiles hold none. The loads issue here and are first read
     after the next tile's dot."""
     cur = cur + (h1 < end).to(tl.int32) + (h2 < end).to(tl.int32)
-    h1, h2 = _dl_pair(base, ok, cur, stop)
+    h1, h2 = _dl_pair(base, ok, cur, stop, BOUNDED)
     return cur, h1, h2
 
 
@@ -897,13 +904,10 @@ def _ce_fwd_kernel(
     # layout. Counted here (a reduction over a 2-D load), or from a per-row base pointer, the
     # cursors took another layout and sm_90 SASS converted pointers and masks through shared
     # memory every flagged tile (5 CTA barriers)
-    first = rows * DL_K
-    stop = tl.where(row_in, first + DL_K, 0)
+    cur = rows * DL_K
     if DL_K > 0:
-        cur = first + tl.load(dl_start_ptr + split * R + rows, mask=row_in, other=0)
-    else:
-        cur = first
-    h1, h2 = _dl_pair(dl_ptr, row_in, cur, stop)
+        cur += tl.load(dl_start_ptr + split * R + rows, mask=row_in, other=0)
+    h1, h2 = _dl_pair(dl_ptr, row_in & (DL_K > 0), cur, cur, False)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         flag = tl.load(fl_row + n0 // BLOCK_N)
@@ -927,7 +931,7 @@ def _ce_fwd_kernel(
                 ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32, HOIST, DL_K > 0,
             )  # fmt: skip
             if DL_K > 0:
-                cur, h1, h2 = _dl_next(dl_ptr, row_in, cur, h1, h2, n0 + BLOCK_N, stop)
+                cur, h1, h2 = _dl_next(dl_ptr, row_in, cur, h1, h2, n0 + BLOCK_N, cur, False)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         lsum = lsum * _exp(m - m_new) + tl.sum(_exp(s - m_new[:, None]), axis=1)
         m = m_new
@@ -1191,8 +1195,7 @@ def _ce_dq_kernel(
     acc = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
     fl_row = fl_ptr + tl.program_id(0) * tl.cdiv(N, BLOCK_N)
     cur = rows * DL_K  # absolute cursors, as in the forward
-    stop = tl.where(row_in, cur + DL_K, 0)
-    h1, h2 = _dl_pair(dl_ptr, row_in, cur, stop)
+    h1, h2 = _dl_pair(dl_ptr, row_in & (DL_K > 0), cur, cur, False)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         flag = tl.load(fl_row + n0 // BLOCK_N)
@@ -1221,7 +1224,7 @@ def _ce_dq_kernel(
         acc = tl.dot(dz.to(c.dtype), c, acc=acc, input_precision=PREC)
         if DL_K > 0:
             if flag != 0:
-                cur, h1, h2 = _dl_next(dl_ptr, row_in, cur, h1, h2, n0 + BLOCK_N, stop)
+                cur, h1, h2 = _dl_next(dl_ptr, row_in, cur, h1, h2, n0 + BLOCK_N, cur, False)
     acc = acc * gmax
     tl.store(
         dq_ptr + rows.to(tl.int64)[:, None] * sdq_r + offs_o[None, :] * sdq_d,
@@ -1295,7 +1298,7 @@ def _ce_dc_kernel(
     else:
         cur = cols * 0
         stop = cur
-    h1, h2 = _dl_pair(crow_ptr, col_ok, cur, stop)
+    h1, h2 = _dl_pair(crow_ptr, col_ok, cur, stop, True)
     for r0 in range(0, R, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         flag = tl.load(fl_col + (r0 // BLOCK_R) * n_ct)
@@ -1329,7 +1332,7 @@ def _ce_dc_kernel(
             acc = tl.dot(tl.trans(dz.to(q.dtype)), q, acc=acc, input_precision=PREC)
         if LISTS:
             if flag != 0:
-                cur, h1, h2 = _dl_next(crow_ptr, col_ok, cur, h1, h2, r0 + BLOCK_R, stop)
+                cur, h1, h2 = _dl_next(crow_ptr, col_ok, cur, h1, h2, r0 + BLOCK_R, stop, True)
     acc = acc * gmax
     tl.store(
         dc_ptr + cols.to(tl.int64)[:, None] * sdc_n + offs_o[None, :] * sdc_d,
@@ -2451,9 +2454,10 @@ def _lists_on(t: torch.Tensor, R: int, N: int) -> bool:
 
 
 def _dl_width(S: int) -> int:
-    """Entries a row's drop list holds: twice its ``S + 1`` ids (room for some duplicate
-    items), 16 to 64. A row with more drop columns overflows, and its row tile's flagged
-    pairs take the id test."""
+    """Width of a row's drop list: twice its ``S + 1`` ids (room for some duplicate items),
+    16 to 64. A row with more than ``width - 2`` dropped columns (with its target column and
+    repeats) overflows: its list is left empty and its row tile's flagged pairs take the id
+    test."""
     return min(64, max(16, triton.next_power_of_2(2 * (S + 1))))
 
 
@@ -2461,7 +2465,8 @@ def _drop_lists(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the sorted columns its softmax drops for an id (``(R, DL_K)`` int32, padded
     with ``_DL_END``): every column whose id is the row's target item or one of its excluded
     ids, but the target column itself (padding is the column bias's). Also each row's count
-    before the cap (with its target column and repeats; ``> DL_K``: overflow). From the
+    before the cap (with its target column and repeats; ``> DL_K - 2``: overflow, the list
+    left empty, so that every list ends in two ``_DL_END`` at least). From the
     sorted candidate ids: one search per (row, id), each id's run of sorted positions laid
     out by a per-row cumulative count. Fixed-size tensors, no host sync; cached in ``p``.
     Most rows drop a handful of columns spread over many tiles, so on a sparse flagged pair
@@ -2482,7 +2487,9 @@ def _drop_lists(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
         slot = torch.searchsorted(upto, k, right=True).clamp_(max=S)  # the id whose run holds entry k
         pos = lo.gather(1, slot) + k - (upto - cnt).gather(1, slot)
         col = order[pos.clamp_(0, N - 1)].to(torch.int32)
-        keep = (k < upto[:, -1:]) & (col != tgt[:, None])
+        # a row holding more than width - 2 overflows: its list is left empty (its row tile's
+        # flagged pairs are dense) and every list ends in two _DL_END (see _dl_pair)
+        keep = (k < upto[:, -1:]) & (col != tgt[:, None]) & (upto[:, -1:] <= width - 2)
         lists = torch.where(keep, col, _DL_END.value).sort(1).values.contiguous()
         p["drop_lists"] = (lists, upto[:, -1].to(torch.int32).contiguous())
     return p["drop_lists"]
