@@ -2370,7 +2370,7 @@ def _prep(target, candidate_ids, exclude_ids, log_q, pad_id: int, ignore_index: 
         hoist=dict(HOIST=xflags["IDS32"] and xflags["EX_ONE"] and xflags["S_PAD"] > 0),
         pad_id=pad_id,
         exclude=exclude_ids,
-        lists_on=_lists_on(target, target.shape[0], candidate_ids.shape[0]),
+        lists_on=_lists_on(target, target.shape[0], candidate_ids.shape[0], S),
         sorted=(vals, order),
         groups={},
         tile_flags={},
@@ -2446,11 +2446,13 @@ def _tile_flags(p: dict, block_r: int, block_n: int) -> torch.Tensor:
 _DENSE_BLOCK = 128
 
 
-def _lists_on(t: torch.Tensor, R: int, N: int) -> bool:
-    """Whether the single-branch kernels of this call read drop lists (``_DL_MIN_PAIRS``; and
-    ``R * 64 < 2^31``: the kernels' cursors into them are int32)."""
+def _lists_on(t: torch.Tensor, R: int, N: int, S: int) -> bool:
+    """Whether the single-branch kernels of this call read drop lists: ``R * N`` at least
+    ``_DL_MIN_PAIRS``, a row's ``S + 1`` ids fit its list (from ``S = 62`` on, a row whose
+    ids are all present overflows and the lists would only cost), and ``R * 64 < 2^31`` (the
+    kernels' cursors into them are int32)."""
     least = _DL_MIN_PAIRS if _DL_MIN_PAIRS is not None else (0 if _interpreting(t) else 1 << 24)
-    return R * N >= least and R * 64 < 2**31
+    return R * N >= least and S + 1 <= _dl_width(S) - 2 and R * 64 < 2**31
 
 
 def _dl_width(S: int) -> int:

@@ -1166,3 +1166,13 @@ def test_ce_without_lists_matches_reference(monkeypatch, case):
     p = K._prep(target, cand, exclude, None, PAD, IGNORE)
     assert not p["lists_on"] and K._row_list_args(p, 16, 16)[2] == 0 and not K._col_list_args(p, 16, 16)[3]
     _check_ce(qs, cs, target, cand, exclude, log_q, "none", torch.float32)
+
+
+def test_lists_only_where_they_can_hold_a_rows_ids():
+    """From 62 excluded ids on, a row whose ids are all candidates overflows its list: such
+    calls read none (and the interpreter's calls of any size read them)."""
+    cand = torch.arange(1, 49)
+    target = torch.arange(45)
+    for S, on in [(0, True), (15, True), (61, True), (62, False), (200, False)]:
+        exclude = torch.randint(1, 49, (45, S), generator=torch.Generator().manual_seed(S))
+        assert K._prep(target, cand, exclude, None, PAD, IGNORE)["lists_on"] == on, S
