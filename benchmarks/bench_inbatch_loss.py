@@ -488,6 +488,12 @@ def kernel_report(tag: str) -> None:
 # Alternative tiles timed per kernel at R = N = 16,384 when the run has time left (data for
 # the next tuning round; the defaults come from kernels.inbatch_loss._config).
 SWEEP = [  # most informative first: the run's time budget usually cuts the list
+    # the single-branch kernels without drop lists (every flagged tile runs the id test, as
+    # in Run 5): the lists' effect in the same run. Keys starting with "_" set the module's
+    # variable of that name instead of a tile key.
+    ("ce", "fwd", "fwd", {"_DL_MIN_PAIRS": 1 << 62}),
+    ("ce", "dq", "dq", {"_DL_MIN_PAIRS": 1 << 62}),
+    ("ce", "dc", "dc", {"_DL_MIN_PAIRS": 1 << 62}),
     # the rule now runs one warpgroup per 64 rows of the score dot (with 8 warps on 64 rows
     # the two warpgroups split the columns and every row reduction crosses them: 71 CTA
     # barriers in the three-branch forward's sm_90 SASS); Run 5 measured the same change on
@@ -531,9 +537,12 @@ def tile_sweep() -> None:
         if time.time() - T_START > SWEEP_BUDGET_S and not DRY:
             print("tile sweep stopped: time budget spent", flush=True)
             break
-        key = f"sweep_{variant}_{part}_" + "_".join(f"{k}{v}" for k, v in over.items())
+        key = f"sweep_{variant}_{part}_" + "_".join(f"{k.lstrip('_')}{v}" for k, v in over.items())
         K._CONFIG_OVERRIDE.clear()
-        K._CONFIG_OVERRIDE[kind] = dict(over)
+        K._CONFIG_OVERRIDE[kind] = {k: v for k, v in over.items() if not k.startswith("_")}
+        saved = {k: getattr(K, k) for k in over if k.startswith("_")}
+        for k in saved:
+            setattr(K, k, over[k])
         K.KERNEL_STATS.clear()
         try:
             ms = bench(parts[variant][part], (), rep=40)
@@ -546,6 +555,8 @@ def tile_sweep() -> None:
             print(f"{key:60s} ERROR {type(exc).__name__}: {str(exc)[:200]}", flush=True)
         finally:
             K._CONFIG_OVERRIDE.clear()
+            for k, v in saved.items():
+                setattr(K, k, v)
     K.KERNEL_STATS.clear()
 
 

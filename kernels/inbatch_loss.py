@@ -146,8 +146,10 @@ a list that keeps at most two entries per column tile (``_tile_lists``; dC: per 
 ``_col_lists``), so it advances by the pair on every flagged tile, its next two loads
 issued there and first read after the next tile's dot. Dense pairs run the id test above.
 (A forward split reads where each row's walk starts, ``_split_starts``.)
-Instructions a thread per flagged tile at 16k, sm_90 SASS of Triton 3.9: forward 1,639 ->
-950 (128 x 64), dQ 741 -> 448, dC 804 -> 489; unflagged ~unchanged (598, 294, 314).
+Instructions a thread per flagged tile at 16k, sm_90 SASS of Triton 3.9 (3.6): forward
+1,639 -> 913 (1,549 -> 871) on a 128 x 64 tile, dQ 741 -> 429 (705 -> 414), dC 804 -> 489
+(808 -> 488); unflagged 605 (628), 282 (263), 314 (326); a dense tile about what a flagged
+one cost before. Off below ``_DL_MIN_PAIRS`` (R * N = 2^24) and from 62 excluded ids on.
 
 How many pairs are flagged depends on the data (printed by the benchmark for each case).
 Measured with ``_tile_flags`` on the CPU at R = N = 16,384, 15 excluded ids: the anchors'
@@ -2509,8 +2511,19 @@ def _tile_lists(p: dict, block_n: int) -> torch.Tensor:
         tile = lists // block_n
         third = torch.zeros_like(lists, dtype=torch.bool)
         third[:, 2:] = (lists[:, 2:] != _DL_END.value) & (tile[:, 2:] == tile[:, :-2])
-        p["groups"][key] = lists.masked_fill(third, _DL_END.value).sort(1).values.contiguous()
+        p["groups"][key] = _compact(lists, ~third, 1)
     return p["groups"][key]
+
+
+def _compact(x: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` with the entries not kept removed along ``dim`` (the last dimension of a 1-D
+    or 2-D tensor), order kept, ``_DL_END`` after the last: a stable compaction by a
+    cumulative count and one scatter (no sort, no host sync)."""
+    n = x.shape[dim]
+    pos = torch.where(keep, keep.cumsum(dim) - 1, n)  # the removed ones to a spare slot
+    shape = (*x.shape[:dim], n + 1)
+    out = torch.full(shape, _DL_END.value, dtype=x.dtype, device=x.device).scatter_(dim, pos, x)
+    return out.narrow(dim, 0, n).contiguous()
 
 
 def _list_flags(p: dict, block_r: int, block_n: int) -> torch.Tensor:
@@ -2542,12 +2555,12 @@ def _list_flags(p: dict, block_r: int, block_n: int) -> torch.Tensor:
 
 def _col_pairs(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The (column, row) pairs of the drop lists sorted by column, then row: ``(cols, rows)``,
-    int64 ``(R * DL_K,)``, the lists' padding last (column ``_DL_END``). Cached in ``p``."""
+    int32 ``(R * DL_K,)``, the lists' padding last (column ``_DL_END``): a stable sort of
+    the row-major lists by column keeps each column's rows ascending. Cached in ``p``."""
     if "col_pairs" not in p:
         lists = _drop_lists(p)[0]
-        R = lists.shape[0]
-        key = (lists.to(torch.int64) * R + torch.arange(R, device=lists.device)[:, None]).flatten().sort().values
-        p["col_pairs"] = (key // R, key % R)
+        cols, at = lists.flatten().sort(stable=True)
+        p["col_pairs"] = (cols, (at // lists.shape[1]).to(torch.int32))
     return p["col_pairs"]
 
 
@@ -2563,14 +2576,10 @@ def _col_lists(p: dict, block_r: int) -> tuple[torch.Tensor, torch.Tensor]:
         N = p["sorted"][0].numel()
         third = torch.zeros_like(cols, dtype=torch.bool)
         third[2:] = (cols[2:] < N) & (cols[2:] == cols[:-2]) & (rows[2:] // block_r == rows[:-2] // block_r)
-        R = p["rows"][0].numel()
-        key2 = torch.where(third, _DL_END.value * R, cols * R + rows).sort().values
-        cols2 = key2 // R
-        offsets = torch.searchsorted(cols2, torch.arange(N + 1, device=cols.device))
-        p["groups"][key] = (
-            torch.where(cols2 < N, key2 % R, _DL_END.value).to(torch.int32),
-            offsets.to(torch.int32),
-        )
+        keep = (cols < N) & ~third
+        cols2 = _compact(cols, keep, 0)
+        offsets = torch.searchsorted(cols2, torch.arange(N + 1, device=cols.device, dtype=cols2.dtype))
+        p["groups"][key] = (_compact(rows, keep, 0), offsets.to(torch.int32))
     return p["groups"][key]
 
 
