@@ -537,7 +537,9 @@ def tile_sweep() -> None:
         if time.time() - T_START > SWEEP_BUDGET_S and not DRY:
             print("tile sweep stopped: time budget spent", flush=True)
             break
-        key = f"sweep_{variant}_{part}_" + "_".join(f"{k.lstrip('_')}{v}" for k, v in over.items())
+        key = f"sweep_{variant}_{part}_" + "_".join(
+            "no_drop_lists" if k == "_DL_MIN_PAIRS" else f"{k}{v}" for k, v in over.items()
+        )
         K._CONFIG_OVERRIDE.clear()
         K._CONFIG_OVERRIDE[kind] = {k: v for k, v in over.items() if not k.startswith("_")}
         saved = {k: getattr(K, k) for k in over if k.startswith("_")}
