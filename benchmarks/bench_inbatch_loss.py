@@ -339,17 +339,24 @@ def correctness() -> bool:
     target[::7] = IGNORE
     ok = True
     fwd_tol, grad_tol = 1e-3, 2e-2  # relative; bf16 dL/dz before the tensor-core dot
-    # single branch
-    loss = K.debiased_inbatch_cross_entropy(Hs[0], Ds[0], target, cand, hist, log_pop, PAD, IGNORE, "mean")
-    grads = torch.autograd.grad(loss, [Hs[0], Ds[0]])
+    # single branch, with the drop lists (as from R * N = 2^24 on) and without (this size)
     h64 = Hs[0].detach().double().requires_grad_(True)
     d64 = Ds[0].detach().double().requires_grad_(True)
     ref = debiased_inbatch_cross_entropy_reference(
         h64, d64, target, cand, hist, log_pop.double(), pad_id=PAD, ignore_index=IGNORE
     )
     ref_grads = torch.autograd.grad(ref, [h64, d64])
-    errs = {"ce_loss": abs(loss.item() - ref.item()) / max(abs(ref.item()), 1e-30)}
-    errs.update({f"ce_grad_{n}": rel_err(a, b) for n, a, b in zip(("q", "c"), grads, ref_grads, strict=True)})
+    errs = {}
+    default = K._DL_MIN_PAIRS
+    for tag, least in (("ce_lists", 0), ("ce", default)):
+        K._DL_MIN_PAIRS = least
+        try:
+            loss = K.debiased_inbatch_cross_entropy(Hs[0], Ds[0], target, cand, hist, log_pop, PAD, IGNORE, "mean")
+            grads = torch.autograd.grad(loss, [Hs[0], Ds[0]])
+        finally:
+            K._DL_MIN_PAIRS = default
+        errs[f"{tag}_loss"] = abs(loss.item() - ref.item()) / max(abs(ref.item()), 1e-30)
+        errs.update({f"{tag}_grad_{n}": rel_err(a, b) for n, a, b in zip(("q", "c"), grads, ref_grads, strict=True)})
     # three branches, gradients through the teachers too (every backward path)
     for detach in (True, False):
         out = K.mutual_distillation_loss(*Hs, *Ds, target, cand, hist, log_pop, T, detach, "kl", PAD, IGNORE, "mean")

@@ -26,6 +26,13 @@ from odmt_components.kernels.reference import (
 PAD = 0
 IGNORE = -100
 
+
+@pytest.fixture(autouse=True)
+def _drop_lists_at_every_size(monkeypatch):
+    """The single-branch kernels read drop lists from R * N = 2^24 on a GPU (always in the
+    interpreter): the tests' tiny batches take them on a GPU too, unless a test says not."""
+    monkeypatch.setattr(K, "_DL_MIN_PAIRS", 0)
+
 # Tolerances, stated once: (atol, rtol) for forward values and for gradients. atol is scaled by
 # max(1, max|expected|) of the compared tensor and, for loss values, by the size of what they
 # are computed from (``_value_scale``: each row's loss is a difference of log-sum-exps of
