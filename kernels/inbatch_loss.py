@@ -137,8 +137,8 @@ column whose id is its target item or one of its excluded ids, but the target co
 sorted, ``(R, DL_K)`` int32 (``DL_K = _dl_width(S)``: 16 to 64), from one search per (row,
 id) in the sorted ids and a per-row cumulative count, no host sync. The flag grids of the
 CE kernels raise a flagged pair to 2, "dense", where a row has three or more dropped
-columns in the column tile or some row of the row tile has more than ``DL_K``
-(``_list_flags``, ``_dense_kernel``); the column-wise kernel's grid where a column has three
+columns in the column tile or some row of the row tile has more than ``DL_K - 2`` (its list
+then left empty; ``_list_flags``, ``_dense_kernel``); the column-wise kernel's grid where a column has three
 or more dropping rows in the row tile (``_col_list_flags``, ``_dense_cols_kernel``, over the
 lists' (column, row) pairs sorted by column). On a sparse pair (flag 1) each row (dC: each
 column) compares against its next two entries, held in registers: a cursor per row walks
@@ -272,8 +272,8 @@ _S_CHUNK = 16
 _DL_END = tl.constexpr(2**31 - 1)
 # Smallest R * N whose single-branch kernels read drop lists. Below it (the paper's 1,536 x
 # 1,664) a call is bound by the host's launches, which the lists' small operations (~25 in
-# the forward, ~45 in the backward) would lengthen. None: 2**24 on a GPU, 0 under the interpreter (the
-# tests run the list paths; one sets it high for the id test alone).
+# the forward, ~45 in the backward) would lengthen. None: 2**24 on a GPU, 0 under the
+# interpreter (the kernel tests set 0 on a GPU too, and one sets it high for the id test).
 _DL_MIN_PAIRS: int | None = None
 # Per-kind overrides of the launch heuristic (keys of ``_config``'s dict); the benchmark's
 # tile sweep and the tests set it, nothing else does.
@@ -627,7 +627,7 @@ def _flagged_drop(
 
 
 # --------------------------------------------------------------------------------------
-# Drop lists: the row-wise kernels' exclusion on sparse flagged tiles
+# Drop lists: the single-branch kernels' exclusion on sparse flagged tiles
 # --------------------------------------------------------------------------------------
 
 
