@@ -1965,6 +1965,8 @@ def _odmt_dc_kernel(
     s_lq,
     fit_ptr,
     fl_ptr,
+    crow_ptr,
+    coff_ptr,
     stats_ptr,
     g_ptr,
     gmax_ptr,
@@ -1981,6 +1983,7 @@ def _odmt_dc_kernel(
     S_PAD: tl.constexpr,
     EX_ONE: tl.constexpr,
     IDS32: tl.constexpr,
+    LISTS: tl.constexpr,
     FULL_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -2005,6 +2008,13 @@ def _odmt_dc_kernel(
     acc_v = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
     fl_col = fl_ptr + tl.program_id(0)
     n_ct = tl.cdiv(N, BLOCK_N)
+    if LISTS:  # each column's cursor in its list of dropping rows, as in _ce_dc_kernel
+        cur = tl.load(coff_ptr + cols, mask=col_ok, other=0)
+        stop = tl.load(coff_ptr + cols + 1, mask=col_ok, other=0)
+    else:
+        cur = cols * 0
+        stop = cur
+    h1, h2 = _dl_pair(crow_ptr, col_ok, cur, stop, True)
     for r0 in range(0, R, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         flag = tl.load(fl_col + (r0 // BLOCK_R) * n_ct)
@@ -2051,10 +2061,20 @@ def _odmt_dc_kernel(
             q_i = tl.load(qi_ptr + r_off * sq_i + offs_o[None, :] * sq_d, mask=qm, other=0.0)
             q_t = tl.load(qt_ptr + r_off * sq_t + offs_o[None, :] * sq_d, mask=qm, other=0.0)
             q_v = tl.load(qv_ptr + r_off * sq_v + offs_o[None, :] * sq_d, mask=qm, other=0.0)
-        keep, is_t = _keep_tile(
-            cols, col_ok, cid, rows, valid, tgt, tid, (), fit, ex_ptr, ex_sr, ex_ss, S, pad_id, flag,
-            S_PAD, EX_ONE, IDS32, False,
-        )
+        if LISTS:
+            if flag == 1:  # sparse: each column's next two dropping rows
+                drop, is_t = _dl_drop_rows(rows, cols, h1, h2, tgt)
+                keep = (~drop) & (cid != pad_id)[None, :] & valid[:, None]
+            else:
+                keep, is_t = _keep_tile(
+                    cols, col_ok, cid, rows, valid, tgt, tid, (), fit, ex_ptr, ex_sr, ex_ss, S, pad_id, flag,
+                    S_PAD, EX_ONE, IDS32, False,
+                )
+        else:
+            keep, is_t = _keep_tile(
+                cols, col_ok, cid, rows, valid, tgt, tid, (), fit, ex_ptr, ex_sr, ex_ss, S, pad_id, flag,
+                S_PAD, EX_ONE, IDS32, False,
+            )
         dz_i, dz_t, dz_v = _odmt_dz(
             s_i,
             s_t,
@@ -2084,6 +2104,9 @@ def _odmt_dc_kernel(
         acc_i = tl.dot(tl.trans(dz_i.to(q_i.dtype)), q_i, acc=acc_i, input_precision=PREC)
         acc_t = tl.dot(tl.trans(dz_t.to(q_t.dtype)), q_t, acc=acc_t, input_precision=PREC)
         acc_v = tl.dot(tl.trans(dz_v.to(q_v.dtype)), q_v, acc=acc_v, input_precision=PREC)
+        if LISTS:
+            if flag != 0:
+                cur, h1, h2 = _dl_next(crow_ptr, col_ok, cur, h1, h2, r0 + BLOCK_R, stop, True)
     out = dc_ptr + cols.to(tl.int64)[:, None] * D + offs_o[None, :]
     om = col_ok[:, None] & o_ok[None, :]
     ty = dc_ptr.dtype.element_ty
@@ -3072,8 +3095,8 @@ def _odmt_backward_impl(
             _config("dc3", N, R, D, interp),
             lambda c: (
                 _bwd_grid(c, N, D),
-                (*head, _tile_flags(p, c["BLOCK_W"], c["BLOCK_T"]), stats, g, gmax, dc, *tail),
-                dict(**flags, **_tile_meta(c, False, True)),
+                (*head, *_col_list_args(p, c["BLOCK_W"], c["BLOCK_T"])[:3], stats, g, gmax, dc, *tail),
+                dict(**flags, LISTS=_col_list_args(p, c["BLOCK_W"], c["BLOCK_T"])[3], **_tile_meta(c, False, True)),
             ),
             with_do=True,
         )

@@ -1107,13 +1107,16 @@ def test_tile_lists_keep_two_entries_a_column_tile(case):
 
 @pytest.mark.parametrize("case", ["sequences", "dup_target_far", "expanded", "excl_some_tiles"])
 def test_ce_dense_path_everywhere_matches_reference(monkeypatch, case):
-    """Every flagged pair forced dense (the id test) in all three kernels gives the reference
-    too, as the real grids do (the flag cases above): both paths agree."""
+    """Every flagged pair forced dense (the id test) in the kernels that read drop lists (the
+    single-branch ones and the three-branch dC) gives the reference too, as the real grids
+    do (the flag cases above): both paths agree."""
     for name in ("_list_flags", "_col_list_flags"):
         real = getattr(K, name)
         monkeypatch.setattr(K, name, lambda p, br, bn, real=real: real(p, br, bn).clamp(max=1) * 2)
-    qs, cs, target, cand, exclude, log_q = _flag_case(case, torch.float32, 1)
-    _check_ce(qs, cs, target, cand, exclude, log_q, "none", torch.float32)
+    qs, cs, target, cand, exclude, log_q = _flag_case(case, torch.float32, 3)
+    _check_ce(qs[:1], cs[:1], target, cand, exclude, log_q, "none", torch.float32)
+    if case in ("sequences", "expanded"):
+        _check_odmt(qs, cs, target, cand, exclude, log_q, 0.5, False, "kl", "sum", torch.float32)
 
 
 def _brute_force_col_flags(target, cand, exclude, width: int, block_r: int, block_n: int) -> torch.Tensor:
