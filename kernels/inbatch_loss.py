@@ -130,26 +130,29 @@ int64. Raw int64 inputs and stride-0 views of ``exclude_ids`` are read in place,
 builder too. A ``(BLOCK_R, S)`` register tile of the ids (tried first, before the tuple) made
 the compiler hoist sixteen extracted vectors and spill ~2.5 KB a thread.
 
-Drop lists (single branch): a flagged pair of the anchors' layout holds a handful of dropped
-elements among its thousands, yet the id test costs one compare an element and id (17 at 15
-excluded ids). So ``_drop_lists`` lays out, per call, each row's dropped columns -- every
-column whose id is its target item or one of its excluded ids, but the target column --
-sorted, ``(R, DL_K)`` int32 (``DL_K = _dl_width(S)``: 16 to 64), from one search per (row,
-id) in the sorted ids and a per-row cumulative count, no host sync. The flag grids of the
-CE kernels raise a flagged pair to 2, "dense", where a row has three or more dropped
-columns in the column tile or some row of the row tile has more than ``DL_K - 2`` (its list
-then left empty; ``_list_flags``, ``_dense_kernel``); the column-wise kernel's grid where a column has three
-or more dropping rows in the row tile (``_col_list_flags``, ``_dense_cols_kernel``, over the
-lists' (column, row) pairs sorted by column). On a sparse pair (flag 1) each row (dC: each
-column) compares against its next two entries, held in registers: a cursor per row walks
-a list that keeps at most two entries per column tile (``_tile_lists``; dC: per row tile,
-``_col_lists``), so it advances by the pair on every flagged tile, its next two loads
-issued there and first read after the next tile's dot. Dense pairs run the id test above.
-(A forward split reads where each row's walk starts, ``_split_starts``.)
-Instructions a thread per flagged tile at 16k, sm_90 SASS of Triton 3.9 (3.6): forward
-1,639 -> 913 (1,549 -> 871) on a 128 x 64 tile, dQ 741 -> 429 (705 -> 414), dC 804 -> 489
-(808 -> 488); unflagged 605 (628), 282 (263), 314 (326); a dense tile about what a flagged
-one cost before. Off below ``_DL_MIN_PAIRS`` (R * N = 2^24) and from 62 excluded ids on.
+Drop lists (the single-branch kernels, the three-branch forward and dC): a flagged pair of
+the anchors' layout holds a handful of dropped elements among its thousands, yet the id test
+costs one compare an element and id (17 at 15 excluded ids). So ``_drop_lists`` lays out,
+per call, each row's dropped columns -- every column whose id is its target item or one of
+its excluded ids, but the target column -- sorted, ``(R, DL_K)`` int32 (``DL_K =
+_dl_width(S)``: 16 to 64), from one search per (row, id) in the sorted ids and a per-row
+cumulative count, no host sync. The flag grids of the kernels that read them raise a flagged
+pair to 2, "dense", where a row has three or more dropped columns in the column tile or some
+row of the row tile has more than ``DL_K - 2`` (its list then left empty; ``_list_flags``,
+``_dense_kernel``); the column-wise kernel's grid where a column has three or more dropping
+rows in the row tile (``_col_list_flags``, ``_dense_cols_kernel``, over the lists' (column,
+row) pairs sorted by column). On a sparse pair (flag 1) each row (dC: each column) compares
+against its next two entries, held in registers: a cursor per row walks a list that keeps at
+most two entries per column tile (``_tile_lists``; dC: per row tile, ``_col_lists``), so it
+advances by the pair on every flagged tile, its next two loads issued there and first read
+after the next tile's dot. Dense pairs run the id test above. (A forward split reads where
+each row's walk starts, ``_split_starts``.)
+Instructions a thread per flagged tile at 16k, sm_90 SASS of Triton 3.9 (3.6): forward 1,639
+-> 913 (1,549 -> 871) on a 128 x 64 tile, dQ 741 -> 429 (705 -> 414), dC 804 -> 489 (808 ->
+488); unflagged 605 (628), 282 (263), 314 (326); a dense tile about what a flagged one cost
+before. Three-branch (3.9): forward 2,359 -> 2,085, dC ~2,100 -> ~1,500; the three-branch dQ
+keeps the id test (its flagged tiles cost 14% over unflagged ones). Off below
+``_DL_MIN_PAIRS`` (R * N = 2^24) and from 62 excluded ids on.
 
 How many pairs are flagged depends on the data (printed by the benchmark for each case).
 Measured with ``_tile_flags`` on the CPU at R = N = 16,384, 15 excluded ids: the anchors'
@@ -270,7 +273,7 @@ _SM_OVERRIDE: int | None = None
 _S_CHUNK = 16
 # Padding of the drop lists (``_drop_lists``): above every column index.
 _DL_END = tl.constexpr(2**31 - 1)
-# Smallest R * N whose single-branch kernels read drop lists. Below it (the paper's 1,536 x
+# Smallest R * N whose kernels read drop lists (``_lists_on``). Below it (the paper's 1,536 x
 # 1,664) a call is bound by the host's launches, which the lists' small operations (~25 in
 # the forward, ~45 in the backward) would lengthen. None: 2**24 on a GPU, 0 under the
 # interpreter (the kernel tests set 0 on a GPU too, and one sets it high for the id test).
@@ -1449,6 +1452,8 @@ def _odmt_fwd_kernel(
     s_lq,
     fit_ptr,
     fl_ptr,
+    dl_ptr,
+    dl_start_ptr,
     part_ptr,
     R,
     N,
@@ -1463,6 +1468,7 @@ def _odmt_fwd_kernel(
     EX_ONE: tl.constexpr,
     IDS32: tl.constexpr,
     HOIST: tl.constexpr,
+    DL_K: tl.constexpr,
     FULL_D: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -1503,6 +1509,10 @@ def _odmt_fwd_kernel(
     zt_t = zero
     zt_v = zero
     fl_row = fl_ptr + tl.program_id(0) * tl.cdiv(N, BLOCK_N)
+    cur = rows * DL_K  # drop-list cursors, as in _ce_fwd_kernel
+    if DL_K > 0:
+        cur += tl.load(dl_start_ptr + split * R + rows, mask=row_in, other=0)
+    h1, h2 = _dl_pair(dl_ptr, row_in & (DL_K > 0), cur, cur, False)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         flag = tl.load(fl_row + n0 // BLOCK_N)
@@ -1544,9 +1554,21 @@ def _odmt_fwd_kernel(
         s_e = (s_i + s_t + s_v) / 3.0
         # ignored rows are not masked here: the combine discards their statistics
         if flag != 0:  # the row tile's target columns are in flagged tiles only
-            drop, is_t = _drop_tile(
-                cols, cid, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32, HOIST
-            )
+            if DL_K > 0:
+                if flag == 1:  # sparse: the drop-list pair, and padding
+                    drop, is_t = _dl_drop(cols, h1, h2, tgt)
+                    drop = drop | (cid == pad_id)[None, :]
+                else:
+                    drop, is_t = _drop_tile(
+                        cols, cid, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id,
+                        S_PAD, EX_ONE, IDS32, HOIST,
+                    )  # fmt: skip
+                cur, h1, h2 = _dl_next(dl_ptr, row_in, cur, h1, h2, n0 + BLOCK_N, cur, False)
+            else:
+                drop, is_t = _drop_tile(
+                    cols, cid, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id,
+                    S_PAD, EX_ONE, IDS32, HOIST,
+                )  # fmt: skip
             keep = ~drop
             zt_i += tl.sum(tl.where(is_t, s_i, 0.0), axis=1)
             zt_t += tl.sum(tl.where(is_t, s_t, 0.0), axis=1)
@@ -2472,10 +2494,10 @@ _DENSE_BLOCK = 128
 
 
 def _lists_on(t: torch.Tensor, R: int, N: int, S: int) -> bool:
-    """Whether the single-branch kernels of this call read drop lists: ``R * N`` at least
-    ``_DL_MIN_PAIRS``, a row's ``S + 1`` ids fit its list (from ``S = 62`` on, a row whose
-    ids are all present overflows and the lists would only cost), and ``R * 64 < 2^31`` (the
-    kernels' cursors into them are int32)."""
+    """Whether this call's kernels read drop lists (the single-branch ones, the three-branch
+    forward and dC): ``R * N`` at least ``_DL_MIN_PAIRS``, a row's ``S + 1`` ids fit its list
+    (from ``S = 62`` on, a row whose ids are all present overflows and the lists would only
+    cost), and ``R * 64 < 2^31`` (the kernels' cursors into them are int32)."""
     least = _DL_MIN_PAIRS if _DL_MIN_PAIRS is not None else (0 if _interpreting(t) else 1 << 24)
     return R * N >= least and S + 1 <= _dl_width(S) - 2 and R * 64 < 2**31
 
@@ -2986,12 +3008,14 @@ def _odmt_op(
         per = _fwd_split(row_tiles, col_tiles, n_sm)
         n_split = triton.cdiv(col_tiles, per)
         part = torch.empty(_N_SPLIT_STATS, n_split, R, device=q_id.device, dtype=torch.float32)
-        fl = _tile_flags(p, c["BLOCK_T"], c["BLOCK_W"])
-        args = (*head, *p["rows"], *p["lq"], p["fit"], fl, part, R, N, D, p["S"], pad_id, float(temperature))
-        args += (per * c["BLOCK_W"],)
+        fl, lists, width = _row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])
+        starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])
+        args = (*head, *p["rows"], *p["lq"], p["fit"], fl, lists, starts, part, R, N, D, p["S"], pad_id)
+        args += (float(temperature), per * c["BLOCK_W"])
         meta = dict(
             **p["flags"],
             **p["hoist"],
+            DL_K=width,
             **_tile_meta(c, True, False),
             HAS_LQ=p["has_lq"],
             FORM_KL=bool(form_kl),
