@@ -151,7 +151,8 @@ Instructions a thread per flagged tile at 16k, sm_90 SASS of Triton 3.9 (3.6): f
 -> 913 (1,549 -> 871) on a 128 x 64 tile, dQ 741 -> 429 (705 -> 414), dC 804 -> 489 (808 ->
 488); unflagged 605 (628), 282 (263), 314 (326); a dense tile about what a flagged one cost
 before. Three-branch (3.9): forward 2,359 -> 2,085, dC ~2,100 -> ~1,500; the three-branch dQ
-keeps the id test (its flagged tiles cost 14% over unflagged ones). Off below
+keeps the id test (its flagged tiles cost 14% over unflagged ones; with lists Triton 3.6
+spilled 136 B instead of 80, nine more reloads on its unflagged tiles). Off below
 ``_DL_MIN_PAIRS`` (R * N = 2^24) and from 62 excluded ids on.
 
 How many pairs are flagged depends on the data (printed by the benchmark for each case).
