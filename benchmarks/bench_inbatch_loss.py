@@ -713,6 +713,8 @@ def aot_report() -> int:
                         variants.append((f"_{cfg['BLOCK_T']}x{cfg['BLOCK_W']}w{cfg['num_warps']}", cfg))
             for suffix, cfg in variants:
                 meta = dict(flags, **K._tile_meta(cfg, not kind.startswith("dc"), not kind.startswith("fwd")))
+                if R * N < (1 << 24):  # as on a GPU: no drop lists at the paper scale
+                    meta.update(DL_K=0, LISTS=False)
                 meta["D_PAD"] = max(16, triton.next_power_of_2(d)) if cfg["FULL_D"] else cfg["BLOCK_D"]
                 meta["TRANS_S"] = cfg.get("TRANS_S", False)
                 label = f"{tag}_{name}{suffix}"

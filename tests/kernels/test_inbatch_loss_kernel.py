@@ -1169,14 +1169,16 @@ def test_column_lists_and_their_flags(case):
 
 
 @pytest.mark.parametrize("case", ["sequences", "expanded", "all_same"])
-def test_ce_without_lists_matches_reference(monkeypatch, case):
-    """Below ``_DL_MIN_PAIRS`` (calls bound by the host's launches) the single-branch kernels
-    read no drop list and every flagged pair takes the id test."""
+def test_without_lists_matches_reference(monkeypatch, case):
+    """Below ``_DL_MIN_PAIRS`` (calls bound by the host's launches) the kernels read no drop
+    list and every flagged pair takes the id test."""
     monkeypatch.setattr(K, "_DL_MIN_PAIRS", 1 << 40)
-    qs, cs, target, cand, exclude, log_q = _flag_case(case, torch.float32, 1)
+    qs, cs, target, cand, exclude, log_q = _flag_case(case, torch.float32, 3)
     p = K._prep(target, cand, exclude, None, PAD, IGNORE)
     assert not p["lists_on"] and K._row_list_args(p, 16, 16)[2] == 0 and not K._col_list_args(p, 16, 16)[3]
-    _check_ce(qs, cs, target, cand, exclude, log_q, "none", torch.float32)
+    _check_ce(qs[:1], cs[:1], target, cand, exclude, log_q, "none", torch.float32)
+    if case != "all_same":
+        _check_odmt(qs, cs, target, cand, exclude, log_q, 0.5, False, "kl", "sum", torch.float32)
 
 
 def test_lists_only_where_they_can_hold_a_rows_ids():
