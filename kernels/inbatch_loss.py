@@ -148,8 +148,8 @@ advances by the pair on every flagged tile, its next two loads issued there and 
 after the next tile's dot. Dense pairs run the id test above. (A forward split reads where
 each row's walk starts, ``_split_starts``.)
 Instructions a thread per flagged tile at 16k, sm_90 SASS of Triton 3.9 (3.6): forward 1,639
--> 913 (1,549 -> 871) on a 128 x 64 tile, dQ 741 -> 429 (705 -> 414), dC 804 -> 489 (808 ->
-488); unflagged 605 (628), 282 (263), 314 (326); a dense tile about what a flagged one cost
+-> 888 (1,549 -> 863) on a 128 x 64 tile, dQ 741 -> 429 (705 -> 414), dC 804 -> 489 (808 ->
+488); unflagged 607 (616), 282 (263), 314 (326); a dense tile about what a flagged one cost
 before. Three-branch (3.9): forward 2,359 -> 2,085, dC ~2,100 -> ~1,500; the three-branch dQ
 keeps the id test (its flagged tiles cost 14% over unflagged ones; with lists Triton 3.6
 spilled 136 B instead of 80, nine more reloads on its unflagged tiles). Off below
@@ -932,12 +932,17 @@ def _ce_fwd_kernel(
         # every tile's dot then waited on the bias load (sm_90 SASS); one FADD an element now
         s = tl.fma(s, 1.0, bias[None, :])
         if flag != 0:  # the row tile's target columns are in flagged tiles only
+            if DL_K > 0:
+                cur, h1_next, h2_next = _dl_next(dl_ptr, row_in, cur, h1, h2, n0 + BLOCK_N, cur, False)
+            else:
+                h1_next = h1
+                h2_next = h2
             s, zt = _fwd_flagged(
                 s, zt, flag, h1, h2, cols, c32, cid_ptr, s_cid, N, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr,
                 ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32, HOIST, DL_K > 0,
             )  # fmt: skip
-            if DL_K > 0:
-                cur, h1, h2 = _dl_next(dl_ptr, row_in, cur, h1, h2, n0 + BLOCK_N, cur, False)
+            h1 = h1_next
+            h2 = h2_next
         m_new = tl.maximum(m, tl.max(s, axis=1))
         lsum = lsum * _exp(m - m_new) + tl.sum(_exp(s - m_new[:, None]), axis=1)
         m = m_new
