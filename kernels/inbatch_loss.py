@@ -932,7 +932,7 @@ def _ce_fwd_kernel(
         # every tile's dot then waited on the bias load (sm_90 SASS); one FADD an element now
         s = tl.fma(s, 1.0, bias[None, :])
         if flag != 0:  # the row tile's target columns are in flagged tiles only
-            if DL_K > 0:
+            if DL_K > 0:  # the next pair's loads issue before this tile's test (fewer moves in SASS)
                 cur, h1_next, h2_next = _dl_next(dl_ptr, row_in, cur, h1, h2, n0 + BLOCK_N, cur, False)
             else:
                 h1_next = h1
@@ -2411,6 +2411,7 @@ def _prep(target, candidate_ids, exclude_ids, log_q, pad_id: int, ignore_index: 
     ex_args, S, xflags = _excl_flags(exclude_ids, candidate_ids, pad_id)
     lq, s_lq, has_lq = _lq_args(log_q, candidate_ids)
     vals, order = torch.sort(candidate_ids.to(torch.int64), stable=True)
+    lists_on = _lists_on(target, target.shape[0], candidate_ids.shape[0], S)
     return dict(
         rows=(tgt, tid, candidate_ids, candidate_ids.stride(0), *ex_args),
         fit=_ids_fit(vals),
@@ -2423,7 +2424,8 @@ def _prep(target, candidate_ids, exclude_ids, log_q, pad_id: int, ignore_index: 
         hoist=dict(HOIST=xflags["IDS32"] and xflags["EX_ONE"] and xflags["S_PAD"] > 0),
         pad_id=pad_id,
         exclude=exclude_ids,
-        lists_on=_lists_on(target, target.shape[0], candidate_ids.shape[0], S),
+        lists_on=lists_on,
+        dl_k=_dl_width(S) if lists_on else 0,  # the kernels' DL_K (0: no lists)
         sorted=(vals, order),
         groups={},
         tile_flags={},
@@ -2676,13 +2678,12 @@ def _col_list_flags(p: dict, block_r: int, block_n: int) -> torch.Tensor:
     return p["tile_flags"][key]
 
 
-def _row_list_args(p: dict, block_r: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(flag grid, drop lists, DL_K)`` of a row-wise single-branch launch; without lists
-    (``_lists_on``) the 0/1 grid, a placeholder never read and ``DL_K = 0``."""
+def _row_list_args(p: dict, block_r: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(flag grid, drop lists)`` of a row-wise launch (its ``DL_K`` is ``p["dl_k"]``);
+    without lists (``_lists_on``) the 0/1 grid and a placeholder never read."""
     if not p["lists_on"]:
-        return _tile_flags(p, block_r, block_n), p["rows"][0], 0
-    lists = _tile_lists(p, block_n)
-    return _list_flags(p, block_r, block_n), lists, lists.shape[1]
+        return _tile_flags(p, block_r, block_n), p["rows"][0]
+    return _list_flags(p, block_r, block_n), _tile_lists(p, block_n)
 
 
 def _split_starts(p: dict, block_n: int, n_split: int, split_cols: int) -> torch.Tensor:
@@ -2696,12 +2697,12 @@ def _split_starts(p: dict, block_n: int, n_split: int, split_cols: int) -> torch
     return torch.searchsorted(lists, firsts.expand(R, n_split).contiguous()).T.to(torch.int32).contiguous()
 
 
-def _col_list_args(p: dict, block_r: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """``(flag grid, rows, offsets, LISTS)`` of the column-wise single-branch launch (see
-    :func:`_row_list_args`)."""
+def _col_list_args(p: dict, block_r: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(flag grid, rows, offsets)`` of a column-wise launch (its ``LISTS`` is
+    ``p["lists_on"]``; see :func:`_row_list_args`)."""
     if not p["lists_on"]:
-        return _tile_flags(p, block_r, block_n), p["rows"][0], p["rows"][0], False
-    return (_col_list_flags(p, block_r, block_n), *_col_lists(p, block_r), True)
+        return _tile_flags(p, block_r, block_n), p["rows"][0], p["rows"][0]
+    return (_col_list_flags(p, block_r, block_n), *_col_lists(p, block_r))
 
 
 def _tile_meta(c: dict, grid_over_rows: bool, with_do: bool) -> dict:
@@ -2760,7 +2761,7 @@ def _ce_op(
             _col_bias_tensor(p),
             _cid32_tensor(p),
             p["fit"],
-            *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])[:2],
+            *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"]),
             _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"]),
             part,
             R,
@@ -2773,7 +2774,7 @@ def _ce_op(
         meta = dict(
             **p["flags"],
             **p["hoist"],
-            DL_K=_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])[2],
+            DL_K=p["dl_k"],
             **_tile_meta(c, True, False),
             PREC=_prec(queries.dtype),
             D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
@@ -2838,12 +2839,12 @@ def _ce_backward_impl(
             _config("dq", R, N, D, interp),
             lambda c: (
                 _bwd_grid(c, R, D),
-                (*head, *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])[:2], lse, g, gmax, dq)
+                (*head, *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"]), lse, g, gmax, dq)
                 + (dq.stride(0), dq.stride(1), R, N, D, p["S"], pad_id),
                 dict(
                     **p["flags"],
                     **p["hoist"],
-                    DL_K=_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])[2],
+                    DL_K=p["dl_k"],
                     **_tile_meta(c, True, True),
                     PREC=prec,
                     TRANS_S=c.get("TRANS_S", False),
@@ -2858,11 +2859,11 @@ def _ce_backward_impl(
             _config("dc", N, R, D, interp),
             lambda c: (
                 _bwd_grid(c, N, D),
-                (*head, *_col_list_args(p, c["BLOCK_W"], c["BLOCK_T"])[:3], lse, g, gmax)
+                (*head, *_col_list_args(p, c["BLOCK_W"], c["BLOCK_T"]), lse, g, gmax)
                 + (dc, dc.stride(0), dc.stride(1), R, N, D, p["S"], pad_id),
                 dict(
                     **p["flags"],
-                    LISTS=_col_list_args(p, c["BLOCK_W"], c["BLOCK_T"])[3],
+                    LISTS=p["lists_on"],
                     **_tile_meta(c, False, True),
                     PREC=prec,
                     TRANS_S=c.get("TRANS_S", False),
@@ -3014,14 +3015,14 @@ def _odmt_op(
         per = _fwd_split(row_tiles, col_tiles, n_sm)
         n_split = triton.cdiv(col_tiles, per)
         part = torch.empty(_N_SPLIT_STATS, n_split, R, device=q_id.device, dtype=torch.float32)
-        fl, lists, width = _row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])
+        fl, lists = _row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])
         starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])
         args = (*head, *p["rows"], *p["lq"], p["fit"], fl, lists, starts, part, R, N, D, p["S"], pad_id)
         args += (float(temperature), per * c["BLOCK_W"])
         meta = dict(
             **p["flags"],
             **p["hoist"],
-            DL_K=width,
+            DL_K=p["dl_k"],
             **_tile_meta(c, True, False),
             HAS_LQ=p["has_lq"],
             FORM_KL=bool(form_kl),
@@ -3125,8 +3126,8 @@ def _odmt_backward_impl(
             _config("dc3", N, R, D, interp),
             lambda c: (
                 _bwd_grid(c, N, D),
-                (*head, *_col_list_args(p, c["BLOCK_W"], c["BLOCK_T"])[:3], stats, g, gmax, dc, *tail),
-                dict(**flags, LISTS=_col_list_args(p, c["BLOCK_W"], c["BLOCK_T"])[3], **_tile_meta(c, False, True)),
+                (*head, *_col_list_args(p, c["BLOCK_W"], c["BLOCK_T"]), stats, g, gmax, dc, *tail),
+                dict(**flags, LISTS=p["lists_on"], **_tile_meta(c, False, True)),
             ),
             with_do=True,
         )
