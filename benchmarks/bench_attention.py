@@ -21,7 +21,10 @@ heads x dim 2x384, 12x64, 4x64; bf16):
 
 Run: ``python benchmarks/bench_attention.py`` (GPU). ``DRY=1`` runs everything on the CPU
 under ``TRITON_INTERPRET=1`` with tiny shapes in float32 and no timing (plumbing check).
-Without a GPU and without ``DRY`` it says so and exits 0.
+Without a GPU and without ``DRY`` it says so and exits 0. ``CAPTURE=specs.json`` records the
+compile requests of our kernels' launches instead of compiling and launching them (each
+timed function called once, no anchors, values unchecked, every sweep entry), for
+``benchmarks/precompile.py`` to compile in parallel before the timed run.
 """
 
 from __future__ import annotations
@@ -70,6 +73,13 @@ def _load_kernels():
 
 
 attention, reference = _load_kernels()
+
+CAPTURE = os.environ.get("CAPTURE", "")
+if CAPTURE:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import precompile  # noqa: E402
+
+    precompile.capture(CAPTURE)
 
 
 def _unit_stride(arg: str) -> bool:
@@ -216,7 +226,7 @@ T0 = time.time()
 SWEEP_BUDGET_S = float(os.environ.get("SWEEP_BUDGET_S", "140"))
 # ANCHORS=0 times our kernel only (correctness, heuristic, sweep): for a short rerun after an
 # earlier run measured the anchors on the same card.
-ANCHORS = os.environ.get("ANCHORS", "1") not in ("", "0")
+ANCHORS = os.environ.get("ANCHORS", "1") not in ("", "0") and not CAPTURE
 # FLEX=0 leaves out FlexAttention (never the fastest anchor here: 50-100x slower than SDPA at
 # D = 384, its compile and ~55 ms calls take most of a 150 s step; runs 2 and 4 measured it).
 FLEX = ANCHORS and os.environ.get("FLEX", "1") not in ("", "0")
@@ -224,14 +234,14 @@ FLEX = ANCHORS and os.environ.get("FLEX", "1") not in ("", "0")
 
 def dump() -> None:
     out = os.environ.get("OUT")
-    if out:
+    if out and not CAPTURE:
         with open(os.path.join(out, "bench_attention.json"), "w") as f:
             json.dump(res, f, indent=1)
 
 
 def bench(fn, rep: int = 200) -> float:
-    """Median milliseconds (0.0 in DRY mode, where ``fn`` runs once)."""
-    if DRY:
+    """Median milliseconds (0.0 in DRY and CAPTURE modes, where ``fn`` runs once)."""
+    if DRY or CAPTURE:
         fn()
         return 0.0
     return do_bench(fn, warmup=25, rep=rep, return_mode="median")
@@ -322,7 +332,7 @@ def sweep(tag: str, dim: int, fwd, fwd_bwd, outputs=None) -> None:
     baseline = outputs() if outputs is not None else None
     for kind, configs in sweep_configs(dim).items():
         for cfg in configs:
-            if time.time() - T0 > SWEEP_BUDGET_S:
+            if time.time() - T0 > SWEEP_BUDGET_S and not CAPTURE:
                 res[f"{tag}_sweep_skipped"] = f"time budget {SWEEP_BUDGET_S} s reached"
                 return
             attention._OVERRIDE[kind] = cfg
@@ -562,7 +572,7 @@ def sweep_case(heads: int, dim: int, tag: str) -> None:
 # Block-size sweep last, so that running short of time only drops it; the head dim 64
 # configurations first (their short kernels are the newest, see sweep_configs).
 for heads, dim, tag in sorted(CONFIGS, key=lambda c: c[1]) if os.environ.get("SWEEP", "1") not in ("", "0") else []:
-    if time.time() - T0 > SWEEP_BUDGET_S:
+    if time.time() - T0 > SWEEP_BUDGET_S and not CAPTURE:
         res[f"{tag}_sweep_skipped"] = f"time budget {SWEEP_BUDGET_S} s reached"
         continue
     try:
@@ -576,6 +586,10 @@ for heads, dim, tag in sorted(CONFIGS, key=lambda c: c[1]) if os.environ.get("SW
 
 
 # ------------------------------------------------------------------------------------- table
+if CAPTURE:  # nothing was computed: no table, no verdict
+    sys.exit(0)
+
+
 def num(key: str) -> float | None:
     value = res.get(key)
     return value if isinstance(value, float) else None

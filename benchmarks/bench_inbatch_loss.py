@@ -37,6 +37,13 @@ read by Triton's bundled ``cuobjdump`` -- the resource report, before any GPU ti
 ``SKIP_COMPILE=1`` leaves out the torch.compile competitors (their warm-up is the slowest
 part of the run).
 
+``CAPTURE=specs.json`` (on the GPU) records the compile requests of every kernel launch of
+ours (and of Liger / Cut Cross-Entropy) instead of compiling and launching them, for
+``benchmarks/precompile.py`` to compile in parallel before the timed run: each timed function
+is called once, values are not checked, the eager and torch.compile competitors are left
+out and every sweep entry runs. ``WARM_COMPILED=1`` only runs each torch.compile competitor
+once (its compile fills Inductor's caches for the timed run), nothing else.
+
 Run: ``python benchmarks/bench_inbatch_loss.py`` (GPU) or ``DRY=1 python benchmarks/bench_inbatch_loss.py``.
 """
 
@@ -52,6 +59,8 @@ import traceback
 T_START = time.time()
 DRY = bool(os.environ.get("DRY"))
 AOT = bool(os.environ.get("AOT"))
+CAPTURE = os.environ.get("CAPTURE", "")
+WARM_COMPILED = bool(os.environ.get("WARM_COMPILED"))
 if DRY:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -63,6 +72,12 @@ if not DRY and not AOT and not torch.cuda.is_available():
     sys.exit(0)
 
 from odmt_components.kernels import inbatch_loss as K  # noqa: E402
+
+if CAPTURE:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import precompile  # noqa: E402
+
+    precompile.capture(CAPTURE)
 from odmt_components.kernels.reference import (  # noqa: E402
     BRANCHES,
     debiased_inbatch_cross_entropy_reference,
@@ -71,7 +86,9 @@ from odmt_components.kernels.reference import (  # noqa: E402
 
 DEV = "cpu" if DRY else "cuda"
 DTYPE = torch.float32 if DRY else torch.bfloat16  # bf16 is wrong in the interpreter
-SKIP_COMPILE = bool(os.environ.get("SKIP_COMPILE")) or DRY
+SKIP_COMPILE = bool(os.environ.get("SKIP_COMPILE")) or DRY or bool(CAPTURE)
+# a pass whose calls are not timed: launches skipped (CAPTURE) or only the compiled competitors
+UNTIMED = bool(CAPTURE) or WARM_COMPILED
 T = 0.5
 HIST = 15
 PAD = -1  # no candidate id is -1: the anchors' data has no padding columns
@@ -91,7 +108,7 @@ except Exception as exc:  # pragma: no cover - triton is a dependency
 
 def dump() -> None:
     out = os.environ.get("OUT")
-    if out:
+    if out and not UNTIMED:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "bench_inbatch_loss.json"), "w") as fh:
             json.dump(RES, fh, indent=1)
@@ -111,7 +128,7 @@ def _event_ms(fn, grads) -> float:
 def bench(fn, grads=(), rep: int = 40) -> float:
     """Median milliseconds of ``fn`` (one call in DRY mode, time 0); calls slower than 20 ms
     get one warm-up and the median of 3 timed runs instead of ``do_bench``'s many."""
-    if DRY:
+    if DRY or UNTIMED:
         fn()
         return 0.0
     first = _event_ms(fn, grads)  # includes any compilation
@@ -122,7 +139,7 @@ def bench(fn, grads=(), rep: int = 40) -> float:
 
 def peak_mb(fn, grads=()) -> float:
     """Peak memory one call adds on top of what is allocated before it (MB)."""
-    if DRY:
+    if DRY or UNTIMED:
         return 0.0
     for g in grads:
         g.grad = None
@@ -420,23 +437,28 @@ def loss_case(R: int, N: int, d: int, tag: str, odmt: bool, seq_users: int = 0) 
         Hs, Ds, target, cand, hist, log_pop = make_data(R, N, d)
     grads = Hs + Ds
     print(f"--- {tag}: R={R} N={N} d={d} ({DTYPE}); one fp32 logits matrix = {R * N * 4 / 1e6:.0f} MB", flush=True)
-    flag_fractions(tag, target, cand, hist, d)
+    if not WARM_COMPILED:
+        flag_fractions(tag, target, cand, hist, d)
     eager_ce, eager_odmt = eager_fns(Hs, Ds, target, cand, hist, log_pop)
     ours_ce, ours_odmt = our_fns(Hs, Ds, target, cand, hist, log_pop)
-    parts_ce, parts_odmt = our_kernel_fns(Hs, Ds, target, cand, hist, log_pop, odmt)
+    # (the torch.compile warm-up needs none of ours: their first calls would compile them)
+    parts_ce, parts_odmt = ({}, {}) if WARM_COMPILED else our_kernel_fns(Hs, Ds, target, cand, hist, log_pop, odmt)
     variants = [("ce", ours_ce, eager_ce, parts_ce)]
     if odmt:
         variants.append(("odmt3", ours_odmt, eager_odmt, parts_odmt))
     # eager needs ~ 14 bytes per logit per branch (fp32 logits, masks, softmax, grads)
     free = 0 if DRY else torch.cuda.mem_get_info()[0]
     for name, ours, eager, parts in variants:
-        measure(f"{tag}_{name}_ours", lambda f=ours: f().backward(), grads, rep=100)
-        for part, fn in parts.items():
-            measure(f"{tag}_{name}_ours_{part}", fn, (), rep=40)
+        if not WARM_COMPILED:
+            measure(f"{tag}_{name}_ours", lambda f=ours: f().backward(), grads, rep=100)
+            for part, fn in parts.items():
+                measure(f"{tag}_{name}_ours_{part}", fn, (), rep=40)
         need = 14 * R * N * (3 if name == "odmt3" else 1)
         if seq_users:
             continue
-        if R * N > 2**31 and not DRY:
+        if UNTIMED:
+            pass  # eager needs no compiling, and a captured call of ours computes nothing
+        elif R * N > 2**31 and not DRY:
             RES[f"{tag}_{name}_eager_ms"] = "skipped: 0.36 s a call at 65k (run 1), to save time"
             print(f"{tag}_{name}_eager skipped (R*N > 2^31; run 1 measured 356 ms)", flush=True)
         elif DRY or need < 0.9 * free:
@@ -459,7 +481,7 @@ def loss_case(R: int, N: int, d: int, tag: str, odmt: bool, seq_users: int = 0) 
             torch.cuda.empty_cache()
     # fused linear-CE libraries: plain CE (no exclusion; Liger with the logQ bias); their time
     # does not depend on the ids, so the sequence layout skips them
-    if not seq_users:
+    if not seq_users and not WARM_COMPILED:
         lib_timings(tag, Hs, Ds, target, log_pop, grads)
     for name, *_ in variants:
         branches = 3 if name == "odmt3" else 1
@@ -541,7 +563,7 @@ def tile_sweep() -> None:
     parts = dict(zip(("ce", "odmt3"), our_kernel_fns(Hs, Ds, target, cand, hist, log_pop, True), strict=True))
     print(f"--- tile sweep at R={R} N={N} d={d} (defaults: see the case above)", flush=True)
     for variant, part, kind, over in SWEEP:
-        if time.time() - T_START > SWEEP_BUDGET_S and not DRY:
+        if time.time() - T_START > SWEEP_BUDGET_S and not (DRY or CAPTURE):
             print("tile sweep stopped: time budget spent", flush=True)
             break
         key = f"sweep_{variant}_{part}_" + "_".join(
@@ -753,9 +775,9 @@ def main() -> int:
     if AOT:
         return aot_report()
     ceilings()
-    ok = correctness()
+    ok = WARM_COMPILED or correctness()
     dump()
-    if not ok:
+    if not ok and not CAPTURE:  # captured calls compute nothing: their values mean nothing
         print("bf16 CORRECTNESS CHECK FAILED: timings skipped", flush=True)
         return 1
     if DRY:
@@ -782,11 +804,15 @@ def main() -> int:
         dump()
     RES["seconds_cases"] = time.time() - t0
     print(f"(cases took {RES['seconds_cases']:.0f} s)", flush=True)
+    if WARM_COMPILED:
+        return 0
     try:
         tile_sweep()
     except Exception as exc:
         traceback.print_exc()
         RES["sweep_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    if CAPTURE:
+        return 0
     dump()
     table(cases)
     dump()

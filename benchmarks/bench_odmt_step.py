@@ -9,6 +9,8 @@ autocast. Shapes follow ``../shared/anchors/odmt_step_gpu.py``: 128 users x 13 i
 model with the PyTorch definitions (mask and logits materialised). Prints ms per step
 (median of CUDA-event-timed steps) and writes ``$OUT/bench_odmt_step.json`` when OUT is set.
 Without a GPU it says so and exits 0; ``DRY=1`` runs tiny shapes on the CPU (plumbing only).
+``CAPTURE=specs.json`` runs one step of the kernels' model with their launches recorded for
+``benchmarks/precompile.py`` instead of compiled and launched (nothing timed).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 DRY = bool(os.environ.get("DRY"))
+CAPTURE = os.environ.get("CAPTURE", "")
 
 
 def build(backend: str, device: torch.device):
@@ -68,8 +71,10 @@ def time_steps(backend: str, device: torch.device, steps: int) -> dict:
         optimizer.step()
         return loss
 
-    for i in range(1 if DRY else 3):  # warm-up: kernel compilation, allocator
+    for i in range(1 if DRY or CAPTURE else 3):  # warm-up: kernel compilation, allocator
         step(batches[i % len(batches)])
+    if CAPTURE:
+        return {}
     times = []
     for i in range(steps):
         if device.type == "cuda":
@@ -101,6 +106,13 @@ def main() -> None:
     if DRY:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     device = torch.device("cpu" if DRY else "cuda")
+    if CAPTURE:  # record the kernels' compile requests of one step (benchmarks/precompile.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import precompile
+
+        precompile.capture(CAPTURE)
+        time_steps("triton", device, 0)
+        return
     results: dict = {"device": "cpu (DRY)" if DRY else torch.cuda.get_device_name(), "torch": torch.__version__}
     steps = 1 if DRY else 30
     for backend in ("torch", "triton"):

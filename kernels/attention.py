@@ -1233,3 +1233,8 @@ def dropout_keep_mask(
     _check_device(out)
     _keep_mask_kernel[(batch * heads,)](out, length, float(dropout_p), seed, BM=16, BN=16)
     return out.bool()
+
+
+from ._cache_keys import settle_cache_keys  # noqa: E402
+
+settle_cache_keys(globals().values())

@@ -3308,3 +3308,8 @@ def mutual_distillation_loss(
         kl_id_image=kl_iv,
         kl_ensemble_id=kl_ei,
     )
+
+
+from ._cache_keys import settle_cache_keys  # noqa: E402
+
+settle_cache_keys(globals().values())

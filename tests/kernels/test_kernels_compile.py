@@ -46,3 +46,102 @@ def test_attention_kernels_compile_for_sm90(tmp_path):
     assert len(lines) == 21, run.stdout[-3000:]
     failed = [line for line in lines if "ERROR" in line]
     assert not failed, failed
+
+
+# One process of benchmarks/precompile.py's chain (capture, parallel compile, timed run) on
+# this GPU-less machine: a stand-in driver reports an sm_90 device, so the launcher derives
+# the specialisations and cache keys a GPU run would, and no launch is ever reached.
+_CHAIN = r"""
+import glob, json, os, sys
+os.environ["TRITON_CACHE_DIR"] = sys.argv[2]
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+
+class SM90:  # what Triton's launcher asks of the driver before it compiles
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+driver.set_active(SM90())
+sys.path.insert(0, sys.argv[4])
+import precompile
+from odmt_components.kernels import inbatch_loss as K
+
+K._interpreting = lambda t: False  # the GPU's tiles and paths, drop lists included
+K._SM_OVERRIDE, K._DL_MIN_PAIRS = 132, 0
+g = torch.Generator().manual_seed(0)
+R, N, d = 40, 48, 32
+cand = torch.randint(1, 30, (N,), generator=g)
+target = torch.randint(0, N, (R,), generator=g)
+hist = cand[torch.randint(0, N, (R, 5), generator=g)]
+q = torch.randn(R, d, generator=g).half().requires_grad_()
+c = torch.randn(N, d, generator=g).half().requires_grad_()
+
+
+def calls():
+    K.debiased_inbatch_cross_entropy(q, c, target, cand, hist, None, 0, -100, "mean").backward()
+
+
+mode, specs = sys.argv[1], sys.argv[3]
+if mode == "capture":
+    precompile.capture(specs)
+    calls()
+elif mode == "compile":
+    sys.exit(precompile.main([specs, "--workers", "2"]))
+else:  # the timed run: compile (or load) every kernel, launch none
+    import triton.runtime.jit as jit
+
+    launched = []
+    run = jit.JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        launched.append(self.__name__)
+        return run(self, *args, grid=grid, warmup=True, **kwargs)
+
+    jit.JITFunction.run = compile_only
+    before = set(glob.glob(os.path.join(sys.argv[2], "*")))
+    calls()
+    new = set(glob.glob(os.path.join(sys.argv[2], "*"))) - before
+    print(json.dumps(dict(launched=len(launched), compiled=sorted(os.listdir(p)[0] for p in new))))
+"""
+
+
+def test_precompiled_kernels_load_from_the_cache(tmp_path):
+    """What the warm step of benchmarks/gpu_check.sh relies on: the capture records each
+    launch's compile request without compiling, the parallel compile fills Triton's cache,
+    and a later process finds every kernel there (with Triton 3.6's order-dependent keys this
+    needs ``kernels/_cache_keys.py``: the pool compiles in another order than the run)."""
+    script = tmp_path / "chain.py"
+    script.write_text(_CHAIN)
+    cache, specs = tmp_path / "cache", tmp_path / "specs.json"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+
+    def step(mode: str) -> subprocess.CompletedProcess:
+        run = subprocess.run(
+            [sys.executable, str(script), mode, str(cache), str(specs), str(BENCHMARKS)],
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        return run
+
+    step("capture")
+    captured = json.loads(specs.read_text())
+    names = {item["name"] for item in captured}
+    assert {"_ce_fwd_kernel", "_ce_dq_kernel", "_ce_dc_kernel", "_flag_kernel", "_dense_kernel"} <= names, names
+    assert not cache.exists() or not any(cache.iterdir()), "the capture compiled something"
+    compiled = step("compile")
+    assert f"{len(captured)} of {len(captured)} kernels compiled" in compiled.stdout, compiled.stdout
+    report = json.loads(step("run").stdout.strip().splitlines()[-1])
+    assert report["launched"] >= len(captured)
+    assert report["compiled"] == [], f"not found in the cache: {report['compiled']}"
