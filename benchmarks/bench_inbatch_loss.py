@@ -23,7 +23,7 @@ On a CUDA GPU:
    ``$OUT/bench_inbatch_loss.json`` when OUT is set.
 
 Then, while the run is under ``SWEEP_BUDGET_S`` seconds, a few alternative tiles per kernel
-are timed at R = N = 16,384 (with their registers and spills). Slow calls (> 20 ms) are
+are timed at R = N = 16,384, then at the paper scale (with their registers and spills). Slow calls (> 20 ms) are
 timed as the median of 3 event-timed runs after one warm-up instead of ``do_bench``, and
 eager PyTorch is skipped at R = N = 65,536 (55 GB, 0.36 s a call), to
 keep the whole GPU run under ~150 s.
@@ -552,21 +552,47 @@ SWEEP = [  # most informative first: the run's time budget usually cuts the list
     ("ce", "fwd", "fwd", {"BLOCK_W": 32}),
     ("ce", "dq", "dq", {"BLOCK_T": 32, "BLOCK_W": 32, "TRANS_S": True}),
 ]
+# The same at the paper scale (R = 1,536, N = 1,664, d = 768: the example's training step),
+# after the 16k entries. There d is walked in 64-wide steps of 32 x 32 score tiles, each
+# step's loads waited on with two pipeline stages: more stages, or 128-wide steps (half the
+# steps, each twice the work), hide more of that latency (sm_90 compile, Triton 3.6: no
+# spills in the CE kernels, 8-112 B in the three-branch ones, as at the default); the CE dQ
+# at 4 warps runs two programs an SM (195 registers).
+PAPER_SWEEP = [
+    ("odmt3", "dq", "dq3", {"num_stages": 4}),
+    ("odmt3", "dc", "dc3", {"num_stages": 4}),
+    ("odmt3", "dq", "dq3", {"BLOCK_D": 128, "num_stages": 3}),
+    ("odmt3", "dc", "dc3", {"BLOCK_D": 128, "num_stages": 3}),
+    ("odmt3", "fwd", "fwd3", {"num_stages": 4}),
+    ("ce", "dq", "dq", {"num_stages": 4}),
+    ("ce", "dq", "dq", {"num_warps": 4}),
+    ("ce", "dc", "dc", {"num_stages": 4}),
+]
 SWEEP_BUDGET_S = float(os.environ.get("SWEEP_BUDGET_S", "125"))
 
 
 def tile_sweep() -> None:
     """Times each kernel under a few alternative tiles (skipped once the run passes
-    ``SWEEP_BUDGET_S`` seconds); prints time, registers and spills of each variant."""
-    R, N, d = (40, 40, 32) if DRY else (16384, 16384, 256)
+    ``SWEEP_BUDGET_S`` seconds); prints time, registers and spills of each variant: the
+    :data:`SWEEP` entries at R = N = 16,384, then the :data:`PAPER_SWEEP` ones."""
+    shapes = [("", (40, 40, 32) if DRY else (16384, 16384, 256), SWEEP)]
+    shapes.append(("paper_", (24, 26, 80) if DRY else (1536, 1664, 768), PAPER_SWEEP))
+    for prefix, (R, N, d), entries in shapes:
+        if not _sweep_shape(prefix, R, N, d, entries):
+            break
+    K.KERNEL_STATS.clear()
+
+
+def _sweep_shape(prefix: str, R: int, N: int, d: int, entries) -> bool:
+    """One shape's sweep entries; False once the time budget is spent."""
     Hs, Ds, target, cand, hist, log_pop = make_data(R, N, d)
     parts = dict(zip(("ce", "odmt3"), our_kernel_fns(Hs, Ds, target, cand, hist, log_pop, True), strict=True))
     print(f"--- tile sweep at R={R} N={N} d={d} (defaults: see the case above)", flush=True)
-    for variant, part, kind, over in SWEEP:
+    for variant, part, kind, over in entries:
         if time.time() - T_START > SWEEP_BUDGET_S and not (DRY or CAPTURE):
             print("tile sweep stopped: time budget spent", flush=True)
-            break
-        key = f"sweep_{variant}_{part}_" + "_".join(
+            return False
+        key = f"sweep_{prefix}{variant}_{part}_" + "_".join(
             "no_drop_lists" if k == "_DL_MIN_PAIRS" else f"{k}{v}" for k, v in over.items()
         )
         K._CONFIG_OVERRIDE.clear()
@@ -588,7 +614,7 @@ def tile_sweep() -> None:
             K._CONFIG_OVERRIDE.clear()
             for k, v in saved.items():
                 setattr(K, k, v)
-    K.KERNEL_STATS.clear()
+    return True
 
 
 def fmt(v, unit: str = "") -> str:

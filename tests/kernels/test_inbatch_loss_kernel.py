@@ -1189,3 +1189,46 @@ def test_lists_only_where_they_can_hold_a_rows_ids():
     for S, on in [(0, True), (15, True), (61, True), (62, False), (200, False)]:
         exclude = torch.randint(1, 49, (45, S), generator=torch.Generator().manual_seed(S))
         assert K._prep(target, cand, exclude, None, PAD, IGNORE)["lists_on"] == on, S
+
+
+@pytest.mark.parametrize(
+    "op, R, N, d, n_items, S, override",
+    [
+        # 64 x 64 forward and dQ tiles, dC 32-row steps; 95% of the flagged pairs sparse
+        ("ce", 256, 300, 64, 1200, 3, {}),
+        # the forward's tile from 16k rows on; every row drops ~45 columns: 90% of the lists
+        # overflow, every flagged pair dense
+        ("ce", 256, 300, 64, 100, 15, {"fwd": {"BLOCK_T": 128}}),
+        ("ce", 96, 100, 272, 400, 3, {}),  # d past the resident width: 64-wide steps, output chunks
+        ("odmt3", 96, 120, 64, 480, 3, {}),  # half the flagged pairs dense
+    ],
+)
+def test_gpu_tiles_match_reference(monkeypatch, op, R, N, d, n_items, S, override):
+    """The tiles, splits and paths a GPU launches (the other tests run the interpreter's
+    16-wide tiles), run by the interpreter: the launch rule as on a GPU of 8 SMs, drop lists
+    on, sparse and dense flagged pairs, a column-major exclusion list with padding."""
+    monkeypatch.setattr(K, "_interpreting", lambda t: False)
+    monkeypatch.setattr(K, "_SM_OVERRIDE", 8)
+    monkeypatch.setattr(K, "_CONFIG_OVERRIDE", override)
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        11,
+        R,
+        N,
+        d,
+        n_items,
+        pad_frac=0.1,
+        ignore_frac=0.1,
+        excl="transposed",
+        S=S,
+        lq="normal",
+        all_but_target_rows=0,
+        dtype=torch.float32,
+        branches=3 if op == "odmt3" else 1,
+    )
+    p = K._prep(target, cand, exclude, log_q, PAD, IGNORE)
+    cfg = K._config("fwd3" if op == "odmt3" else "fwd", R, N, d, interpret=False)
+    assert p["lists_on"] and cfg["BLOCK_T"] >= 32 and cfg["BLOCK_W"] >= 32
+    if op == "ce":
+        _check_ce(qs, cs, target, cand, exclude, log_q, "mean", torch.float32)
+    else:
+        _check_odmt(qs, cs, target, cand, exclude, log_q, 0.5, False, "kl", "mean", torch.float32)
