@@ -3,7 +3,9 @@
 On a CUDA GPU:
 1. measures the card's copy bandwidth and bf16 matmul rate;
 2. checks bf16 correctness of both ops (forward and all gradients) against the float64
-   reference at a moderate size, and exits with status 1 on a mismatch;
+   reference at a moderate size; on a mismatch it says so, still times everything (a lent
+   GPU is rare: the times of the kernels as they are still inform the next change) under a
+   warning in the table, and exits with status 1;
 3. times forward+backward (median, ``triton.testing.do_bench``) and measures the peak memory
    a call adds on top of its inputs (``torch.cuda.max_memory_allocated`` after a reset, minus
    what was allocated before the call) for
@@ -804,8 +806,7 @@ def main() -> int:
     ok = WARM_COMPILED or correctness()
     dump()
     if not ok and not CAPTURE:  # captured calls compute nothing: their values mean nothing
-        print("bf16 CORRECTNESS CHECK FAILED: timings skipped", flush=True)
-        return 1
+        print("bf16 CORRECTNESS CHECK FAILED (MISMATCH lines above): timing the kernels anyway", flush=True)
     if DRY:
         cases = [("dry", (24, 26, 16), True), ("dry_single", (33, 17, 20), False), ("dry_seq", (30, 32, 16), True)]
     else:
@@ -840,8 +841,13 @@ def main() -> int:
     if CAPTURE:
         return 0
     dump()
+    if not ok:
+        print("\nWARNING: these kernels FAILED the bf16 correctness check above", flush=True)
     table(cases)
     dump()
+    if not ok:
+        print("bf16 CORRECTNESS CHECK FAILED: the times above are of kernels that compute wrong values", flush=True)
+        return 1
     if not RES.get("agree_ok", True):
         print("OURS AND EAGER DISAGREE (see MISMATCH lines above)", flush=True)
         return 1
