@@ -555,12 +555,16 @@ SWEEP = [  # most informative first: the run's time budget usually cuts the list
     ("ce", "dq", "dq", {"BLOCK_T": 32, "BLOCK_W": 32, "TRANS_S": True}),
 ]
 # The same at the paper scale (R = 1,536, N = 1,664, d = 768: the example's training step),
-# after the 16k entries. There d is walked in 64-wide steps of 32 x 32 score tiles, each
+# after the 16k entries: first the three-branch backward without its walk split
+# (``_bwd_split``), then tiles. There d is walked in 64-wide steps of 32 x 32 score tiles, each
 # step's loads waited on with two pipeline stages: more stages, or 128-wide steps (half the
 # steps, each twice the work), hide more of that latency (sm_90 compile, Triton 3.6: no
 # spills in the CE kernels, 8-112 B in the three-branch ones, as at the default); the CE dQ
 # at 4 warps runs two programs an SM (195 registers).
 PAPER_SWEEP = [
+    # the three-branch backward unsplit (as in Run 5): the split's effect in the same run
+    ("odmt3", "dq", "dq3", {"_BWD_SPLIT": False}),
+    ("odmt3", "dc", "dc3", {"_BWD_SPLIT": False}),
     ("odmt3", "dq", "dq3", {"num_stages": 4}),
     ("odmt3", "dc", "dc3", {"num_stages": 4}),
     ("odmt3", "dq", "dq3", {"BLOCK_D": 128, "num_stages": 3}),
@@ -595,7 +599,8 @@ def _sweep_shape(prefix: str, R: int, N: int, d: int, entries) -> bool:
             print("tile sweep stopped: time budget spent", flush=True)
             return False
         key = f"sweep_{prefix}{variant}_{part}_" + "_".join(
-            "no_drop_lists" if k == "_DL_MIN_PAIRS" else f"{k}{v}" for k, v in over.items()
+            {"_DL_MIN_PAIRS": "no_drop_lists", "_BWD_SPLIT": "no_backward_split"}.get(k, f"{k}{v}")
+            for k, v in over.items()
         )
         K._CONFIG_OVERRIDE.clear()
         K._CONFIG_OVERRIDE[kind] = {k: v for k, v in over.items() if not k.startswith("_")}
@@ -675,7 +680,7 @@ AOT_TILES = [
 # Integer arguments the launcher sees as multiples of 16 on the benchmark's inputs: the row
 # strides of every operand (the three-branch kernels name theirs per branch) and R, N, D.
 # Without this divisibility the compile has no 16-byte async copies (no software pipeline).
-ALIGNED_INTS = {"sq_r", "sc_n", "sdq_r", "sdc_n", "ex_sr", "R", "N", "D"}
+ALIGNED_INTS = {"sq_r", "sc_n", "sdq_r", "sdc_n", "ex_sr", "R", "N", "D", "walk_per_split", "out_split_stride"}
 ALIGNED_INTS |= {f"{p}_{b}" for p in ("sq", "sc") for b in "itv"}
 
 
@@ -691,6 +696,8 @@ def _aot_compile(label: str, kernel, cfg: dict, meta: dict, cuobjdump: str) -> d
     ptr.update({k: "*i32" for k in ("fit_ptr", "c32_ptr", "dl_ptr", "dl_start_ptr", "tot_ptr", "crow_ptr", "coff_ptr")})
     ptr.update({k: "*i64" for k in ("vals_ptr", "order_ptr", "pos_ptr", "gstart_ptr")})
     fp32 = {"lq_ptr", "cb_ptr", "part_ptr", "loss_ptr", "lse_ptr", "stats_ptr", "g_ptr", "gmax_ptr"}
+    if meta.get("SPLIT"):  # a split walk writes float32 partials
+        fp32 |= {"dq_ptr", "dc_ptr"}
     consts = {k: v for k, v in meta.items() if k in kernel.arg_names}
     # What the launcher specialises on the benchmark's contiguous inputs: unit strides are
     # constants (vectorised loads; without this the compile keeps per-element addresses and
@@ -754,6 +761,8 @@ def aot_report() -> int:
             rows, cols = (N, R) if kind.startswith("dc") else (R, N)
             base = K._config(kind, rows, cols, d, interpret=False)
             variants = [("", base)]
+            if tag == "paper" and kind in ("dq3", "dc3"):  # small grids split their walk (_bwd_split)
+                variants.append(("_split", {**base, "SPLIT": True}))
             if sweep and not kind.startswith("fwd"):
                 for over in AOT_TILES:
                     cfg = {**base, **over}
@@ -767,6 +776,7 @@ def aot_report() -> int:
                     meta.update(DL_K=0, LISTS=False)
                 meta["D_PAD"] = max(16, triton.next_power_of_2(d)) if cfg["FULL_D"] else cfg["BLOCK_D"]
                 meta["TRANS_S"] = cfg.get("TRANS_S", False)
+                meta["SPLIT"] = cfg.get("SPLIT", False)
                 label = f"{tag}_{name}{suffix}"
                 info = _aot_compile(label, kernel, cfg, meta, cuobjdump)
                 RES[f"aot_{label}"] = info

@@ -80,6 +80,9 @@ the very operand of the gradient dot. For d > 256 the grid adds chunks of ``BLOC
 are recomputed per chunk). ``dz`` is cast to the input dtype for the tensor-core dot; to keep
 fp16 from underflowing (``g = 1/n_valid`` times ``p ~ 1/N``), the per-row weights are divided
 by their largest magnitude inside the kernels and the accumulators multiplied back at the end.
+A three-branch grid smaller than two programs an SM (the paper scale: 144 / 156 programs of
+one SM each) also splits its walk (``_bwd_split``, grid axis 2): each split writes float32
+partials, which ``_sum_splits_kernel`` adds in split order -- still deterministic.
 
 Exclusion-present flags: for almost every (row tile, column tile) pair no column of the
 tile is a row's target column, another copy of its target item or one of its excluded ids,
@@ -1842,6 +1845,8 @@ def _odmt_dq_kernel(
     S,
     pad_id,
     temperature,
+    walk_per_split,
+    out_split_stride,
     HAS_LQ: tl.constexpr,
     FORM_KL: tl.constexpr,
     DETACH: tl.constexpr,
@@ -1855,6 +1860,7 @@ def _odmt_dq_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr,
     PREC: tl.constexpr,
+    SPLIT: tl.constexpr = False,
     TRANS_S: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -1877,7 +1883,8 @@ def _odmt_dq_kernel(
     acc_t = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
     acc_v = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
     fl_row = fl_ptr + tl.program_id(0) * tl.cdiv(N, BLOCK_N)
-    for n0 in range(0, N, BLOCK_N):
+    n_lo, n_hi = _walk_range(N, walk_per_split, SPLIT)  # this program's columns (_bwd_split)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         flag = tl.load(fl_row + n0 // BLOCK_N)
         col_ok, cid, lq = _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ)
@@ -1958,7 +1965,7 @@ def _odmt_dq_kernel(
         acc_i = tl.dot(dz_i.to(c_i.dtype), c_i, acc=acc_i, input_precision=PREC)
         acc_t = tl.dot(dz_t.to(c_t.dtype), c_t, acc=acc_t, input_precision=PREC)
         acc_v = tl.dot(dz_v.to(c_v.dtype), c_v, acc=acc_v, input_precision=PREC)
-    out = dq_ptr + rows.to(tl.int64)[:, None] * D + offs_o[None, :]
+    out = _split_base(dq_ptr, out_split_stride, SPLIT) + rows.to(tl.int64)[:, None] * D + offs_o[None, :]
     om = row_in[:, None] & o_ok[None, :]
     ty = dq_ptr.dtype.element_ty
     tl.store(out, (acc_i * gmax).to(ty), mask=om)
@@ -2005,6 +2012,8 @@ def _odmt_dc_kernel(
     S,
     pad_id,
     temperature,
+    walk_per_split,
+    out_split_stride,
     HAS_LQ: tl.constexpr,
     FORM_KL: tl.constexpr,
     DETACH: tl.constexpr,
@@ -2018,6 +2027,7 @@ def _odmt_dc_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr,
     PREC: tl.constexpr,
+    SPLIT: tl.constexpr = False,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -2043,7 +2053,10 @@ def _odmt_dc_kernel(
         cur = cols * 0
         stop = cur
     h1, h2 = _dl_pair(crow_ptr, col_ok, cur, stop, True)
-    for r0 in range(0, R, BLOCK_R):
+    # this program's share of the rows (_bwd_split: all of them but on a small grid, which
+    # reads no drop lists, so the cursors above start at each column's first entry)
+    r_lo, r_hi = _walk_range(R, walk_per_split, SPLIT)
+    for r0 in range(r_lo, r_hi, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         flag = tl.load(fl_col + (r0 // BLOCK_R) * n_ct)
         row_in, valid, tgt, tid = _row_setup(tgt_ptr, tid_ptr, rows, R)
@@ -2135,12 +2148,44 @@ def _odmt_dc_kernel(
         if LISTS:
             if flag != 0:
                 cur, h1, h2 = _dl_next(crow_ptr, col_ok, cur, h1, h2, r0 + BLOCK_R, stop, True)
-    out = dc_ptr + cols.to(tl.int64)[:, None] * D + offs_o[None, :]
+    out = _split_base(dc_ptr, out_split_stride, SPLIT) + cols.to(tl.int64)[:, None] * D + offs_o[None, :]
     om = col_ok[:, None] & o_ok[None, :]
     ty = dc_ptr.dtype.element_ty
     tl.store(out, (acc_i * gmax).to(ty), mask=om)
     tl.store(out + N * D, (acc_t * gmax).to(ty), mask=om)
     tl.store(out + 2 * N * D, (acc_v * gmax).to(ty), mask=om)
+
+
+@triton.jit
+def _walk_range(extent, walk_per_split, SPLIT: tl.constexpr):
+    """``[lo, hi)`` of the walk (columns for dQ, rows for dC) this program covers: its split's
+    share (grid axis 2) or, unsplit, the whole extent."""
+    if SPLIT:
+        lo = tl.program_id(2) * walk_per_split
+        return lo, tl.minimum(extent, lo + walk_per_split)
+    else:
+        return 0, extent
+
+
+@triton.jit
+def _split_base(out_ptr, out_split_stride, SPLIT: tl.constexpr):
+    """Where this program's gradient goes: its split's float32 partials, or the output."""
+    if SPLIT:
+        return out_ptr + tl.program_id(2).to(tl.int64) * out_split_stride
+    else:
+        return out_ptr
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, n_split, numel, BLOCK: tl.constexpr):
+    """``out = sum_s part[s]`` over the walk splits of a backward kernel (``part`` float32
+    ``(n_split, numel)``, summed in split order: deterministic), cast to ``out``'s dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for sp in range(0, n_split):
+        acc += tl.load(part_ptr + sp * numel + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # ======================================================================================
@@ -2320,6 +2365,58 @@ def _fwd_split(row_tiles: int, col_tiles: int, n_sm: int) -> int:
     tiles), each split at least one tile."""
     want = max(1, min(col_tiles, -(-4 * n_sm // row_tiles)))
     return -(-col_tiles // want)
+
+
+def _bwd_split(programs: int, walk_tiles: int, n_sm: int) -> int:
+    """Splits of a three-branch backward kernel's walk (dQ: the columns, dC: the rows) when
+    its grid is small: below two programs an SM, about four an SM, each split walking two
+    tiles or more. At the paper scale the three-branch dQ / dC hold one 8-warp program an SM
+    and have 144 / 156 programs on an H100's 132 SMs: two waves, the second 9% / 18% full, so
+    about twice one program's time; split in four, five waves of a quarter (reasoning, not a
+    timing). Each split writes float32 partial gradients, summed in split order
+    (:func:`_sum_splits`). The single-branch kernels have 288 / 312 programs there and do not
+    split: with the split's loop bounds (even a constexpr-chosen ``0``) their unsplit loops
+    compiled ~10 instructions a tile longer (sm_90, Triton 3.6), the three-branch ones 3-7 of
+    1,060-1,620."""
+    if programs >= 2 * n_sm:
+        return 1
+    return max(1, min(-(-4 * n_sm // programs), walk_tiles // 2))
+
+
+_SUM_BLOCK = 1024
+# False: the three-branch backward never splits (the benchmark's sweep times both ways)
+_BWD_SPLIT = True
+
+
+def _split_walk(programs: int, extent: int, step: int, n_sm: int, allowed: bool) -> tuple[int, int]:
+    """``(n_split, walk_per_split)`` of a backward launch over ``extent`` walked ``step`` at
+    a time (one split and the whole extent when not ``allowed``: the drop lists' cursors
+    start at each row's or column's first entry)."""
+    tiles = triton.cdiv(extent, step)
+    n_split = _bwd_split(programs, tiles, n_sm) if allowed and _BWD_SPLIT else 1
+    per = triton.cdiv(tiles, n_split)
+    return triton.cdiv(tiles, per), per * step
+
+
+def _split_out(out: torch.Tensor, n_split: int) -> tuple[torch.Tensor, int]:
+    """Where a backward kernel writes: ``out`` itself, or float32 partials
+    ``(n_split, *out.shape)`` and the elements between two splits'."""
+    if n_split == 1:
+        return out, 0
+    return torch.empty(n_split, *out.shape, device=out.device, dtype=torch.float32), out.numel()
+
+
+def _sum_splits(part: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[...] = part.sum(0)`` in split order (``_sum_splits_kernel``); nothing when
+    ``part`` is ``out`` (one split)."""
+    if part is out:
+        return
+    numel = out.numel()
+    if part.numel() >= 2**31:
+        raise ValueError(f"split partial gradients of {part.numel()} elements exceed int32 indexing")
+    grid = (triton.cdiv(numel, _SUM_BLOCK),)
+    compiled = _sum_splits_kernel[grid](part, out, part.shape[0], numel, BLOCK=_SUM_BLOCK)
+    _record("sum_splits", compiled, {}, grid)
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -3107,30 +3204,31 @@ def _odmt_backward_impl(
     tail = (R, N, D, p["S"], pad_id, float(temperature))
     flags = dict(**p["flags"], HAS_LQ=p["has_lq"], FORM_KL=bool(form_kl), DETACH=bool(detach_teacher))
     flags["PREC"] = _prec(q_id.dtype)
+    n_sm = _num_sms(q_id)
+    used = {}  # the output buffer of the launch that ran (partials when split)
+
+    def make_dq(c):  # reads no drop lists: its walk may split whenever its grid is small
+        grid = _bwd_grid(c, R, D)
+        n_split, per = _split_walk(grid[0] * grid[1], N, c["BLOCK_W"], n_sm, True)
+        out, split_stride = used["dq"] = _split_out(dq, n_split)
+        args = (*head, _tile_flags(p, c["BLOCK_T"], c["BLOCK_W"]), stats, g, gmax, out, *tail, per, split_stride)
+        meta = dict(**flags, **p["hoist"], **_tile_meta(c, True, True), TRANS_S=c.get("TRANS_S", False))
+        return (*grid, n_split), args, dict(meta, SPLIT=n_split > 1)
+
+    def make_dc(c):
+        grid = _bwd_grid(c, N, D)
+        n_split, per = _split_walk(grid[0] * grid[1], R, c["BLOCK_W"], n_sm, not p["lists_on"])
+        out, split_stride = used["dc"] = _split_out(dc, n_split)
+        args = (*head, *_col_list_args(p, c["BLOCK_W"], c["BLOCK_T"]), stats, g, gmax, out, *tail, per, split_stride)
+        meta = dict(**flags, LISTS=p["lists_on"], **_tile_meta(c, False, True), SPLIT=n_split > 1)
+        return (*grid, n_split), args, meta
+
     if "dq" in parts:
-        _launch(
-            "odmt_dq",
-            _odmt_dq_kernel,
-            _config("dq3", R, N, D, interp),
-            lambda c: (
-                _bwd_grid(c, R, D),
-                (*head, _tile_flags(p, c["BLOCK_T"], c["BLOCK_W"]), stats, g, gmax, dq, *tail),
-                dict(**flags, **p["hoist"], **_tile_meta(c, True, True), TRANS_S=c.get("TRANS_S", False)),
-            ),
-            with_do=True,
-        )
+        _launch("odmt_dq", _odmt_dq_kernel, _config("dq3", R, N, D, interp), make_dq, with_do=True)
+        _sum_splits(used["dq"][0], dq)
     if "dc" in parts:
-        _launch(
-            "odmt_dc",
-            _odmt_dc_kernel,
-            _config("dc3", N, R, D, interp),
-            lambda c: (
-                _bwd_grid(c, N, D),
-                (*head, *_col_list_args(p, c["BLOCK_W"], c["BLOCK_T"]), stats, g, gmax, dc, *tail),
-                dict(**flags, LISTS=p["lists_on"], **_tile_meta(c, False, True)),
-            ),
-            with_do=True,
-        )
+        _launch("odmt_dc", _odmt_dc_kernel, _config("dc3", N, R, D, interp), make_dc, with_do=True)
+        _sum_splits(used["dc"][0], dc)
     return dq, dc
 
 

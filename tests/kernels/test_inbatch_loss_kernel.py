@@ -1232,3 +1232,55 @@ def test_gpu_tiles_match_reference(monkeypatch, op, R, N, d, n_items, S, overrid
         _check_ce(qs, cs, target, cand, exclude, log_q, "mean", torch.float32)
     else:
         _check_odmt(qs, cs, target, cand, exclude, log_q, 0.5, False, "kl", "mean", torch.float32)
+
+
+@pytest.mark.parametrize("lists", [False, True])
+def test_backward_splits_match_reference(monkeypatch, lists):
+    """A small three-branch backward grid splits its walk (dQ over columns, dC over rows)
+    into float32 partials summed in split order; with drop lists only the dQ splits (it reads
+    none)."""
+    monkeypatch.setattr(K, "_SM_OVERRIDE", 4)  # grids below 8 programs split (the 4 x 5 tiles here)
+    monkeypatch.setattr(K, "_DL_MIN_PAIRS", 0 if lists else 1 << 40)
+    splits = []
+    split_out = K._split_out
+
+    def spy(out, n_split):
+        splits.append(n_split)
+        return split_out(out, n_split)
+
+    monkeypatch.setattr(K, "_split_out", spy)
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        5,
+        64,
+        66,
+        16,
+        60,
+        pad_frac=0.1,
+        ignore_frac=0.1,
+        excl="full",
+        S=3,
+        lq="normal",
+        all_but_target_rows=0,
+        dtype=torch.float32,
+        branches=3,
+    )
+    _check_odmt(qs, cs, target, cand, exclude, log_q, 0.5, False, "kl", "sum", torch.float32)
+    dq_splits, dc_splits = splits[-2:]
+    assert dq_splits > 1 and (dc_splits == 1 if lists else dc_splits > 1), splits
+
+
+def test_backward_split_only_on_small_grids():
+    """At the paper scale the three-branch backward grids are below two programs an SM (144
+    and 156 on 132 SMs) and split about four ways; from 16k rows on, or with enough programs,
+    they do not."""
+    for kind, rows, walk in (("dq3", 1536, 1664), ("dc3", 1664, 1536)):
+        cfg = K._config(kind, rows, walk, 768, interpret=False)
+        grid = K._bwd_grid(cfg, rows, 768)
+        step = cfg["BLOCK_W"]
+        n_split, per = K._split_walk(grid[0] * grid[1], walk, step, 132, True)
+        assert grid[0] * grid[1] < 2 * 132 and n_split == 4 and per % step == 0, (kind, grid, n_split)
+        assert n_split * per >= walk > (n_split - 1) * per
+    cfg = K._config("dq3", 16384, 16384, 256, interpret=False)
+    grid = K._bwd_grid(cfg, 16384, 256)
+    assert K._split_walk(grid[0] * grid[1], 16384, cfg["BLOCK_W"], 132, True) == (1, 16384)
+    assert K._bwd_split(10, 1, 132) == 1  # a walk of one tile cannot split
