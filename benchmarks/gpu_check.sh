@@ -35,7 +35,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a cap, keep the log, show its
   shift 2
   echo "=== $name (cap ${limit}s)"
   local started=$SECONDS
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   tail -n "${TAIL:-30}" "$OUT/$name.log"
   echo "=== $name rc=$rc in $((SECONDS - started))s"
@@ -52,17 +52,17 @@ warm() {  # capture the benchmarks' compile requests, compile them in parallel (
   rm -f "$specs"/*.json
   echo "=== warm (cap ${cap}s)"
   if [ -z "${SKIP_COMPILE:-}" ]; then
-    WARM_COMPILED=1 timeout "$cap" python3 benchmarks/bench_inbatch_loss.py >"$specs/compiled.log" 2>&1 &
+    WARM_COMPILED=1 timeout -k 10 "$cap" python3 benchmarks/bench_inbatch_loss.py >"$specs/compiled.log" 2>&1 &
   fi
   local compiled=$!
   for bench in attention inbatch_loss odmt_step; do
-    CAPTURE="$specs/$bench.json" timeout "$((cap / 2))" python3 "benchmarks/bench_$bench.py" \
+    CAPTURE="$specs/$bench.json" timeout -k 10 "$((cap / 2))" python3 "benchmarks/bench_$bench.py" \
       >"$specs/capture_$bench.log" 2>&1 &
     pids+=($!)
   done
   wait "${pids[@]}"
   tail -n 3 "$specs"/capture_*.log
-  timeout "$((cap - (SECONDS - started)))" python3 benchmarks/precompile.py "$specs"/*.json
+  timeout -k 10 "$((cap - (SECONDS - started)))" python3 benchmarks/precompile.py "$specs"/*.json
   if [ -z "${SKIP_COMPILE:-}" ]; then
     wait "$compiled"
     echo "torch.compile competitors warmed (rc=$?):"
