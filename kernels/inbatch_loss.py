@@ -2376,7 +2376,7 @@ def _bwd_split(programs: int, walk_tiles: int, n_sm: int) -> int:
     timing). Each split writes float32 partial gradients, summed in split order
     (:func:`_sum_splits`). The single-branch kernels have 288 / 312 programs there and do not
     split: with the split's loop bounds (even a constexpr-chosen ``0``) their unsplit loops
-    compiled ~10 instructions a tile longer (sm_90, Triton 3.6), the three-branch ones 3-7 of
+    compiled ~10 instructions a tile longer (sm_90, Triton 3.6), the three-branch ones 3-5 of
     1,060-1,620."""
     if programs >= 2 * n_sm:
         return 1
