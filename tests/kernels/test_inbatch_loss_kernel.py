@@ -1,7 +1,9 @@
 """Triton in-batch loss kernels (``kernels/inbatch_loss.py``) against the float64 reference.
 
 Runs under ``TRITON_INTERPRET=1`` on the CPU (tests/conftest.py sets it), fp32 and fp16 only
-(bf16 is silently wrong in the interpreter; the GPU benchmark checks it). Shapes stay tiny:
+(bf16 is silently wrong in the interpreter; the GPU benchmark checks it); on a CUDA machine
+the same tests run the compiled kernels (inputs are drawn on the CPU from seeded generators,
+then moved to ``DEVICE``; brute-force definitions compare on the CPU). Shapes stay tiny:
 the interpreter costs about a second per launch and the kernels use 16-wide tiles there, so
 R, N <= 40 and d <= 48 still cross several tile borders and the d tail.
 """
@@ -25,6 +27,7 @@ from odmt_components.kernels.reference import (
 
 PAD = 0
 IGNORE = -100
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -93,6 +96,7 @@ def _make_batch(
         base = torch.randint(0, n_items + 1, (R, S), generator=g)
         if all_but_target_rows:
             base[:all_but_target_rows] = torch.arange(1, S + 1).clamp(max=n_items)
+        base = base.to(DEVICE)  # before the views below, whose strides are the point
         if excl == "full":
             exclude = base
         elif excl == "expanded":  # one user's history shared by every row: stride 0 along rows
@@ -106,9 +110,10 @@ def _make_batch(
     else:  # extreme: very rare and very popular items side by side
         log_q = torch.where(torch.rand(N, generator=g) < 0.5, torch.tensor(-25.0), torch.tensor(-1e-4))
         log_q = log_q + torch.randn(N, generator=g)
-    qs = [(scale * torch.randn(R, d, generator=g)).to(dtype) for _ in range(branches)]
-    cs = [(scale * torch.randn(N, d, generator=g)).to(dtype) for _ in range(branches)]
-    return qs, cs, target, cand, exclude, log_q
+    qs = [(scale * torch.randn(R, d, generator=g)).to(DEVICE, dtype) for _ in range(branches)]
+    cs = [(scale * torch.randn(N, d, generator=g)).to(DEVICE, dtype) for _ in range(branches)]
+    log_q = None if log_q is None else log_q.to(DEVICE)
+    return qs, cs, target.to(DEVICE), cand.to(DEVICE), exclude, log_q
 
 
 def _leaf(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -148,7 +153,7 @@ def _check_ce(qs, cs, target, cand, exclude, log_q, reduction, dtype, seed=0, pa
     )
     assert out.dtype == torch.float32 and out.shape == ref.shape
     _assert_close(out, ref, dtype, "fwd", "loss", _value_scale(qs, cs, target, log_q, reduction))
-    w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(DEVICE)
     gq, gc = torch.autograd.grad((out * w.float()).sum(), (q, c))
     rq, rc = torch.autograd.grad((ref * w).sum(), (q64, c64))
     assert gq.dtype == dtype and gc.dtype == dtype
@@ -259,7 +264,7 @@ def test_ce_strided_inputs_match_contiguous_and_backward_is_deterministic():
     assert exclude.stride(0) == 0
     # queries stored transposed, candidates every other row of a bigger buffer, strided ids
     q_nc = _leaf(qs[0].t().contiguous().t())
-    big = torch.zeros(2 * cs[0].shape[0], cs[0].shape[1] + 3)
+    big = torch.zeros(2 * cs[0].shape[0], cs[0].shape[1] + 3, device=DEVICE)
     big[::2, 1 : 1 + cs[0].shape[1]] = cs[0]
     c_nc = big[::2, 1 : 1 + cs[0].shape[1]].detach().requires_grad_(True)
     cand_nc = torch.stack([cand, cand], 1)[:, 1]
@@ -338,7 +343,7 @@ def _check_odmt(qs, cs, target, cand, exclude, log_q, T, detach, form, reduction
     for name, a, b in zip(DistillationLosses._fields, out, ref, strict=True):
         assert a.dtype == torch.float32 and a.shape == ()
         _assert_close(a, b, dtype, "fwd", name, size)
-    w = torch.randn(len(ref), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    w = torch.randn(len(ref), generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(DEVICE)
     grads = torch.autograd.grad(sum(float(wi) * x for wi, x in zip(w, out, strict=True)), q + c)
     ref_grads = torch.autograd.grad(sum(wi * x for wi, x in zip(w, ref, strict=True)), [*q64.values(), *c64.values()])
     names = [f"d q_{m}" for m in BRANCHES] + [f"d c_{m}" for m in BRANCHES]
@@ -860,16 +865,25 @@ def _flag_case(case: str, dtype: torch.dtype, branches: int):
         exclude = torch.stack([cand[2], cand[35], cand[47], torch.tensor(999)])[None, :].expand(R, 4)
         target[-1] = 35  # the target column itself is excluded by the history, yet kept
     target[[7, 20]] = IGNORE
-    log_q = torch.rand(N, generator=g).add(1e-3).log()
-    qs = [(0.6 * torch.randn(R, 24, generator=g)).to(dtype) for _ in range(branches)]
-    cs = [(0.6 * torch.randn(N, 24, generator=g)).to(dtype) for _ in range(branches)]
-    return qs, cs, target, cand, exclude, log_q
+    log_q = torch.rand(N, generator=g).add(1e-3).log().to(DEVICE)
+    qs = [(0.6 * torch.randn(R, 24, generator=g)).to(DEVICE, dtype) for _ in range(branches)]
+    cs = [(0.6 * torch.randn(N, 24, generator=g)).to(DEVICE, dtype) for _ in range(branches)]
+    if exclude is not None:  # a shared history stays a stride-0 view on the device
+        shared = exclude.stride(0) == 0
+        exclude = exclude[:1].to(DEVICE).expand(R, -1) if shared else exclude.to(DEVICE)
+    return qs, cs, target.to(DEVICE), cand.to(DEVICE), exclude, log_q
+
+
+def _cpu(*tensors):
+    """The tensors (or None) on the CPU, where the brute-force definitions loop."""
+    return tuple(None if t is None else t.cpu() for t in tensors)
 
 
 def _brute_force_flags(target, cand, exclude, block_r: int, block_n: int) -> torch.Tensor:
     """The minimal grid, by definition: a row tile x column tile pair is flagged iff some
     valid row r has its target column in it, or a non-padding column whose id is r's target
     item or one of its excluded ids."""
+    target, cand, exclude = _cpu(target, cand, exclude)
     R, N = target.numel(), cand.numel()
     flags = torch.zeros(-(-R // block_r), -(-N // block_n), dtype=torch.int8)
     for r in range(R):
@@ -885,18 +899,20 @@ def _brute_force_flags(target, cand, exclude, block_r: int, block_n: int) -> tor
 
 
 def _target_tiles_only(p: dict, block_r: int, block_n: int) -> torch.Tensor:
-    """The grid of a batch without exclusions: only each valid row's target column tile."""
+    """The grid of a batch without exclusions: only each valid row's target column tile (on
+    the batch's device: the kernels read it)."""
     tgt = p["rows"][0].long()
     valid = tgt >= 0
-    grid = torch.zeros(-(-tgt.numel() // block_r), -(-p["sorted"][0].numel() // block_n), dtype=torch.int8)
-    grid[torch.arange(tgt.numel())[valid] // block_r, tgt[valid] // block_n] = 1
+    shape = (-(-tgt.numel() // block_r), -(-p["sorted"][0].numel() // block_n))
+    grid = torch.zeros(shape, dtype=torch.int8, device=tgt.device)
+    grid[torch.arange(tgt.numel(), device=tgt.device)[valid] // block_r, tgt[valid] // block_n] = 1
     return grid
 
 
 def _pad_only_ids(cand: torch.Tensor) -> torch.Tensor:
     """Distinct ids for every non-padding column: with ``exclude_ids=None`` the reference then
     drops padding only -- what the kernels compute where no tile pair is flagged."""
-    return torch.where(cand == PAD, PAD, torch.arange(1, cand.numel() + 1))
+    return torch.where(cand == PAD, PAD, torch.arange(1, cand.numel() + 1, device=cand.device))
 
 
 @pytest.mark.parametrize("case", FLAG_CASES)
@@ -907,7 +923,7 @@ def test_tile_flags_are_the_minimal_grid(case):
     for target_ in (target, target.int()):
         p = K._prep(target_, cand, exclude, None, PAD, IGNORE)
         for block_r, block_n in [(16, 16), (8, 32), (32, 4), (1, 1), (64, 64)]:
-            got = K._tile_flags(p, block_r, block_n)
+            got = K._tile_flags(p, block_r, block_n).cpu()
             assert torch.equal(got, _brute_force_flags(target, cand, exclude, block_r, block_n)), (block_r, block_n)
     grid = K._tile_flags(p, 16, 16)
     if case == "absent":
@@ -1018,6 +1034,7 @@ def test_kernels_take_the_path_their_flags_say(monkeypatch, grid):
 def _brute_force_drops(target, cand, exclude) -> list[list[int] | None]:
     """Per row, the sorted columns dropped for an id, one entry per (id slot, column) as
     the lists count them (the target column left out; None on ignored rows), by definition."""
+    target, cand, exclude = _cpu(target, cand, exclude)
     out = []
     for r in range(target.numel()):
         t = int(target[r])
@@ -1057,6 +1074,7 @@ def _brute_force_list_flags(target, cand, exclude, width: int, block_r: int, blo
     """The grid with dense pairs raised to 2, by definition: a flagged pair where some row of
     the row tile has three or more dropped columns in the column tile, or where some row of
     the row tile drops more columns than its list holds."""
+    target, cand, exclude = _cpu(target, cand, exclude)
     flags = _brute_force_flags(target, cand, exclude, block_r, block_n)
     for r, cols in enumerate(_brute_force_drops(target, cand, exclude)):
         if cols is None:
@@ -1080,10 +1098,10 @@ def test_list_flags_raise_exactly_the_dense_pairs():
         p = K._prep(target, cand, exclude, None, PAD, IGNORE)
         width = K._dl_width(p["S"])
         for block_r, block_n in [(16, 16), (8, 32), (32, 4), (64, 64)]:
-            got = K._list_flags(p, block_r, block_n)
+            got = K._list_flags(p, block_r, block_n).cpu()
             want = _brute_force_list_flags(target, cand, exclude, width, block_r, block_n)
             assert torch.equal(got, want), (case, block_r, block_n)
-            assert torch.equal(K._tile_flags(p, block_r, block_n), want.clamp(max=1))  # the cached 0/1 grid
+            assert torch.equal(K._tile_flags(p, block_r, block_n).cpu(), want.clamp(max=1))  # the cached 0/1 grid
             seen |= set(got.unique().tolist())
     assert seen == {0, 1, 2}
 
@@ -1123,6 +1141,7 @@ def _brute_force_col_flags(target, cand, exclude, width: int, block_r: int, bloc
     """The column-wise kernel's grid, by definition: a flagged pair is dense where some
     column has three or more dropping rows (with their repeats) in the row tile, or where
     some row of the row tile drops more columns than its list holds."""
+    target, cand, exclude = _cpu(target, cand, exclude)
     flags = _brute_force_flags(target, cand, exclude, block_r, block_n)
     drops = _brute_force_drops(target, cand, exclude)
     for r, cols in enumerate(drops):
@@ -1147,7 +1166,7 @@ def test_column_lists_and_their_flags(case):
     complete = [cols is not None and len(cols) <= width - 2 for cols in drops]
     end = K._DL_END.value
     for block_r, block_n in [(16, 16), (4, 32), (64, 8)]:
-        got = K._col_list_flags(p, block_r, block_n)
+        got = K._col_list_flags(p, block_r, block_n).cpu()
         assert torch.equal(got, _brute_force_col_flags(target, cand, exclude, width, block_r, block_n))
         rows, offsets = K._col_lists(p, block_r)
         assert rows.dtype == offsets.dtype == torch.int32 and offsets.numel() == cand.numel() + 1
@@ -1184,10 +1203,10 @@ def test_without_lists_matches_reference(monkeypatch, case):
 def test_lists_only_where_they_can_hold_a_rows_ids():
     """From 62 excluded ids on, a row whose ids are all candidates overflows its list: such
     calls read none (and the interpreter's calls of any size read them)."""
-    cand = torch.arange(1, 49)
-    target = torch.arange(45)
+    cand = torch.arange(1, 49, device=DEVICE)
+    target = torch.arange(45, device=DEVICE)
     for S, on in [(0, True), (15, True), (61, True), (62, False), (200, False)]:
-        exclude = torch.randint(1, 49, (45, S), generator=torch.Generator().manual_seed(S))
+        exclude = torch.randint(1, 49, (45, S), generator=torch.Generator().manual_seed(S)).to(DEVICE)
         assert K._prep(target, cand, exclude, None, PAD, IGNORE)["lists_on"] == on, S
 
 
