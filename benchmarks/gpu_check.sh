@@ -47,14 +47,14 @@ step() {  # step NAME SECONDS COMMAND...: run with a cap, keep the log, show its
 } 2>&1 | tee "$OUT/setup.log"
 
 warm() {  # capture the benchmarks' compile requests, compile them in parallel (see above)
-  local cap=${CAP_WARM:-120} started=$SECONDS specs=/tmp/odmt_specs pids=()
+  local cap=${CAP_WARM:-120} started=$SECONDS specs=/tmp/odmt_specs pids=() compiled=""
   mkdir -p "$specs"
   rm -f "$specs"/*.json
   echo "=== warm (cap ${cap}s)"
   if [ -z "${SKIP_COMPILE:-}" ]; then
     WARM_COMPILED=1 timeout -k 10 "$cap" python3 benchmarks/bench_inbatch_loss.py >"$specs/compiled.log" 2>&1 &
+    compiled=$!  # ($! is unbound under set -u while no job was started)
   fi
-  local compiled=$!
   for bench in attention inbatch_loss odmt_step; do
     CAPTURE="$specs/$bench.json" timeout -k 10 "$((cap / 2))" python3 "benchmarks/bench_$bench.py" \
       >"$specs/capture_$bench.log" 2>&1 &
@@ -63,7 +63,7 @@ warm() {  # capture the benchmarks' compile requests, compile them in parallel (
   wait "${pids[@]}"
   tail -n 3 "$specs"/capture_*.log
   timeout -k 10 "$((cap - (SECONDS - started)))" python3 benchmarks/precompile.py "$specs"/*.json
-  if [ -z "${SKIP_COMPILE:-}" ]; then
+  if [ -n "$compiled" ]; then
     wait "$compiled"
     echo "torch.compile competitors warmed (rc=$?):"
     tail -n 3 "$specs/compiled.log"
