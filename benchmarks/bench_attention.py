@@ -12,7 +12,9 @@ heads x dim 2x384, 12x64, 4x64; bf16):
    eager PyTorch, SDPA with a boolean mask and compiled FlexAttention on the same inputs, and
    our forward with dropout 0.1 ("ours" is the default rule: the short backward, the short
    forward from D = 128 and the blocked one below; the blocked pair and both mixed pairs are
-   timed beside it, ``FLEX=0`` leaves FlexAttention out); then, time permitting (``SWEEP_BUDGET_S``, default 140 s
+   timed beside it, ``FLEX=0`` leaves FlexAttention out), and where one forward+backward of
+   ours spends its time (``device_time.kernel_breakdown``: each kernel's device time under
+   ``torch.profiler`` against the call's wall time); then, time permitting (``SWEEP_BUDGET_S``, default 140 s
    since start; ``SWEEP=0`` turns it off), our kernel with a few other block sizes, so one run
    tells whether the block-size heuristic is right on that card;
 4. prints a table: times, each anchor's time over ours, and the fraction of the memory
@@ -75,8 +77,10 @@ def _load_kernels():
 attention, reference = _load_kernels()
 
 CAPTURE = os.environ.get("CAPTURE", "")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from device_time import format_breakdown, kernel_breakdown  # noqa: E402
+
 if CAPTURE:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import precompile  # noqa: E402
 
     precompile.capture(CAPTURE)
@@ -257,6 +261,18 @@ def record(key: str, fn, **kw) -> float | None:
     res[key] = t * 1000.0
     print(f"{key:44s} {t * 1000:10.1f} us", flush=True)
     return t * 1000.0
+
+
+def breakdown(key: str, fn, grads) -> None:
+    """Each kernel's device time in a call of ``fn`` against its wall time (``device_time``)."""
+    if CAPTURE:
+        return
+    try:
+        res[f"{key}_breakdown"] = report = kernel_breakdown(fn, tuple(grads))
+        print(format_breakdown(key, report), flush=True)
+    except Exception as e:
+        res[f"{key}_breakdown"] = f"ERR {type(e).__name__}: {str(e)[:200]}"
+        print(f"{key} breakdown: ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
 
 
 # ---------------------------------------------------------------------------------- ceilings
@@ -506,6 +522,8 @@ def case(heads: int, dim: int, tag: str) -> None:
         record(f"{tag}_{name}_fwd", fwd, rep=rep)
         record(f"{tag}_{name}_fwdbwd", fwd_bwd, rep=min(rep, 100))
         q.grad = k.grad = v.grad = None
+        if name == "ours":
+            breakdown(f"{tag}_ours_fwdbwd", fwd_bwd, (q, k, v))
 
     def fwd_dropout():
         with torch.no_grad():

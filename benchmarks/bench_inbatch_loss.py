@@ -17,7 +17,11 @@ On a CUDA GPU:
    target excluded, random log-popularity correction), and Liger's fused linear CE and
    Cut Cross-Entropy on the plain CE they are limited to (no exclusion, no logQ);
    plus, for ours, each kernel family alone: the forward op (split kernel + combine), the
-   row-wise dQ kernel and the column-wise dC kernel (each with its small wrapper ops);
+   row-wise dQ kernel and the column-wise dC kernel (each with its small wrapper ops); our
+   plain CE too (distinct candidate ids, no exclusion, no logQ: the libraries' math), so
+   what the correction and exclusion cost shows beside them; and where one call's time goes
+   (``device_time.kernel_breakdown``: each kernel's device time under ``torch.profiler``
+   against the call's wall time -- host-bound or kernel-bound, and which kernel);
 4. prints the registers and spills of every compiled kernel of ours
    (``inbatch_loss.KERNEL_STATS``) and a table: times, peak MB, our speed-up over each
    competitor, the arithmetic floor (forward 2RNd + backward 6RNd FLOPs per branch at the
@@ -75,8 +79,10 @@ if not DRY and not AOT and not torch.cuda.is_available():
 
 from odmt_components.kernels import inbatch_loss as K  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from device_time import format_breakdown, kernel_breakdown  # noqa: E402
+
 if CAPTURE:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import precompile  # noqa: E402
 
     precompile.capture(CAPTURE)
@@ -409,8 +415,27 @@ def correctness() -> bool:
 # ---------------------------------------------------------------------------------------
 
 
+def breakdown(key: str, fn, grads) -> None:
+    """Each kernel's device time in a call of ``fn`` (see ``device_time``), logged and kept."""
+    if UNTIMED:
+        return
+    try:
+        RES[f"{key}_breakdown"] = report = kernel_breakdown(fn, tuple(grads))
+        print(format_breakdown(key, report), flush=True)
+    except Exception as exc:
+        RES[f"{key}_breakdown"] = f"ERR {type(exc).__name__}: {str(exc)[:200]}"
+        print(f"{key} breakdown: ERROR {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+
+
 def lib_timings(tag: str, Hs, Ds, target, log_pop, grads) -> None:
-    """Liger's fused linear CE and Cut Cross-Entropy on the plain CE."""
+    """Our plain CE, Liger's fused linear CE and Cut Cross-Entropy on the plain CE."""
+    plain_ids = torch.arange(Ds[0].shape[0], device=DEV)  # distinct: no other copy of a target
+
+    def ours_plain():
+        K.debiased_inbatch_cross_entropy(Hs[0], Ds[0], target, plain_ids, None, None, PAD, IGNORE, "mean").backward()
+
+    measure(f"{tag}_ours_plain", ours_plain, grads, rep=100)
+    breakdown(f"{tag}_ours_plain", ours_plain, grads)
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as lflce
 
@@ -453,6 +478,7 @@ def loss_case(R: int, N: int, d: int, tag: str, odmt: bool, seq_users: int = 0) 
     for name, ours, eager, parts in variants:
         if not WARM_COMPILED:
             measure(f"{tag}_{name}_ours", lambda f=ours: f().backward(), grads, rep=100)
+            breakdown(f"{tag}_{name}_ours", lambda f=ours: f().backward(), grads)
             for part, fn in parts.items():
                 measure(f"{tag}_{name}_ours_{part}", fn, (), rep=40)
         need = 14 * R * N * (3 if name == "odmt3" else 1)
@@ -631,10 +657,10 @@ def fmt(v, unit: str = "") -> str:
 def table(cases) -> None:
     print()
     print(
-        "| case | ours ms (MB) | ours fwd / dq / dc ms | eager ms (MB) | compile ms (MB) | Liger plain ms "
-        "| CCE plain ms | floor ms | ours/floor |"
+        "| case | ours ms (MB) | ours fwd / dq / dc ms | eager ms (MB) | compile ms (MB) | ours plain ms "
+        "| Liger plain ms | CCE plain ms | floor ms | ours/floor |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for tag, (R, N, d), odmt in cases:
         for name in ["ce"] + (["odmt3"] if odmt else []):
             key = f"{tag}_{name}"
@@ -648,12 +674,17 @@ def table(cases) -> None:
                     cell += f" = {t / ours:.2f}x ours"
                     RES[f"{key}_speedup_vs_{comp}"] = t / ours
                 cells.append(cell)
+            plain = RES.get(f"{tag}_ours_plain_ms") if name == "ce" else None
+            cells.append(fmt(plain))
             for lib in ("liger_plain", "cce_plain"):
                 t = RES.get(f"{tag}_{lib}_ms")
                 cell = fmt(t)
                 if isinstance(t, float) and isinstance(ours, float) and ours > 0:
                     cell += f" = {t / ours:.2f}x ours"
                     RES[f"{key}_speedup_vs_{lib}"] = t / ours
+                    if isinstance(plain, float) and plain > 0:  # the same math on both sides
+                        cell += f" ({t / plain:.2f}x ours plain)"
+                        RES[f"{key}_plain_speedup_vs_{lib}"] = t / plain
                 cells.append(cell)
             floor = RES.get(f"{key}_floor_ms")
             cells.append(fmt(floor))

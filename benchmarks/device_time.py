@@ -1,0 +1,76 @@
+"""Where one call's time goes: each GPU kernel's device time beside the call's wall time.
+
+The benchmarks time whole calls (``do_bench``) and each kernel family alone; this adds, for
+a few calls of the same function under ``torch.profiler``, the device time of every kernel
+launched (CUPTI: Triton's kernels, the small preparation kernels, PyTorch's own), their sum,
+and the wall time of the calls. A wall time well above the device sum means the call is
+bound by the host (launch overhead, Python), which no kernel change fixes; a kernel that
+takes most of the sum is the one to work on. On a machine without CUDA (the benchmarks' DRY
+runs) the same code reports the CPU operators' own time, so the plumbing is exercised.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def kernel_breakdown(fn: Callable[[], object], grads: tuple = (), calls: int = 3, top: int = 12) -> dict:
+    """Profiles ``calls`` calls of ``fn`` (after one unprofiled warm-up call).
+
+    ``grads``: tensors whose ``.grad`` is reset before each call (as the timings do). Returns
+    ``wall_us`` and ``device_us`` per call, and ``kernels``: the ``top`` kernels by time,
+    each ``[launches per call, us per call]``, largest first, plus ``other`` for the rest.
+    """
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def one_call() -> None:
+        for g in grads:
+            g.grad = None
+        fn()
+
+    one_call()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            one_call()
+        sync()
+        wall_s = time.perf_counter() - start
+    rows = []
+    for event in prof.key_averages():
+        if cuda:
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = event.self_device_time_total
+        else:
+            us = event.self_cpu_time_total
+        if us > 0:
+            rows.append((us / calls, event.count / calls, event.key))
+    rows.sort(reverse=True)
+    kernels = {name: [round(count, 2), round(us, 1)] for us, count, name in rows[:top]}
+    rest = rows[top:]
+    if rest:
+        kernels["other"] = [round(sum(r[1] for r in rest), 2), round(sum(r[0] for r in rest), 1)]
+    return dict(
+        wall_us=round(wall_s / calls * 1e6, 1),
+        device_us=round(sum(r[0] for r in rows), 1),
+        kernels=kernels,
+        unit="CUDA kernels" if cuda else "CPU operators (no CUDA here)",
+    )
+
+
+def format_breakdown(key: str, report: dict) -> str:
+    """A few lines for the log: the totals, then one line a kernel."""
+    lines = [
+        f"{key}: wall {report['wall_us']:,.1f} us a call, {report['unit']} {report['device_us']:,.1f} us "
+        f"({report['device_us'] / max(report['wall_us'], 1e-9):.0%} of the wall time)"
+    ]
+    for name, (count, us) in report["kernels"].items():
+        lines.append(f"    {us:11,.1f} us  x{count:<5g} {name[:90]}")
+    return "\n".join(lines)

@@ -1,0 +1,38 @@
+"""``benchmarks/device_time.py``: the per-kernel breakdown the GPU benchmarks print (here on
+the CPU, where it reports the operators' own time)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "device_time.py"
+_spec = importlib.util.spec_from_file_location("device_time", _PATH)
+device_time = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(device_time)
+
+
+def test_breakdown_counts_launches_per_call_and_resets_grads():
+    a = torch.randn(64, 64, requires_grad=True)
+    seen_grads = []
+
+    def step():
+        seen_grads.append(a.grad)
+        ((a @ a) @ a).sum().backward()
+
+    report = device_time.kernel_breakdown(step, grads=(a,), calls=3, top=50)
+    assert seen_grads == [None] * 4  # the warm-up and three profiled calls each start clean
+    assert report["kernels"]["aten::mm"][0] == 6  # two forward products, four in the backward
+    total = sum(us for _, us in report["kernels"].values())
+    assert abs(total - report["device_us"]) <= 0.1 * len(report["kernels"]) + 1e-6
+    assert 0 < report["device_us"] <= report["wall_us"] * 1.05
+
+
+def test_breakdown_folds_the_tail_into_other():
+    a = torch.randn(32, 32)
+    report = device_time.kernel_breakdown(lambda: (a @ a).relu().sum().exp(), calls=2, top=1)
+    assert len(report["kernels"]) == 2 and "other" in report["kernels"]
+    lines = device_time.format_breakdown("case", report).splitlines()
+    assert lines[0].startswith("case: wall ") and len(lines) == 3
