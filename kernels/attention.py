@@ -47,29 +47,19 @@ The backward writes dQ, dK, dV once; no atomics, no ``delta`` tensor. With one c
 64``) each tile is a single load, read once, all in one kernel; nothing inside a pair can be
 pipelined, so the programs are persistent: one an SM, each walking the pairs ``pid, pid +
 programs, ...``, and Triton's software pipeline issues the next pairs' loads (asynchronous
-copies into shared memory) while this pair's math runs -- one program per pair had run its
-loads and its math in turn (Run 5: the short forward at 12 x 64 at 2.5x the memory
-roofline). With several chunks (``D > 64``), one pair a program and the chunk loops
-software-pipelined (three stages), the backward is split in two launches (``_SPLIT_BWD``):
+copies into shared memory) while this pair's math runs. With several chunks (``D > 64``),
+one pair a program and the chunk loops software-pipelined (three stages), the backward is
+split in two launches (``_SPLIT_BWD``):
 the pair's kernel runs up to dS and stores it (input dtype, ``(B*H, L, BL)`` scratch, freed
 after the call), then ``_attn_bwd_dqdk_kernel`` runs the last loop over (pair, group of
-chunks) programs, each reading dS once. Run 5 timed the one-kernel form at 2 x 384 at ~3x its
-share of the memory roofline (one 255-register program an SM running three passes in turn);
-split, the first kernel has the forward's shape and the second is small and several to an
-SM. ``_SPLIT_BWD = False`` keeps the one-kernel form (its last loop re-reads K, Q from L2).
+chunks) programs, each reading dS once: the first kernel has the forward's shape, the second
+is small and several to an SM. ``_SPLIT_BWD = False`` keeps the one-kernel form (its last
+loop re-reads K, Q from L2).
 
 The two ``(BL x BL)`` float32 tiles (S, then dP; P kept in 16 bits between them) take 8 warps
-at ``BL = 128``. An sm_90 compile on the CPU machine (``AOT=1 python
-benchmarks/bench_attention.py``, Triton 3.9, unit strides specialised as the launcher does):
-forward 162 / 184 registers a thread at D = 384 / 64, backward 240 (split, no spills) / 255
-with 208 B of spills (the persistent kernel's loop-invariant addresses), dQ/dK kernel 101;
-shared memory 96 / 137 KB forward, 144 / 161 KB backward, 112 KB dQ/dK; with dropout up to
-616 B of spills (D = 64 backward). A persistent loop around the chunked kernels cost ~100
-registers and spills at D = 384, hence one pair a program there. At 4 warps everything
-spills 0.2-3.5 KB. ``tl.rand``, one Philox draw per element keeping one of its four numbers,
-had spilled up to 1.5 KB and doubled the short kernels' instructions at D = 64 (now
-``tl.rand4x``). Compile-only numbers: timings come from the benchmark on a GPU. If no
-configuration fits the card (shared memory), the blocked kernels below run instead.
+at ``BL = 128``. If no configuration fits the card (shared memory), the blocked kernels below
+run instead. Registers, spills and the measurements behind these choices:
+``kernels/DESIGN.md``.
 
 Tiling: blocked kernels (longer sequences)
 ------------------------------------------

@@ -84,155 +84,24 @@ A three-branch grid smaller than two programs an SM (the paper scale: 144 / 156 
 one SM each) also splits its walk (``_bwd_split``, grid axis 2): each split writes float32
 partials, which ``_sum_splits_kernel`` adds in split order -- still deterministic.
 
-Exclusion-present flags: for almost every (row tile, column tile) pair no column of the
-tile is a row's target column, another copy of its target item or one of its excluded ids,
-so the kernels run the exclusion test, the one-hot term and the target score only where
-they can change something. ``_tile_flags`` builds, per call and per tile shape ``(BLOCK_R,
-BLOCK_N)``, a ``(cdiv(R, BLOCK_R), cdiv(N, BLOCK_N))`` byte grid: ``flag[r // BLOCK_R, j //
-BLOCK_N] = 1`` iff row ``r`` is valid and ``j == target[r]``, or ``candidate_ids[j] !=
-pad_id`` is ``r``'s target item or one of ``exclude_ids[r, :]``. Construction, no host sync and nothing of size ``R x N``: the candidate
-ids are sorted once per call (stable: values and original columns); per column-tile width a
-few PyTorch ops group the sorted run of each id by column tile (``pos``: group of each sorted
-position, ``gstart``: first position of each group, all fixed-size ``O(N)`` tensors); then
-one launch of ``_flag_kernel`` per tile shape binary-searches each of the ``R (S + 1)`` ids of
-the rows in the sorted ids, one program per (block of rows, id slot) so that the searches
-run in parallel (ids equal to ``pad_id`` skipped; absent ids find an empty range), and
-stores a 1 for each column tile holding that id -- skipping the tile whose only such
-column is the row's target column -- by idempotent byte stores, no atomics. (Run 4 on an
-H100 had one program walk its rows' ``S + 1`` ids in turn: the paper-scale forward took
-1.37 ms against 0.21 ms without flags in Run 3. Run 5 measured the parallel layout, with the
-searches done by ``torch.searchsorted`` over an ``(R, S + 1)`` copy of the ids: forward
-0.62 ms; prep plus one grid 0.34 ms at the paper scale, where the host's launch overhead of
-~25 small operations bounds it, and 0.47-0.67 ms at 16k. The searches then moved back into
-this kernel so that ``exclude_ids`` is read in place: unmeasured.) The work is
-``R (S + 1) log N`` plus one store per (row, id, column tile of the id): even the
-pathological batch of one item repeated in every column costs ``R (S + 1) N / BLOCK_N``
-stores, a ``BLOCK_N``-th of one pass of the old compare, and then flags every pair (the
-kernels do what they did before). Forward, dQ and dC use different tiles (and the fallback
-chain may shrink a tile), so each launch asks for the grid of exactly its own tile shape
-(built once per call and shape, cached in the call's prep dict): every tile reads one byte,
-with no OR over finer flags. dQ/forward programs read ``flag[program row tile, n0 //
-BLOCK_N]``, dC programs ``flag[r0 // BLOCK_R, program column tile]``.
-
-In the kernels, per tile, a uniform branch on the flag. The single-branch kernels add a
-per-column bias to the raw scores first (``-log Q``, or ``-inf`` on padding and past N, built
-once per call, ``_col_bias_tensor``: one fp32 load per column instead of the int64 id and
-log Q); unset, that add is the whole rule -- no target column, no one-hot, no per-element
-mask; the three-branch kernels form ``keep`` from the padding compare per column. Set
-(``_drop_tile``, the column ids read there): the target one-hot and the full test, one
-compare-or per element and id against the row's target item id and its excluded ids. In the row-wise kernels (forward,
-dQ) the ``S_PAD <= 16`` excluded ids of the row tile are loaded once before the column loop
-(``_hoist_ids``: a tuple of int32 vectors); loaded in the flagged branch of every tile, sm_90
-SASS showed the sixteen loads issued one after another, each waiting for the previous
-compare. The column-wise kernels (dC), whose rows change every step, and ``S > 16`` (16-wide
-chunks) load them in the branch. Compares run in int32 when the pad id and every candidate
-id fit (``_ids_fit``: one device flag per call, read once per program; a per-tile min/max of
-the column ids cost three CTA barriers per tile); excluded ids outside int32 are replaced by
-the pad id there (they can match no candidate, and padding is dropped anyway); otherwise
-int64. Raw int64 inputs and stride-0 views of ``exclude_ids`` are read in place, by the flag
-builder too. A ``(BLOCK_R, S)`` register tile of the ids (tried first, before the tuple) made
-the compiler hoist sixteen extracted vectors and spill ~2.5 KB a thread.
-
-Drop lists (the single-branch kernels, the three-branch forward and dC): a flagged pair of
-the anchors' layout holds a handful of dropped elements among its thousands, yet the id test
-costs one compare an element and id (17 at 15 excluded ids). So ``_drop_lists`` lays out,
-per call, each row's dropped columns -- every column whose id is its target item or one of
-its excluded ids, but the target column -- sorted, ``(R, DL_K)`` int32 (``DL_K =
-_dl_width(S)``: 16 to 64), from one search per (row, id) in the sorted ids and a per-row
-cumulative count, no host sync. The flag grids of the kernels that read them raise a flagged
-pair to 2, "dense", where a row has three or more dropped columns in the column tile or some
-row of the row tile has more than ``DL_K - 2`` (its list then left empty; ``_list_flags``,
-``_dense_kernel``); the column-wise kernel's grid where a column has three or more dropping
-rows in the row tile (``_col_list_flags``, ``_dense_cols_kernel``, over the lists' (column,
-row) pairs sorted by column). On a sparse pair (flag 1) each row (dC: each column) compares
-against its next two entries, held in registers: a cursor per row walks a list that keeps at
-most two entries per column tile (``_tile_lists``; dC: per row tile, ``_col_lists``), so it
-advances by the pair on every flagged tile, its next two loads issued there and first read
-after the next tile's dot. Dense pairs run the id test above. (A forward split reads where
-each row's walk starts, ``_split_starts``.)
-Instructions a thread per flagged tile at 16k, sm_90 SASS of Triton 3.9 (3.6): forward 1,639
--> 888 (1,549 -> 863) on a 128 x 64 tile, dQ 741 -> 429 (705 -> 414), dC 804 -> 489 (808 ->
-488); unflagged 607 (616), 282 (263), 314 (326); a dense tile about what a flagged one cost
-before. Three-branch (3.9): forward 2,359 -> 2,085, dC ~2,100 -> ~1,500; the three-branch dQ
-keeps the id test (its flagged tiles cost 14% over unflagged ones; with lists Triton 3.6
-spilled 136 B instead of 80, nine more reloads on its unflagged tiles). Off below
-``_DL_MIN_PAIRS`` (R * N = 2^24) and from 62 excluded ids on.
-
-How many pairs are flagged depends on the data (printed by the benchmark for each case).
-Measured with ``_tile_flags`` on the CPU at R = N = 16,384, 15 excluded ids: the anchors'
-layout (targets and histories drawn at random over all columns, so each row tile's
-``BLOCK_R x 16`` ids land in random column tiles) flags 99.2% of the 64 x 64 pairs, 90.6% of
-64 x 32, 90.9% of 32 x 64 and 69.6% of 32 x 32 -- little to skip there; the ``collate_train``
-layout (1,092 users x 16 items, uniform over 4N items, rows excluding their user's items)
-flags 8.7% (64 x 64), 4.6% (64 x 32), 5.3% (32 x 64), 2.8% (32 x 32).
+Exclusion, skipped where it cannot matter
+-----------------------------------------
+For almost every (row tile, column tile) pair no column is a row's target column, another
+copy of its target item or one of its excluded ids. ``_tile_flags`` builds per call and tile
+shape a ``(cdiv(R, BLOCK_R), cdiv(N, BLOCK_N))`` byte grid marking the pairs where one is
+(the candidate ids sorted once; one ``_flag_kernel`` launch binary-searches the ``R (S + 1)``
+row ids in them; no host sync, nothing of size ``R x N``), and each tile branches on its
+byte: unflagged, the per-column bias (``-log Q``, ``-inf`` on padding) is the whole rule;
+flagged, the target one-hot and the exclusion test run. A sparse flagged pair (1) compares
+each row against the next two entries of its sorted drop list (``_drop_lists``: the columns
+it drops, ``(R, DL_K)`` int32); a dense one (2) compares the column ids against the row's
+target item and excluded ids. How these were chosen, with the instruction counts and
+timings behind them: ``kernels/DESIGN.md``.
 
 Block sizes come from a fixed heuristic (``_config``), not autotuning, with a fixed
 fallback chain when a GPU refuses a tile (``_launch``); small 16-wide tiles under
 ``TRITON_INTERPRET=1``. Every launch records the compiled kernel's registers and spills in
 :data:`KERNEL_STATS` (the benchmark prints them).
-
-Performance notes (H100, bf16)
-------------------------------
-Measured (``benchmarks/RESULTS.md``, Run 5, the kernels before the lean tiles below): 16k
-CE 12.26 ms (fwd / dQ / dC = 2.86 / 5.11 / 4.27 ms; with the tile rule now, sums of measured
-parts ~9.9 ms) vs Cut Cross-Entropy 5.04 ms, floor 0.71 ms; 16k three-branch 52.98 ms (~35.8
-with the rule now) vs torch.compile 14.37 ms; 65k CE 116 ms vs CCE 67.8. On the
-``collate_train`` layout (8% of the pairs flagged) the CE forward took 1.60 ms against 2.86 on
-the anchors' layout (99% flagged): the exclusion test was ~45% of it, and the other ~1.6 ms
-were not the dot either (0.2 ms at the measured tensor-core rate).
-
-Static analysis that set the present form (Triton 3.9 sm_90 SASS of the rule's 16k tiles,
-``cuobjdump -sass`` of the ``AOT=1`` compile; **instruction counts, not timings**), in
-instructions a thread issues per column tile, before -> after:
-
-* CE forward (128 x 64, 8 warps): unflagged tile 1,572 -> 527; flagged, int32 compares
-  4,558 -> 1,630. Before: a per-element mask (padding, bounds, row validity, target one-hot,
-  ~30 predicate ops an element), the sixteen excluded-id loads of a flagged tile issued one
-  after another (one destination register, each load waiting for the previous compare) and
-  a per-tile min/max of the column ids with three CTA barriers. After: the column bias,
-  ``_hoist_ids``, ``_ids_fit``, the one-hot/target score only in flagged tiles (the target
-  column's tile is always flagged), and ``_exp`` (``ex2.approx.ftz``: no denormal fix-up,
-  three instructions an exponential less; the three-branch forward's unflagged tile 2,189 ->
-  1,824 with it).
-* CE dQ (64 x 32, 4 warps): 793 -> 288 unflagged, 2,040 -> 741 flagged.
-* CE dC (64 columns x 32-row steps, 8 warps; ids loaded per step, now batched): 487 -> 294
-  unflagged, 1,108 -> 804 flagged.
-* CE forward, loads that the dot waited on (where each load's first reader sits in the SASS
-  of the loop): Triton folds ``dot + bias`` into the dot's accumulator, so the first
-  ``HGMMA`` of every tile waited on that tile's column-bias load; the flagged branch read
-  the int64 column ids after the dot and compared right away. Now the bias is added by an
-  ``fma`` after the dot and int32 ids (``_cid32_tensor``) load before it: every load of the
-  loop's int32 path is issued ahead of the tile's dot, at 527 -> 605 instructions unflagged
-  (one FADD an element, the id loads) and 1,630 -> 1,639 flagged (16k; 65k: 429 -> 508 and
-  1,528 -> 1,528). The dQ kernel keeps the fold (two programs an SM cover each other's
-  waits; the same change made it spill); in dC the per-step excluded ids of a flagged step
-  still load in the branch (loaded before the dot they went through ``cp.async``, and the
-  step's instructions grew from 294 to 412 unflagged, 812 to 1,123 flagged: dropped).
-
-Predicted, unmeasured: each CE pass 1.5-2.5x faster on the anchors' layout; the next lent
-GPU's ``benchmarks/gpu_check.sh`` times it. Also seen in the SASS: the three-branch forward
-at 64 x 32 with 8 warps split each row's 32 columns over two warpgroups (``HGMMA.64x16``), so
-every row reduction (17 a tile) crossed them through shared memory, 71 CTA barriers in the
-kernel; the rule now gives every forward tile one warpgroup per 64 rows (36 barriers,
-``HGMMA.64x32``; Run 5 measured the same split on the CE dQ: 8 -> 4 warps, 5.11 -> 3.27 ms;
-the sweep times 8 against it). For the sweep: the 32-row steps of the CE dC make its score
-dot ``mma.sync`` (wgmma needs 64 rows a warpgroup; 64 x 64 compiles with 252 registers and no
-spills now, and ``TRANS_S`` computes ``S^T`` with wgmma).
-
-Registers and stack (spills) a thread, compile only (``AOT=1 [AOT_TILES=1] python
-benchmarks/bench_inbatch_loss.py``: registers and stack read by ``cuobjdump
---dump-resource-usage``), with the specialisation the launcher applies to contiguous inputs
-(unit strides as constants; pointers, row strides -- per branch in the three-branch kernels
--- and R, N, D divisible by 16: without it the compile has no 16-byte async copies, no
-software pipeline, and reports far more stack). Triton 3.6 on the GPU allocates differently
-(Run 5: three-branch dC 168 B at 64 x 32): the benchmark prints n_regs/n_spills. At the
-rule's tiles:
-
-* paper (1,536 x 1,664, d = 768, chunked d): ce fwd / dQ / dC 154 / 128 / 144 regs, no
-  spills; odmt fwd 194 regs, odmt dQ 112 B of stack, dC 254 regs and none.
-* big (16k, d = 256): ce fwd 192 regs, dQ 246, dC 202, no spills; odmt fwd / dQ / dC 16 /
-  120 / 544 B of stack.
-* huge (65k, d = 128): ce fwd 198 regs, dQ 236 (4 warps), dC 178, no spills.
 
 Public functions (registered as custom ops ``odmt::debiased_inbatch_ce`` and
 ``odmt::mutual_distillation``, with fake and autograd implementations; their backward
@@ -2281,7 +2150,7 @@ def _base_config(kind: str, rows: int, d: int, interpret: bool) -> dict:
             num_warps=4,
             num_stages=2,
         )
-    if full:  # three branches, 32 x 32 (larger tiles spill 2-3 KB, sm_90 compile, module docstring)
+    if full:  # three branches, 32 x 32 (larger tiles spill 2-3 KB, sm_90 compile)
         # except dC: 64 x 32 measured 15.2 ms vs 20.9 ms at 32 x 32 (Run 5, 16k, d = 256) despite
         # 168 B of spills; dQ at 64 x 32 was slower (17.9 vs 13.2 ms, 172 B)
         return dict(
