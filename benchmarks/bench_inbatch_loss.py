@@ -606,6 +606,12 @@ SWEEP = [  # most informative first: the run's time budget usually cuts the list
     # tensor-core work (the rule's 128-row tile holds the SM alone, its wgmma waited on at once)
     ("ce", "fwd", "fwd", {"BLOCK_T": 64, "BLOCK_W": 64, "num_warps": 4, "num_stages": 2}),
     ("ce", "fwd", "fwd", {"BLOCK_T": 128, "BLOCK_W": 128, "num_stages": 2}),
+    # more warps an SM to cover latencies: the rule's forward runs 8 (one 8-warp program of
+    # ~200 registers); 64 x 32 tiles take 64 KB of shared memory and 237 registers (two
+    # 4-warp programs an SM), capped at 168 three (12 warps; Triton 3.6 sm_90: 72 B of stack,
+    # 10 local loads and 4 stores on an unflagged tile of 439 instructions)
+    ("ce", "fwd", "fwd", {"BLOCK_T": 64, "BLOCK_W": 32, "num_warps": 4, "num_stages": 2}),
+    ("ce", "fwd", "fwd", {"BLOCK_T": 64, "BLOCK_W": 32, "num_warps": 4, "num_stages": 2, "maxnreg": 168}),
     # no spills any more in the sm_90 compile (252 registers), wgmma for both dots (the
     # 32-row steps of the default use mma.sync for the score dot)
     ("ce", "dc", "dc", {"BLOCK_T": 64, "BLOCK_W": 64}),
@@ -791,7 +797,11 @@ def _aot_compile(label: str, kernel, cfg: dict, meta: dict, cuobjdump: str) -> d
         ck = triton.compile(
             ASTSource(kernel, sig, constexprs=consts, attrs=aligned),
             target=GPUTarget("cuda", 90, 32),
-            options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
+            options=dict(
+                num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"],
+                **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
+            ),
         )
         out = os.environ.get("OUT") or "/tmp"
         os.makedirs(out, exist_ok=True)

@@ -2218,7 +2218,9 @@ def _launch(name: str, kernel, cfg: dict, make, *, with_do: bool):
     for i, c in enumerate(tries):
         grid, args, meta = make(c)
         try:
-            compiled = kernel[grid](*args, **meta, num_warps=c["num_warps"], num_stages=c["num_stages"])
+            # ``maxnreg`` (optional, the benchmark's sweep): a register cap, for more programs an SM
+            cap = {"maxnreg": c["maxnreg"]} if c.get("maxnreg") else {}
+            compiled = kernel[grid](*args, **meta, num_warps=c["num_warps"], num_stages=c["num_stages"], **cap)
         except Exception as exc:
             if i == len(tries) - 1 or not (isinstance(exc, OutOfResources) or _compiler_failure(exc)):
                 raise
