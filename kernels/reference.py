@@ -126,10 +126,23 @@ def debiased_logits(
     return logits.masked_fill(excluded, float("-inf"))
 
 
+def _valid_rows(target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(valid, target)`` with the ignored rows' target set to column 0. Every row is
+    computed, the ignored ones on a zero query (:func:`_zero_ignored`) and left out by
+    :func:`_reduce`: no data-dependent shapes, so ``torch.compile`` traces the whole loss, and
+    an ignored row contributes nothing, not even a NaN of its own."""
+    valid = target != ignore_index
+    return valid, torch.where(valid, target, 0)
+
+
+def _zero_ignored(queries: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return torch.where(valid[:, None], queries, 0)
+
+
 def _reduce(per_row: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    per_row = torch.where(valid, per_row, 0)
     if reduction == "none":
-        out = per_row.new_zeros(valid.shape[0])
-        return out.masked_scatter(valid, per_row)
+        return per_row
     if reduction == "sum":
         return per_row.sum()
     if reduction == "mean":
@@ -155,12 +168,9 @@ def debiased_inbatch_cross_entropy_reference(
     :func:`inbatch_exclusion_mask`). ``mean`` of no valid row is 0. ``none`` returns
     ``(R,)`` with 0 on ignored rows. Computed in float32 or wider; returned in that dtype.
     """
-    valid = target != ignore_index
-    rows_target = target[valid]
-    excluded = inbatch_exclusion_mask(
-        rows_target, candidate_ids, None if exclude_ids is None else exclude_ids[valid], pad_id
-    )
-    logits = debiased_logits(queries[valid], candidates, excluded, log_q)
+    valid, rows_target = _valid_rows(target, ignore_index)
+    excluded = inbatch_exclusion_mask(rows_target, candidate_ids, exclude_ids, pad_id)
+    logits = debiased_logits(_zero_ignored(queries, valid), candidates, excluded, log_q)
     positive = logits.gather(1, rows_target[:, None]).squeeze(1)
     per_row = torch.logsumexp(logits, dim=-1) - positive
     return _reduce(per_row, valid, reduction)
@@ -213,12 +223,9 @@ def mutual_distillation_reference(
         raise ValueError(f"form must be 'kl' or 'ce', got {form!r}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    valid = target != ignore_index
-    rows_target = target[valid]
-    excluded = inbatch_exclusion_mask(
-        rows_target, candidate_ids, None if exclude_ids is None else exclude_ids[valid], pad_id
-    )
-    logits = {m: debiased_logits(queries[m][valid], candidates[m], excluded, log_q) for m in BRANCHES}
+    valid, rows_target = _valid_rows(target, ignore_index)
+    excluded = inbatch_exclusion_mask(rows_target, candidate_ids, exclude_ids, pad_id)
+    logits = {m: debiased_logits(_zero_ignored(queries[m], valid), candidates[m], excluded, log_q) for m in BRANCHES}
     ensemble = (logits["id"] + logits["text"] + logits["image"]) / 3.0
 
     def cross_entropy(z: torch.Tensor) -> torch.Tensor:

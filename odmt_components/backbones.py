@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
+
 __all__ = ["SASRec", "GRU4Rec", "NextItNet", "build_backbone", "BACKBONES"]
 
 
@@ -63,11 +65,9 @@ def _check_inputs(
         raise ValueError(
             f"{module}: padding on {padding.device} but item_vectors on {item_vectors.device}"
         )
-    if seq_len > 1 and bool((~padding[:, :-1] & padding[:, 1:]).any()):
-        raise ValueError(
-            f"{module}: padding must be left padding (True only before the first valid item "
-            "of each row)"
-        )
+    if seq_len > 1:  # a value check (ops.set_value_checks): a device assertion under torch.compile
+        message = f"{module}: padding must be left padding (True only before the first valid item of each row)"
+        ops._raise_on_bad_values([((~padding[:, :-1] & padding[:, 1:]).any(), message)])
 
 
 class _CausalSelfAttention(nn.Module):

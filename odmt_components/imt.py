@@ -217,21 +217,15 @@ class IMT(nn.Module):
             devices.add(item_ids.device)
         if len(devices) > 1:
             raise ValueError(f"inputs are on several devices: {sorted(map(str, devices))}")
-        # The checks that read values, with one device-to-host transfer for all of them.
-        n_rows = self.id_embedding.num_embeddings if self.use_id else 0
-        flags = [
-            text_padding[:, 0].any(),
-            ~(torch.isfinite(text_tokens).all() & torch.isfinite(image_tokens).all()),
-        ]
+        # the checks that read values (one device-to-host transfer; see ops.set_value_checks)
+        checks = [(text_padding[:, 0].any(), "text_padding marks a text CLS token (position 0) as padding")]
         if self.use_id:
-            flags.append(((item_ids < 0) | (item_ids >= n_rows)).any())
-        cls_padded, not_finite, *ids_outside = torch.stack(flags).tolist()
-        if cls_padded:
-            raise ValueError("text_padding marks a text CLS token (position 0) as padding")
-        if ids_outside and ids_outside[0]:
-            raise ValueError(f"item_ids must lie in [0, {n_rows}) (0 = padding item)")
-        if not_finite:
-            raise ValueError("text_tokens or image_tokens contain NaN or inf")
+            n_rows = self.id_embedding.num_embeddings
+            outside = ((item_ids < 0) | (item_ids >= n_rows)).any()
+            checks.append((outside, f"item_ids must lie in [0, {n_rows}) (0 = padding item)"))
+        finite = torch.isfinite(text_tokens).all() & torch.isfinite(image_tokens).all()
+        checks.append((~finite, "text_tokens or image_tokens contain NaN or inf"))
+        ops._raise_on_bad_values(checks)
 
     def forward(
         self,

@@ -12,14 +12,17 @@ The default backend for ``"auto"`` can be forced globally with :func:`set_backen
 ``ODMT_BACKEND`` environment variable), e.g. to compare both paths inside a model.
 
 All ops validate their inputs here, once, and raise ``ValueError`` / ``TypeError`` naming the
-argument and the expected shape; the kernels assume validated inputs.
+argument and the expected shape; the kernels assume validated inputs. The checks that read
+values (targets in range, finite ``log_q``) cost one device-to-host transfer a call; they are
+device assertions under ``torch.compile`` and can be turned off (:func:`set_value_checks`).
+Every op traces whole under ``torch.compile(fullgraph=True)``, either backend.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
+import random
 from collections.abc import Mapping
 from types import ModuleType
 
@@ -42,13 +45,16 @@ __all__ = [
     "mutual_distillation_loss",
     "resolve_backend",
     "set_backend",
+    "set_value_checks",
     "triton_available",
+    "value_checks",
 ]
 
 _BACKENDS = ("auto", "torch", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _default_backend = os.environ.get("ODMT_BACKEND", "auto")
+_value_checks = os.environ.get("ODMT_VALUE_CHECKS", "1") != "0"
 
 
 def set_backend(backend: str) -> None:
@@ -57,6 +63,29 @@ def set_backend(backend: str) -> None:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     _default_backend = backend
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Whether inputs' *values* are checked (default on; ``ODMT_VALUE_CHECKS=0`` in the
+    environment turns the checks off at import): by the in-batch loss ops, targets inside
+    ``[0, N)`` or ``ignore_index``, no target on a padding column, a finite ``log_q``; by
+    :class:`~odmt_components.IMT`, no padded text CLS, finite features, item ids in range.
+
+    In eager mode the checks read their verdict back from the device, one transfer per call
+    that waits for the work queued before it; under ``torch.compile`` they are asynchronous
+    device assertions (``torch._assert_async``: a ``RuntimeError`` on the CPU, a device-side
+    assert on CUDA). Turn them off for CUDA-graph capture (no transfer is allowed while
+    capturing) or to keep the host ahead of the GPU in a validated pipeline; shapes, dtypes and
+    devices are always checked. Without the checks a target outside ``[0, N)`` reads out of
+    bounds: undefined results.
+    """
+    global _value_checks
+    _value_checks = bool(enabled)
+
+
+def value_checks() -> bool:
+    """Whether input values are checked (see :func:`set_value_checks`)."""
+    return _value_checks
 
 
 def get_backend() -> str:
@@ -93,7 +122,26 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _kernel_module(name: str) -> ModuleType:
-    return importlib.import_module(f"odmt_components.kernels.{name}")
+    """A kernel module, imported on first use (triton loads only when a kernel runs). Plain
+    import statements: ``torch.compile`` executes them while tracing, where a call of
+    ``importlib.import_module`` would break the graph."""
+    if name == "attention":
+        from .kernels import attention as module
+    elif name == "inbatch_loss":
+        from .kernels import inbatch_loss as module
+    else:
+        raise ValueError(f"no kernel module named {name!r}")
+    return module
+
+
+def _dropout_seed() -> int:
+    """A fresh Philox seed for one attention call: from torch's default generator in eager
+    mode (``torch.manual_seed`` reproduces a run), from Python's ``random`` under
+    ``torch.compile``, which replays such calls at run time (a fresh seed every call, ``random.
+    seed`` reproduces them) where reading a tensor's value would break the graph."""
+    if torch.compiler.is_compiling():
+        return random.randint(0, 2**31 - 2)
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
 # --------------------------------------------------------------------------------------
@@ -206,7 +254,7 @@ def id_masked_attention(
         return id_masked_attention_reference(q, k, v, key_padding_mask, id_index, dropout_p=dropout_p, scale=scale)
     if q.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"the triton backend takes {_KERNEL_DTYPES}, got q of {q.dtype}")
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0.0 else 0
+    seed = _dropout_seed() if dropout_p > 0.0 else 0
     return _kernel_module("attention").id_masked_attention(q, k, v, key_padding_mask, id_index, dropout_p, scale, seed)
 
 
@@ -286,22 +334,39 @@ def _check_inbatch_values(
     ignore_index: int,
     columns: int,
 ) -> None:
-    """The checks that read values: one device-to-host transfer for all of them."""
+    """The in-batch ops' checks that read values (:func:`set_value_checks`)."""
+    if not _value_checks:
+        return
     valid = target != ignore_index
     outside = valid & ((target < 0) | (target >= columns))
     on_padding = valid & ~outside & (candidate_ids[torch.where(outside | ~valid, 0, target)] == pad_id)
-    flags = [outside.any(), on_padding.any()]
+    checks = [
+        (
+            outside.any(),
+            f"target holds column indices outside [0, N={columns}) that are not ignore_index={ignore_index}",
+        ),
+        (on_padding.any(), f"target points at a padding column (candidate_ids == pad_id={pad_id})"),
+    ]
     if log_q is not None:
-        flags.append(~torch.isfinite(log_q).all())
-    target_outside, target_on_padding, *log_q_bad = torch.stack(flags).tolist()
-    if target_outside:
-        raise ValueError(
-            f"target holds column indices outside [0, N={columns}) that are not ignore_index={ignore_index}"
-        )
-    if target_on_padding:
-        raise ValueError(f"target points at a padding column (candidate_ids == pad_id={pad_id})")
-    if log_q_bad and log_q_bad[0]:
-        raise ValueError("log_q contains NaN or inf")
+        checks.append((~torch.isfinite(log_q).all(), "log_q contains NaN or inf"))
+    _raise_on_bad_values(checks)
+
+
+def _raise_on_bad_values(checks: list[tuple[torch.Tensor, str]]) -> None:
+    """``checks``: (boolean scalar tensor, True when the input is bad; error message). Eager:
+    one device-to-host transfer for all of them, then a ``ValueError`` with the first bad
+    one's message. Under ``torch.compile``: one asynchronous device assertion each (reading a
+    value would break the graph). Nothing when value checks are off (:func:`set_value_checks`)."""
+    if not _value_checks:
+        return
+    if torch.compiler.is_compiling():
+        for bad, message in checks:
+            torch._assert_async(~bad, message)
+        return
+    verdicts = torch.stack([bad for bad, _ in checks]).tolist()
+    for bad, (_, message) in zip(verdicts, checks, strict=True):
+        if bad:
+            raise ValueError(message)
 
 
 def debiased_inbatch_cross_entropy(

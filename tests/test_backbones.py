@@ -137,3 +137,20 @@ def test_constructors_and_registry():
         GRU4Rec(DIM, dropout=1.0)
     with pytest.raises(ValueError, match="dilations must be positive ints"):
         NextItNet(DIM, dilations=(0,))
+
+
+@pytest.mark.parametrize("name", ["sasrec", "nextitnet"])
+def test_compiles_whole(name):
+    """``torch.compile(fullgraph=True)``: the left-padding check is a device assertion there
+    (GRU4Rec is left out: Dynamo does not trace ``nn.GRU`` by default)."""
+    torch.manual_seed(0)
+    model = build_backbone(name, 16, 6, dropout=0.0)
+    x = torch.randn(3, 6, 16)
+    padding = torch.zeros(3, 6, dtype=torch.bool)
+    padding[0, :2] = True
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x, padding), model(x, padding), rtol=1e-4, atol=1e-5)
+    padding[1, 3] = True  # padding after a valid item
+    with pytest.raises(RuntimeError, match="left padding"):
+        compiled(x, padding)

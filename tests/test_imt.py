@@ -171,3 +171,39 @@ def test_bad_construction():
         IMT(6, 5, 9, dim=16, token_layout="random")
     with pytest.raises(ValueError, match="divisible"):
         IMT(6, 5, 9, dim=15, n_heads=2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiles_whole_in_training_mode(backend):
+    """``torch.compile(fullgraph=True)`` of the IMT in training mode (attention dropout
+    included: its seed is drawn without reading a tensor, and the input checks are device
+    assertions there); in eval mode the compiled IMT gives eager's outputs and gradients."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # interpreter: CPU only
+    torch.manual_seed(0)
+    imt = IMT(6, 5, 9, dim=16, n_layers=1, n_heads=2, dropout=0.0, attn_dropout=0.2, backend=backend).to(device)
+    g = torch.Generator().manual_seed(3)
+    text, image = torch.randn(3, 4, 6, generator=g).to(device), torch.randn(3, 2, 5, generator=g).to(device)
+    padding = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0], [0, 1, 1, 1]], dtype=torch.bool, device=device)
+    ids = torch.tensor([1, 5, 9], device=device)
+
+    def encode(text, image):
+        out = imt(text, padding, image, ids)
+        return out.id.square().sum() + out.text.square().sum() + out.image.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(encode, fullgraph=True)
+    loss = compiled(text, image)
+    loss.backward()
+    assert torch.isfinite(loss) and imt.id_embedding.weight.grad[ids].abs().sum() > 0
+    imt.eval().zero_grad()
+    want = encode(text, image)
+    want_grads = torch.autograd.grad(want, list(imt.parameters()), allow_unused=True)
+    got = compiled(text, image)
+    got_grads = torch.autograd.grad(got, list(imt.parameters()), allow_unused=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match=r"item_ids must lie in \[0, 10\)"):
+        bad_ids = torch.tensor([1, 5, 10], device=device)
+        torch.compile(lambda t, i: imt(t, padding, i, bad_ids).text, fullgraph=True)(text, image)

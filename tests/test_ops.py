@@ -4,6 +4,10 @@ structural properties of the ops, and the input validation."""
 from __future__ import annotations
 
 import math
+import os
+import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -455,3 +459,111 @@ def test_loss_ops_take_the_autocast_dtype_like_a_matmul():
         candidates = {m: arguments["candidates"] for m in BRANCHES}
         parts = ops.mutual_distillation_loss(queries, candidates, arguments["target"], arguments["candidate_ids"])
     assert torch.isfinite(loss) and torch.isfinite(parts.ce)
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile and the value checks
+# --------------------------------------------------------------------------------------
+
+
+def _device(backend: str) -> str:
+    """Where a test of ``backend`` runs: the kernels need CUDA tensors on a CUDA machine (the
+    interpreter, which takes CPU tensors, is on only without one)."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def _compile_problem(device: str = "cpu"):
+    g = torch.Generator().manual_seed(5)
+    rows, columns, width = 5, 7, 8
+    queries = {m: torch.randn(rows, width, generator=g).to(device).requires_grad_() for m in BRANCHES}
+    candidates = {m: torch.randn(columns, width, generator=g).to(device).requires_grad_() for m in BRANCHES}
+    target = torch.tensor([0, 2, -100, 4, 6], device=device)  # one ignored row
+    ids = torch.tensor([1, 2, 3, 1, 5, 0, 6], device=device)  # a repeated item and a padding column
+    exclude = torch.tensor([[2, 0], [5, 6], [0, 0], [3, 0], [1, 2]], device=device)
+    log_q = torch.rand(columns, generator=g).add(0.01).log().to(device)
+    return queries, candidates, target, ids, exclude, log_q
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_loss_ops_compile_whole_and_match_eager(backend):
+    """``torch.compile(fullgraph=True)`` traces the public loss ops without a break (no import
+    call, no value read back, no data-dependent shape) and gives eager's values and gradients."""
+    queries, candidates, target, ids, exclude, log_q = _compile_problem(_device(backend))
+
+    def objective(queries, candidates):
+        kw = dict(exclude_ids=exclude, log_q=log_q, backend=backend)
+        ce = ops.debiased_inbatch_cross_entropy(queries["id"], candidates["id"], target, ids, **kw)
+        parts = ops.mutual_distillation_loss(queries, candidates, target, ids, temperature=0.5, **kw)
+        return ce + parts.ce + parts.kl
+
+    leaves = [*queries.values(), *candidates.values()]
+    eager = objective(queries, candidates)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    torch._dynamo.reset()
+    compiled = torch.compile(objective, fullgraph=True)(queries, candidates)
+    grads = torch.autograd.grad(compiled, leaves)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_attention_op_compiles_whole_with_fresh_dropout_seeds(backend):
+    """Under ``torch.compile`` the dropout seed comes from Python's ``random`` (replayed by
+    Dynamo at run time): every call draws a new mask, ``random.seed`` repeats them, and no
+    tensor value is read inside the graph."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 2, 6, 16, generator=g).to(_device(backend)) for _ in range(3))
+    pad = torch.zeros(2, 6, dtype=torch.bool, device=q.device)
+    pad[1, 4:] = True
+
+    def attend(q, k, v, p):
+        return ops.id_masked_attention(q, k, v, pad, 1, dropout_p=p, backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, 0.0), attend(q, k, v, 0.0), rtol=1e-5, atol=1e-6)
+    random.seed(11)
+    first, second = compiled(q, k, v, 0.5), compiled(q, k, v, 0.5)
+    random.seed(11)
+    again = compiled(q, k, v, 0.5)
+    assert not torch.equal(first, second)
+    if backend == "triton":  # the kernel's mask is a function of the seed alone
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+def test_compiled_loss_still_checks_values():
+    queries, candidates, _, ids, exclude, log_q = _compile_problem()
+    bad_target = torch.tensor([0, 2, -100, 4, 9])  # 9 is outside [0, N = 7)
+
+    def objective(q, c):
+        return ops.debiased_inbatch_cross_entropy(q, c, bad_target, ids, exclude_ids=exclude, backend="torch")
+
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=r"outside \[0, N=7\)"):
+        torch.compile(objective, fullgraph=True)(queries["id"], candidates["id"])
+
+
+def test_value_checks_can_be_turned_off():
+    queries, candidates, target, ids, exclude, log_q = _compile_problem()
+    log_q = log_q.clone()
+    log_q[3] = math.nan
+    args = (queries["id"], candidates["id"], target, ids)
+    with pytest.raises(ValueError, match="log_q contains NaN"):
+        ops.debiased_inbatch_cross_entropy(*args, exclude_ids=exclude, log_q=log_q, backend="torch")
+    assert ops.value_checks()
+    ops.set_value_checks(False)
+    try:
+        assert not ops.value_checks()
+        loss = ops.debiased_inbatch_cross_entropy(*args, exclude_ids=exclude, log_q=log_q, backend="torch")
+        assert torch.isnan(loss)  # unchecked: the NaN flows into the loss instead
+    finally:
+        ops.set_value_checks(True)
+
+
+def test_value_checks_follow_the_environment():
+    code = "from odmt_components import ops; print(ops.value_checks())"
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = {**os.environ, "ODMT_VALUE_CHECKS": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
