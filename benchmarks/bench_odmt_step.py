@@ -6,7 +6,9 @@ autocast. Shapes follow ``../shared/anchors/odmt_step_gpu.py``: 128 users x 13 i
 30 tokens, image 50 tokens (width 768 each), d = 768, IMT 2 layers x 2 heads (head dim 384).
 
 ``backend="triton"`` runs the fused attention and loss kernels; ``backend="torch"`` the same
-model with the PyTorch definitions (mask and logits materialised). Prints ms per step
+model with the PyTorch definitions (mask and logits materialised); ``triton_unchecked`` the
+kernels with the input value checks off (``ops.set_value_checks(False)``: no device-to-host
+transfer in the step, so the host can run ahead of the GPU). Prints ms per step
 (median of CUDA-event-timed steps) and writes ``$OUT/bench_odmt_step.json`` when OUT is set.
 Without a GPU it says so and exits 0; ``DRY=1`` runs tiny shapes on the CPU (plumbing only).
 ``CAPTURE=specs.json`` runs one step of the kernels' model with their launches recorded for
@@ -27,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 DRY = bool(os.environ.get("DRY"))
+VARIANTS = ("torch", "triton", "triton_unchecked")
 CAPTURE = os.environ.get("CAPTURE", "")
 
 
@@ -113,30 +116,36 @@ def main() -> None:
         precompile.capture(CAPTURE)
         time_steps("triton", device, 0)
         return
+    from odmt_components import ops
+
     results: dict = {"device": "cpu (DRY)" if DRY else torch.cuda.get_device_name(), "torch": torch.__version__}
     steps = 1 if DRY else 30
-    for backend in ("torch", "triton"):
+    for variant in VARIANTS:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        ops.set_value_checks(not variant.endswith("_unchecked"))
         try:
-            results[backend] = time_steps(backend, device, steps)
-        except Exception as error:  # one failing backend must not hide the other's numbers
-            results[backend] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
-        print(backend, results[backend], flush=True)
+            results[variant] = time_steps(variant.removesuffix("_unchecked"), device, steps)
+        except Exception as error:  # one failing variant must not hide the others' numbers
+            results[variant] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+        finally:
+            ops.set_value_checks(True)
+        print(variant, results[variant], flush=True)
     out = os.environ.get("OUT")
     if out:
         Path(out, "bench_odmt_step.json").write_text(json.dumps(results, indent=1))
     print("\n| ODMT training step | ms/step | peak MB |\n|---|---|---|")
-    for backend in ("torch", "triton"):
-        r = results[backend]
+    for variant in VARIANTS:
+        r = results[variant]
         if "error" in r:
-            print(f"| {backend} | failed: {r['error'][:80]} | |")
+            print(f"| {variant} | failed: {r['error'][:80]} | |")
         else:
-            print(f"| {backend} | {r['ms_per_step']:.1f} | {r['peak_MB']:.0f} |")
-    if all("ms_per_step" in results[b] for b in ("torch", "triton")):
-        speedup = results["torch"]["ms_per_step"] / results["triton"]["ms_per_step"]
-        print(f"speed-up of the kernels on the whole step: {speedup:.2f}x")
+            print(f"| {variant} | {r['ms_per_step']:.1f} | {r['peak_MB']:.0f} |")
+    for variant in VARIANTS[1:]:
+        if all("ms_per_step" in results[b] for b in ("torch", variant)):
+            speedup = results["torch"]["ms_per_step"] / results[variant]["ms_per_step"]
+            print(f"speed-up of {variant} on the whole step: {speedup:.2f}x")
 
 
 if __name__ == "__main__":
