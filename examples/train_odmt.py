@@ -165,7 +165,7 @@ class MultiModalRecommender(nn.Module):
             return self.ce(queries["fused"], candidates["fused"], *common), {}
         if self.branches == ("id", "text", "image") and self.config.distill:
             loss, parts = self.distillation(queries, candidates, *common, weight=distill_weight)
-            return loss, {"ce": parts.ce.item(), "kl": parts.kl.item()}
+            return loss, {"ce": parts.ce.detach(), "kl": parts.kl.detach()}  # read back once a step by the loop
         losses = {m: self.ce(queries[m], candidates[m], *common) for m in self.branches}
         return sum(losses.values()), {}
 

@@ -39,7 +39,8 @@ class Recommender(Protocol):
     - ``training_loss(batch, log_q, distill_weight) -> (loss, logs)``: scalar loss of one
       :class:`TrainBatch` (tensors already on the model's device), ``log_q`` the
       ``(n_items + 1,)`` log popularity, ``distill_weight`` the current ramp-up weight;
-      ``logs`` maps names to floats for the progress bar.
+      ``logs`` maps names to floats or scalar tensors for the progress bar (tensors are read
+      back with the loss, once a step).
     - ``prepare_scoring() -> Any``: called once per evaluation under ``torch.no_grad`` (e.g.
       encode every item once); its result is passed to ``score``.
     - ``score(batch, prepared) -> dict[str, Tensor]``: ``(B, n_items + 1)`` scores over all
@@ -51,7 +52,7 @@ class Recommender(Protocol):
 
     def training_loss(
         self, batch: TrainBatch, log_q: torch.Tensor, distill_weight: float
-    ) -> tuple[torch.Tensor, dict[str, float]]: ...
+    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]: ...
 
     def prepare_scoring(self) -> Any: ...
 
@@ -128,16 +129,28 @@ def train_one_epoch(
         weight = weight_schedule(first_step + i + 1)
         with _autocast(device, config.amp):
             loss, logs = model.training_loss(batch, log_q, weight)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at epoch {epoch}, batch {i}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        values = _read_back(loss, logs)
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(f"non-finite training loss {values['loss']} at epoch {epoch}, batch {i}")
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
-        total += loss.item()
-        bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.3f}" for k, v in logs.items()})
+        total += values["loss"]
+        bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
     return total / max(n_batches, 1), weight
+
+
+def _read_back(loss: torch.Tensor, logs: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """The step's loss and logged numbers as floats, in one device-to-host transfer. Called
+    with the backward already queued (a read right after the forward kept the host waiting
+    for it, with nothing of the backward launched) and before the update, so a non-finite
+    loss stops training with the parameters as they were."""
+    names = ["loss", *(k for k, v in logs.items() if isinstance(v, torch.Tensor))]
+    tensors = [loss, *(logs[k] for k in names[1:])]
+    read = dict(zip(names, torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist(), strict=True))
+    return {"loss": read["loss"], **{k: read.get(k, v) for k, v in logs.items()}}
 
 
 @torch.no_grad()

@@ -103,3 +103,41 @@ def test_config_split_and_bad_model(tiny_data):
         train_odmt.build_model(tiny_config(model="bert4rec"), tiny_data)
     with pytest.raises(TypeError, match="Recommender"):
         fit(torch.nn.Linear(2, 2), leave_one_out(tiny_data), torch.zeros(61), TrainConfig())
+
+
+def test_non_finite_loss_stops_training_before_the_update(tiny_data):
+    """The loop reads the loss back once a step, after the backward is queued and before the
+    optimizer step: a NaN loss raises with the parameters as they were."""
+    import numpy as np
+
+    from odmt_components.training import train_one_epoch
+
+    config = tiny_config()
+    split = leave_one_out(tiny_data)
+    model = train_odmt.build_model(config, tiny_data)
+    log_q = popularity_log_q(split.train, tiny_data.n_items)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    honest = model.training_loss
+    seen_logs = []
+
+    def poisoned(batch, log_q, weight):
+        loss, logs = honest(batch, log_q, weight)
+        seen_logs.append(logs)
+        return loss * float("nan"), logs
+
+    model.training_loss = poisoned
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="non-finite training loss nan at epoch 1, batch 0"):
+        train_one_epoch(
+            model,
+            optimizer,
+            split.train,
+            log_q,
+            train_odmt.train_config(config),
+            epoch=1,
+            generator=np.random.default_rng(0),
+            weight_schedule=lambda step: 1.0,
+            first_step=0,
+        )
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert set(seen_logs[0]) == {"ce", "kl"} and all(isinstance(v, torch.Tensor) for v in seen_logs[0].values())
