@@ -134,6 +134,17 @@ def _kernel_module(name: str) -> ModuleType:
     return module
 
 
+def _refuse_dropout_in_graph_capture(dropout_p: float, device: torch.device) -> None:
+    """The kernels take their dropout seed as a launch argument, which a CUDA graph records
+    once: every replay would drop the same entries. A clear error instead of that."""
+    if dropout_p > 0.0 and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "id_masked_attention with dropout_p > 0 on the triton backend cannot be captured in a "
+            "CUDA graph: the graph would replay one dropout mask at every step. Capture with "
+            "dropout_p=0 (e.g. the model in eval mode) or use backend='torch' inside the graph."
+        )
+
+
 def _dropout_seed() -> int:
     """A fresh Philox seed for one attention call: from torch's default generator in eager
     mode (``torch.manual_seed`` reproduces a run), from Python's ``random`` under
@@ -212,7 +223,10 @@ def id_masked_attention(
         key_padding_mask: ``(B, L)`` bool, True = padding key (``nn.MultiheadAttention``
             convention), or None for no padding.
         id_index: position of the ID token in ``[0, L)``, or None for no ID rule.
-        dropout_p: dropout probability on the attention probabilities (pass 0 in eval).
+        dropout_p: dropout probability on the attention probabilities (pass 0 in eval). On
+            the triton backend each call draws a fresh seed (torch's generator; Python's
+            ``random`` under ``torch.compile``); inside a CUDA-graph capture it is refused (a
+            recorded seed would repeat one mask at every replay).
         scale: score scale, default ``D ** -0.5``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see module docstring).
 
@@ -254,6 +268,8 @@ def id_masked_attention(
         return id_masked_attention_reference(q, k, v, key_padding_mask, id_index, dropout_p=dropout_p, scale=scale)
     if q.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"the triton backend takes {_KERNEL_DTYPES}, got q of {q.dtype}")
+    if not torch.compiler.is_compiling():
+        _refuse_dropout_in_graph_capture(dropout_p, q.device)
     seed = _dropout_seed() if dropout_p > 0.0 else 0
     return _kernel_module("attention").id_masked_attention(q, k, v, key_padding_mask, id_index, dropout_p, scale, seed)
 

@@ -567,3 +567,12 @@ def test_value_checks_follow_the_environment():
         env = {**os.environ, "ODMT_VALUE_CHECKS": value}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == expected
+
+
+def test_attention_dropout_refuses_cuda_graph_capture(monkeypatch):
+    """A CUDA graph records the kernels' seed once (one mask at every replay): refused."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="one dropout mask at every step"):
+        ops._refuse_dropout_in_graph_capture(0.1, torch.device("cuda"))
+    ops._refuse_dropout_in_graph_capture(0.0, torch.device("cuda"))  # no dropout: nothing to repeat
+    ops._refuse_dropout_in_graph_capture(0.1, torch.device("cpu"))
