@@ -88,7 +88,7 @@ if CAPTURE:
 
 def _unit_stride(arg: str) -> bool:
     """Innermost strides of the kernels' tensors (``sqd``, ``sdod``, ..., ``spl``)."""
-    return arg == "spl" or (arg.startswith("s") and arg.endswith("d") and arg != "seed")
+    return arg == "spl" or (arg.startswith("s") and arg.endswith("d"))
 
 
 def aot_report() -> int:
@@ -151,6 +151,8 @@ def aot_report() -> int:
                             sig[arg] = "*fp32"
                         elif arg == "PAD":
                             sig[arg] = "*i32"
+                        elif arg == "SEED":
+                            sig[arg] = "*i64"
                         elif arg.isupper() and arg not in ("BH", "H", "L", "ID", "N_QBLK", "N_KBLK", "N_GROUP"):
                             sig[arg] = "*bf16"
                         elif arg in ("qk_scale", "sm_scale", "dropout_p"):
@@ -162,7 +164,7 @@ def aot_report() -> int:
                         aligned = [
                             i
                             for i, arg in enumerate(kernel.arg_names)
-                            if sig[arg].startswith("*") or (arg.startswith("s") and sig[arg] == "i32" and arg != "seed")
+                            if sig[arg].startswith("*") or (arg.startswith("s") and sig[arg] == "i32")
                         ]
                         compiled = triton.compile(
                             ASTSource(

@@ -19,7 +19,9 @@ ID query alone; the ID query attends every non-padding key. A query with no atte
 Dropout draws ``keep[i, j] = rand >= p`` from Philox (``tl.rand4x``) keyed by ``(seed,
 b*H+h)``, one draw of four numbers per row and group of four keys (counter ``i*ceil(L/4) +
 j//4``): the backward regenerates exactly the same mask, both kernel families below draw
-the same one, and :func:`dropout_keep_mask` materialises it for tests.
+the same one, and :func:`dropout_keep_mask` materialises it for tests. The kernels read the
+seed from a one-element device tensor, not a launch argument, so a CUDA graph that draws it
+on the device before the launch drops different entries at every replay.
 
 Tiling: short sequences (``L <= 128``; ODMT's items have ``L = 81``)
 --------------------------------------------------------------------
@@ -149,6 +151,17 @@ def _allowed(key_ok, offs_m, offs_n, ID):
 
 
 @triton.jit
+def _load_seed(SEED, DROPOUT: tl.constexpr):
+    """The dropout seed, read from device memory: a launch argument would be recorded once by a
+    CUDA graph (every replay dropping the same entries), a tensor drawn on the device before
+    the launch takes a fresh value at each replay."""
+    if DROPOUT:
+        return tl.load(SEED)
+    else:
+        return 0
+
+
+@triton.jit
 def _dropout_keep(seed, bh, offs_m, start_n, L, dropout_p, BN: tl.constexpr):
     """``(BM, BN)`` bool keep-mask of keys ``start_n .. start_n + BN`` (``start_n`` and ``BN``
     multiples of 4). Philox key ``(seed, bh)``; one draw per row and group of four keys,
@@ -170,7 +183,7 @@ def _dropout_keep(seed, bh, offs_m, start_n, L, dropout_p, BN: tl.constexpr):
 # --------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["ID", "seed"])
+@triton.jit(do_not_specialize=["ID"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, PAD,
     sqb, sqh, sql, sqd,
@@ -178,11 +191,12 @@ def _attn_fwd_kernel(
     svb, svh, svl, svd,
     sob, soh, sol, sod,
     spb, spl,
-    H, L, N_QBLK, ID, qk_scale, dropout_p, seed,
+    H, L, N_QBLK, ID, qk_scale, dropout_p, SEED,
     HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
     HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
 ):
+    seed = _load_seed(SEED, DROPOUT)
     pid = tl.program_id(0)
     bh = pid // N_QBLK
     qblk = pid % N_QBLK
@@ -245,7 +259,7 @@ def _attn_fwd_kernel(
 # --------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["ID", "seed"])
+@triton.jit(do_not_specialize=["ID"])
 def _attn_bwd_dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ, PAD,
     sqb, sqh, sql, sqd,
@@ -255,11 +269,12 @@ def _attn_bwd_dq_kernel(
     sdob, sdoh, sdol, sdod,
     sdqb, sdqh, sdql, sdqd,
     spb, spl,
-    H, L, N_QBLK, ID, qk_scale, sm_scale, dropout_p, seed,
+    H, L, N_QBLK, ID, qk_scale, sm_scale, dropout_p, SEED,
     HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
     HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
 ):
+    seed = _load_seed(SEED, DROPOUT)
     pid = tl.program_id(0)
     bh = pid // N_QBLK
     qblk = pid % N_QBLK
@@ -319,7 +334,7 @@ def _attn_bwd_dq_kernel(
         _store_tile(dq_base, (dq1 * sm_scale).to(DQ.dtype.element_ty), offs_m, sdql, d1, sdqd, L, HEAD_DIM)
 
 
-@triton.jit(do_not_specialize=["ID", "seed"])
+@triton.jit(do_not_specialize=["ID"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, PAD,
     sqb, sqh, sql, sqd,
@@ -329,11 +344,12 @@ def _attn_bwd_dkdv_kernel(
     sdkb, sdkh, sdkl, sdkd,
     sdvb, sdvh, sdvl, sdvd,
     spb, spl,
-    H, L, N_KBLK, ID, qk_scale, sm_scale, dropout_p, seed,
+    H, L, N_KBLK, ID, qk_scale, sm_scale, dropout_p, SEED,
     HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
     HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
 ):
+    seed = _load_seed(SEED, DROPOUT)
     pid = tl.program_id(0)
     bh = pid // N_KBLK
     kblk = pid % N_KBLK
@@ -509,7 +525,7 @@ def _short_ds(p, p_drop, dp, dropout_p, DROPOUT: tl.constexpr):
     return (p32 * (dp - delta[:, None])).to(p.dtype)
 
 
-@triton.jit(do_not_specialize=["ID", "seed"])
+@triton.jit(do_not_specialize=["ID"])
 def _attn_fwd_short_kernel(
     Q, K, V, O, LSE, PAD,
     sqb, sqh, sql, sqd,
@@ -517,10 +533,11 @@ def _attn_fwd_short_kernel(
     svb, svh, svl, svd,
     sob, soh, sol, sod,
     spb, spl,
-    BH, H, L, ID, qk_scale, dropout_p, seed,
+    BH, H, L, ID, qk_scale, dropout_p, SEED,
     HEAD_DIM: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr, BLA: tl.constexpr, BLB: tl.constexpr,
     HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
 ):
+    seed = _load_seed(SEED, DROPOUT)
     first = tl.program_id(0)
     step = tl.num_programs(0)
     offs = tl.arange(0, BL)
@@ -584,7 +601,7 @@ def _attn_fwd_short_kernel(
         tl.store(LSE + bh.to(tl.int64) * L + offs, lse, mask=offs < L)
 
 
-@triton.jit(do_not_specialize=["ID", "seed"])
+@triton.jit(do_not_specialize=["ID"])
 def _attn_bwd_short_kernel(
     Q, K, V, DO, LSE, DQ, DK, DV, PAD, DS,
     sqb, sqh, sql, sqd,
@@ -595,10 +612,11 @@ def _attn_bwd_short_kernel(
     sdkb, sdkh, sdkl, sdkd,
     sdvb, sdvh, sdvl, sdvd,
     spb, spl,
-    BH, H, L, ID, qk_scale, sm_scale, dropout_p, seed,
+    BH, H, L, ID, qk_scale, sm_scale, dropout_p, SEED,
     HEAD_DIM: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr,
     HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr, STORE_DS: tl.constexpr,
 ):
+    seed = _load_seed(SEED, DROPOUT)
     first = tl.program_id(0)
     step = tl.num_programs(0)
     offs = tl.arange(0, BL)
@@ -707,8 +725,9 @@ def _attn_bwd_dqdk_kernel(
 # --------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _keep_mask_kernel(OUT, L, dropout_p, seed, BM: tl.constexpr, BN: tl.constexpr):
+@triton.jit
+def _keep_mask_kernel(OUT, L, dropout_p, SEED, BM: tl.constexpr, BN: tl.constexpr):
+    seed = tl.load(SEED)
     bh = tl.program_id(0)
     out_base = OUT + bh.to(tl.int64) * L * L
     for start_m in range(0, L, BM):
@@ -983,7 +1002,7 @@ def _attention_forward(
     id_index: int,
     dropout_p: float,
     scale: float,
-    seed: int,
+    seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_device(q)
     batch, heads, length, head_dim = q.shape
@@ -1025,7 +1044,7 @@ def _attention_backward(
     id_index: int,
     dropout_p: float,
     scale: float,
-    seed: int,
+    seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_device(q)
     batch, heads, length, head_dim = q.shape
@@ -1101,9 +1120,11 @@ def _id_masked_attention_op(
     id_index: int,
     dropout_p: float,
     scale: float,
-    seed: int,
+    seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output ``(B, H, L, D)`` and log2-domain log-sum-exp ``(B, H, L)`` float32."""
+    """Output ``(B, H, L, D)`` and log2-domain log-sum-exp ``(B, H, L)`` float32. ``seed``: the
+    dropout seed, a one-element int64 tensor on the inputs' device (read only when
+    ``dropout_p > 0``)."""
     return _attention_forward(q, k, v, key_padding_mask, id_index, dropout_p, scale, seed)
 
 
@@ -1125,7 +1146,7 @@ def _id_masked_attention_backward_op(
     id_index: int,
     dropout_p: float,
     scale: float,
-    seed: int,
+    seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of :func:`_id_masked_attention_op`'s output."""
     return _attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, id_index, dropout_p, scale, seed)
@@ -1140,14 +1161,14 @@ def _(grad_out, q, k, v, out, lse, key_padding_mask, id_index, dropout_p, scale,
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, key_padding_mask, id_index, dropout_p, scale, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
-    ctx.attrs = (id_index, dropout_p, scale, seed)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
+    ctx.attrs = (id_index, dropout_p, scale)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-    id_index, dropout_p, scale, seed = ctx.attrs
+    q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
+    id_index, dropout_p, scale = ctx.attrs
     dq, dk, dv = _id_masked_attention_backward_op(
         grad_out, q, k, v, out, lse, key_padding_mask, id_index, dropout_p, scale, seed
     )
@@ -1170,7 +1191,7 @@ def id_masked_attention(
     id_index: int | None,
     dropout_p: float,
     scale: float | None,
-    seed: int,
+    seed: int | torch.Tensor,
 ) -> torch.Tensor:
     """Fused ``softmax(q k^T * scale + mask) v`` with the ID rule, differentiable in q, k, v.
 
@@ -1181,7 +1202,10 @@ def id_masked_attention(
         id_index: position of the ID token (only the ID query attends the ID key), or None.
         dropout_p: dropout probability on the attention probabilities (0 = none).
         scale: score scale; None means ``D ** -0.5``.
-        seed: seed of the dropout mask (only used when ``dropout_p > 0``).
+        seed: seed of the dropout mask (only used when ``dropout_p > 0``): an int, or a
+            one-element integer tensor, e.g. drawn on the device just before the call
+            (``torch.randint``), which a CUDA graph then redraws at every replay; the
+            kernels read it from device memory. Taken modulo ``2**31``.
 
     Returns ``(B, H, L, D)`` in the input dtype; rows with no attendable key are zero. Inputs
     are assumed validated (``odmt_components.ops`` does it); only the basics are checked here.
@@ -1202,13 +1226,23 @@ def id_masked_attention(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = head_dim**-0.5 if scale is None else float(scale)
-    seed = int(seed) % (2**31) if dropout_p > 0.0 else 0
+    # without dropout the kernels never read the seed: an uninitialised element, no launch
+    seed = _seed_tensor(seed, q.device) if dropout_p > 0.0 else torch.empty(1, dtype=torch.int64, device=q.device)
     out, _ = _id_masked_attention_op(q, k, v, key_padding_mask, int(id_index), float(dropout_p), scale, seed)
     return out
 
 
+def _seed_tensor(seed: int | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """The dropout seed as the kernels read it: ``(1,)`` int64 on ``device``, modulo ``2**31``."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"seed must be an int or a one-element int tensor, got {seed.dtype} {tuple(seed.shape)}")
+        return seed.reshape(1).to(device=device, dtype=torch.int64).remainder(2**31)
+    return torch.tensor([int(seed) % (2**31)], dtype=torch.int64, device=device)
+
+
 def dropout_keep_mask(
-    batch: int, heads: int, length: int, dropout_p: float, seed: int, device: torch.device | str
+    batch: int, heads: int, length: int, dropout_p: float, seed: int | torch.Tensor, device: torch.device | str
 ) -> torch.Tensor:
     """The ``(B, H, L, L)`` bool keep-mask the kernels draw for ``(dropout_p, seed)``.
 
@@ -1216,12 +1250,11 @@ def dropout_keep_mask(
     kernels, so ``id_masked_attention_reference(..., dropout_p=p, dropout_keep=mask)`` replays
     the kernel's dropout exactly. For tests; the attention kernels never materialise it.
     """
-    seed = int(seed) % (2**31)
     out = torch.zeros((batch, heads, length, length), dtype=torch.int8, device=device)
     if out.numel() == 0:
         return out.bool()
     _check_device(out)
-    _keep_mask_kernel[(batch * heads,)](out, length, float(dropout_p), seed, BM=16, BN=16)
+    _keep_mask_kernel[(batch * heads,)](out, length, float(dropout_p), _seed_tensor(seed, device), BM=16, BN=16)
     return out.bool()
 
 

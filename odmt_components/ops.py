@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import random
 from collections.abc import Mapping
 from types import ModuleType
 
@@ -134,27 +133,6 @@ def _kernel_module(name: str) -> ModuleType:
     return module
 
 
-def _refuse_dropout_in_graph_capture(dropout_p: float, device: torch.device) -> None:
-    """The kernels take their dropout seed as a launch argument, which a CUDA graph records
-    once: every replay would drop the same entries. A clear error instead of that."""
-    if dropout_p > 0.0 and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "id_masked_attention with dropout_p > 0 on the triton backend cannot be captured in a "
-            "CUDA graph: the graph would replay one dropout mask at every step. Capture with "
-            "dropout_p=0 (e.g. the model in eval mode) or use backend='torch' inside the graph."
-        )
-
-
-def _dropout_seed() -> int:
-    """A fresh Philox seed for one attention call: from torch's default generator in eager
-    mode (``torch.manual_seed`` reproduces a run), from Python's ``random`` under
-    ``torch.compile``, which replays such calls at run time (a fresh seed every call, ``random.
-    seed`` reproduces them) where reading a tensor's value would break the graph."""
-    if torch.compiler.is_compiling():
-        return random.randint(0, 2**31 - 2)
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
-
-
 # --------------------------------------------------------------------------------------
 # validation helpers
 # --------------------------------------------------------------------------------------
@@ -224,9 +202,9 @@ def id_masked_attention(
             convention), or None for no padding.
         id_index: position of the ID token in ``[0, L)``, or None for no ID rule.
         dropout_p: dropout probability on the attention probabilities (pass 0 in eval). On
-            the triton backend each call draws a fresh seed (torch's generator; Python's
-            ``random`` under ``torch.compile``); inside a CUDA-graph capture it is refused (a
-            recorded seed would repeat one mask at every replay).
+            the triton backend each call draws a fresh seed on the device from torch's
+            generator (``torch.manual_seed`` repeats a run; a CUDA graph redraws it at every
+            replay).
         scale: score scale, default ``D ** -0.5``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see module docstring).
 
@@ -268,9 +246,9 @@ def id_masked_attention(
         return id_masked_attention_reference(q, k, v, key_padding_mask, id_index, dropout_p=dropout_p, scale=scale)
     if q.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"the triton backend takes {_KERNEL_DTYPES}, got q of {q.dtype}")
-    if not torch.compiler.is_compiling():
-        _refuse_dropout_in_graph_capture(dropout_p, q.device)
-    seed = _dropout_seed() if dropout_p > 0.0 else 0
+    # drawn on the device (torch's generator): eager runs repeat under torch.manual_seed, a
+    # compiled graph draws in-graph, and a CUDA graph redraws it at every replay
+    seed = torch.randint(0, 2**31 - 1, (1,), device=q.device) if dropout_p > 0.0 else 0
     return _kernel_module("attention").id_masked_attention(q, k, v, key_padding_mask, id_index, dropout_p, scale, seed)
 
 

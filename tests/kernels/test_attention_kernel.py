@@ -312,6 +312,21 @@ def test_dropout_zero_is_exact_and_ignores_seed():
     _assert_matches_reference(q, k, v, pad, id_index, torch.float32, dropout_p=0.0)
 
 
+def test_seed_tensor_on_the_device_equals_the_int_seed():
+    """The kernels read the seed from device memory (a CUDA graph's replays then see a fresh
+    one): a one-element tensor gives what the int gives, modulo 2**31; other shapes refuse."""
+    q, k, v, pad, id_index = _dropout_case()
+    grad_out = torch.ones_like(q)
+    want, _ = _kernel(q, k, v, pad, id_index, grad_out, dropout_p=0.3, seed=7)
+    for seed in (torch.tensor([7], device=DEVICE), torch.tensor(2**31 + 7), torch.tensor([7], dtype=torch.int32)):
+        got, _ = _kernel(q, k, v, pad, id_index, grad_out, dropout_p=0.3, seed=seed)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    keep = attn.dropout_keep_mask(2, 2, 14, 0.3, torch.tensor([7]), DEVICE)
+    assert torch.equal(keep, attn.dropout_keep_mask(2, 2, 14, 0.3, 7, DEVICE))
+    with pytest.raises(ValueError, match="one-element int tensor"):
+        attn.id_masked_attention(q, k, v, pad, id_index, 0.3, None, torch.tensor([1, 2]))
+
+
 def test_dropout_same_seed_same_result_different_seed_differs():
     q, k, v, pad, id_index = _dropout_case()
     grad_out = torch.randn(q.shape, device=DEVICE)
@@ -379,13 +394,14 @@ def test_opcheck_custom_ops(path, monkeypatch):
     q, k, v = (x.requires_grad_() for x in _inputs(2, 1, 9, 24, torch.float32))
     pad = torch.zeros(2, 9, dtype=torch.bool, device=DEVICE)
     pad[0, 5:] = True
+    seed0, seed7 = (torch.tensor([s], device=DEVICE) for s in (0, 7))
     fwd = torch.ops.odmt.id_masked_attention.default
-    torch.library.opcheck(fwd, (q, k, v, pad, 3, 0.0, 0.25, 0))
-    torch.library.opcheck(fwd, (q, k, v, None, -1, 0.2, 0.25, 7))
-    out, lse = fwd(q.detach(), k.detach(), v.detach(), pad, 3, 0.0, 0.25, 0)
+    torch.library.opcheck(fwd, (q, k, v, pad, 3, 0.0, 0.25, seed0))
+    torch.library.opcheck(fwd, (q, k, v, None, -1, 0.2, 0.25, seed7))
+    out, lse = fwd(q.detach(), k.detach(), v.detach(), pad, 3, 0.0, 0.25, seed0)
     bwd = torch.ops.odmt.id_masked_attention_backward.default
     q, k, v = (x.detach() for x in (q, k, v))
-    torch.library.opcheck(bwd, (torch.randn_like(out), q, k, v, out, lse, pad, 3, 0.0, 0.25, 0))
+    torch.library.opcheck(bwd, (torch.randn_like(out), q, k, v, out, lse, pad, 3, 0.0, 0.25, seed0))
 
 
 class _TinyAttention(torch.nn.Module):
