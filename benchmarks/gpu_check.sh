@@ -90,6 +90,6 @@ for s in $STEPS; do
     # the sm_90 compile tests are for GPU-less CI (the benchmarks compile everything there)
     tests) HYPOTHESIS_PROFILE=gpu step kernel_tests "${CAP_TESTS:-90}" python3 -m pytest ${TESTS:-tests/kernels} -q -x \
       -p no:cacheprovider --ignore=tests/kernels/test_kernels_compile.py ;;
-    step) step bench_odmt_step "${CAP_STEP:-70}" python3 benchmarks/bench_odmt_step.py ;;
+    step) step bench_odmt_step "${CAP_STEP:-100}" python3 benchmarks/bench_odmt_step.py ;;
   esac
 done
