@@ -68,7 +68,8 @@ def set_value_checks(enabled: bool) -> None:
     """Whether inputs' *values* are checked (default on; ``ODMT_VALUE_CHECKS=0`` in the
     environment turns the checks off at import): by the in-batch loss ops, targets inside
     ``[0, N)`` or ``ignore_index``, no target on a padding column, a finite ``log_q``; by
-    :class:`~odmt_components.IMT`, no padded text CLS, finite features, item ids in range.
+    :class:`~odmt_components.IMT`, no padded text CLS, finite features, item ids in range; by
+    the backbones, left padding.
 
     In eager mode the checks read their verdict back from the device, one transfer per call
     that waits for the work queued before it; under ``torch.compile`` they are asynchronous
