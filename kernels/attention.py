@@ -1238,7 +1238,8 @@ def _seed_tensor(seed: int | torch.Tensor, device: torch.device | str) -> torch.
         if seed.numel() != 1 or seed.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"seed must be an int or a one-element int tensor, got {seed.dtype} {tuple(seed.shape)}")
         return seed.reshape(1).to(device=device, dtype=torch.int64).remainder(2**31)
-    return torch.tensor([int(seed) % (2**31)], dtype=torch.int64, device=device)
+    # a fill on the device, not a copy from host memory (which would wait for the device)
+    return torch.full((1,), int(seed) % (2**31), dtype=torch.int64, device=device)
 
 
 def dropout_keep_mask(

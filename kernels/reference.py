@@ -128,15 +128,19 @@ def debiased_logits(
 
 def _valid_rows(target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(valid, target)`` with the ignored rows' target set to column 0. Every row is
-    computed, the ignored ones on a zero query (:func:`_zero_ignored`) and left out by
-    :func:`_reduce`: no data-dependent shapes, so ``torch.compile`` traces the whole loss, and
-    an ignored row contributes nothing, not even a NaN of its own."""
+    computed, an ignored one on a zero query and with zero logits (:func:`_valid_logits`), and
+    left out by :func:`_reduce`: no data-dependent shapes, so ``torch.compile`` traces the
+    whole loss, and an ignored row contributes nothing, not even a NaN of its own."""
     valid = target != ignore_index
     return valid, torch.where(valid, target, 0)
 
 
-def _zero_ignored(queries: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    return torch.where(valid[:, None], queries, 0)
+def _valid_logits(queries, candidates, excluded, log_q, valid) -> torch.Tensor:
+    """:func:`debiased_logits` with the ignored rows zeroed twice over: their query (a NaN
+    there would reach the candidates' gradient through the product) and their logits (an
+    infinite ``log_q`` would make their softmax NaN, and the backward multiplies it by 0)."""
+    logits = debiased_logits(torch.where(valid[:, None], queries, 0), candidates, excluded, log_q)
+    return torch.where(valid[:, None], logits, 0)
 
 
 def _reduce(per_row: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -170,7 +174,7 @@ def debiased_inbatch_cross_entropy_reference(
     """
     valid, rows_target = _valid_rows(target, ignore_index)
     excluded = inbatch_exclusion_mask(rows_target, candidate_ids, exclude_ids, pad_id)
-    logits = debiased_logits(_zero_ignored(queries, valid), candidates, excluded, log_q)
+    logits = _valid_logits(queries, candidates, excluded, log_q, valid)
     positive = logits.gather(1, rows_target[:, None]).squeeze(1)
     per_row = torch.logsumexp(logits, dim=-1) - positive
     return _reduce(per_row, valid, reduction)
@@ -225,7 +229,7 @@ def mutual_distillation_reference(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     valid, rows_target = _valid_rows(target, ignore_index)
     excluded = inbatch_exclusion_mask(rows_target, candidate_ids, exclude_ids, pad_id)
-    logits = {m: debiased_logits(_zero_ignored(queries[m], valid), candidates[m], excluded, log_q) for m in BRANCHES}
+    logits = {m: _valid_logits(queries[m], candidates[m], excluded, log_q, valid) for m in BRANCHES}
     ensemble = (logits["id"] + logits["text"] + logits["image"]) / 3.0
 
     def cross_entropy(z: torch.Tensor) -> torch.Tensor:

@@ -147,9 +147,15 @@ def _read_back(loss: torch.Tensor, logs: dict[str, float | torch.Tensor]) -> dic
     with the backward already queued (a read right after the forward kept the host waiting
     for it, with nothing of the backward launched) and before the update, so a non-finite
     loss stops training with the parameters as they were."""
+    if "loss" in logs:
+        raise ValueError("training_loss logs must not be named 'loss' (the loop reports the loss itself)")
     names = ["loss", *(k for k, v in logs.items() if isinstance(v, torch.Tensor))]
     tensors = [loss, *(logs[k] for k in names[1:])]
-    read = dict(zip(names, torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist(), strict=True))
+    for name, value in zip(names, tensors, strict=True):
+        if value.numel() != 1:
+            raise ValueError(f"training_loss must return a scalar {name!r}, got shape {tuple(value.shape)}")
+    scalars = [t.detach().to(device=loss.device, dtype=torch.float32).reshape(()) for t in tensors]
+    read = dict(zip(names, torch.stack(scalars).tolist(), strict=True))
     return {"loss": read["loss"], **{k: read.get(k, v) for k, v in logs.items()}}
 
 

@@ -566,3 +566,40 @@ def test_value_checks_follow_the_environment():
         env = {**os.environ, "ODMT_VALUE_CHECKS": value}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == expected
+
+
+def test_ignored_rows_change_nothing_whatever_they_hold():
+    """A batch with ignored rows gives the loss and gradients of the batch without them, even
+    when those rows hold NaN and ``log_q`` is -inf on a padding column (unchecked inputs: the
+    PyTorch path computes every row, ignored ones on zero queries and zero logits)."""
+    queries, candidates, _, _, exclude, log_q = _compile_problem()
+    ids = torch.tensor([0, 2, 3, 1, 5, 1, 6])  # column 0 is padding: no valid row scores it
+    log_q = log_q.clone()
+    log_q[0] = -math.inf  # ... but the PyTorch path scores ignored rows against column 0
+    target = torch.tensor([1, 2, -100, 4, -100])
+    for m in BRANCHES:
+        with torch.no_grad():
+            queries[m][2] = math.nan
+    kept = torch.tensor([0, 1, 3])
+    ops.set_value_checks(False)
+    try:
+
+        def objective(queries, target, exclude):
+            kw = dict(exclude_ids=exclude, log_q=log_q, backend="torch", reduction="sum")
+            ce = ops.debiased_inbatch_cross_entropy(queries["id"], candidates["id"], target, ids, **kw)
+            parts = ops.mutual_distillation_loss(queries, candidates, target, ids, temperature=0.5, **kw)
+            return ce + parts.ce + parts.kl
+
+        full = objective(queries, target, exclude)
+        full_grads = torch.autograd.grad(full, list(candidates.values()) + list(queries.values()))
+        sub_queries = {m: q.detach()[kept].requires_grad_() for m, q in queries.items()}
+        sub = objective(sub_queries, target[kept], exclude[kept])
+        sub_grads = torch.autograd.grad(sub, list(candidates.values()) + list(sub_queries.values()))
+    finally:
+        ops.set_value_checks(True)
+    torch.testing.assert_close(full, sub)
+    for got, want in zip(full_grads[:3], sub_grads[:3], strict=True):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(full_grads[3:], sub_grads[3:], strict=True):
+        torch.testing.assert_close(got[kept], want)
+        assert torch.equal(got[[2, 4]], torch.zeros_like(got[[2, 4]]))

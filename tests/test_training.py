@@ -141,3 +141,15 @@ def test_non_finite_loss_stops_training_before_the_update(tiny_data):
         )
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert set(seen_logs[0]) == {"ce", "kl"} and all(isinstance(v, torch.Tensor) for v in seen_logs[0].values())
+
+
+def test_read_back_of_the_step_numbers():
+    from odmt_components.training import _read_back
+
+    loss = torch.tensor(2.5)
+    got = _read_back(loss, {"ce": torch.tensor(1.25, dtype=torch.bfloat16), "kl": 0.5, "n": torch.tensor([3])})
+    assert got == {"loss": 2.5, "ce": 1.25, "kl": 0.5, "n": 3.0}
+    with pytest.raises(ValueError, match="named 'loss'"):
+        _read_back(loss, {"loss": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="scalar 'ce'"):
+        _read_back(loss, {"ce": torch.ones(2)})

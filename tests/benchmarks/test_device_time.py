@@ -23,11 +23,13 @@ def test_breakdown_counts_launches_per_call_and_resets_grads():
         ((a @ a) @ a).sum().backward()
 
     report = device_time.kernel_breakdown(step, grads=(a,), calls=3, top=50)
-    assert seen_grads == [None] * 4  # the warm-up and three profiled calls each start clean
+    assert seen_grads == [None] * 7  # the warm-up, three timed and three profiled calls each start clean
     assert report["kernels"]["aten::mm"][0] == 6  # two forward products, four in the backward
     total = sum(us for _, us in report["kernels"].values())
     assert abs(total - report["device_us"]) <= 0.1 * len(report["kernels"]) + 1e-6
-    assert 0 < report["device_us"] <= report["wall_us"] * 1.05
+    # (no order between the two here: the operators' CPU time is taken under the profiler,
+    # whose own work inflates it, the wall time outside it)
+    assert report["device_us"] > 0 and report["wall_us"] > 0
 
 
 def test_breakdown_folds_the_tail_into_other():
