@@ -81,21 +81,13 @@ def time_steps(backend: str, device: torch.device, steps: int) -> dict:
         step(batches[i % len(batches)])
     if CAPTURE:
         return {}
-    times = []
-    for i in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+    times = [_elapsed_ms(lambda i=i: step(batches[i % len(batches)]), device) for i in range(steps)]
+
+    def run_all() -> None:
+        for i in range(steps):
             step(batches[i % len(batches)])
-            stop.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(stop))
-        else:
-            begin = time.perf_counter()
-            step(batches[i % len(batches)])
-            times.append((time.perf_counter() - begin) * 1e3)
-    back_to_back = _back_to_back_ms(step, batches, steps, device)
+
+    back_to_back = _elapsed_ms(run_all, device) / max(steps, 1)
     peak = torch.cuda.max_memory_allocated() / 1e6 if device.type == "cuda" else 0.0
     rows = batches[0].target.numel()
     return {
@@ -107,21 +99,20 @@ def time_steps(backend: str, device: torch.device, steps: int) -> dict:
     }
 
 
-def _back_to_back_ms(step, batches, steps: int, device: torch.device) -> float:
-    """Mean ms per step of ``steps`` steps launched without a synchronisation between them."""
+def _elapsed_ms(run, device: torch.device) -> float:
+    """Milliseconds of ``run()``: CUDA events around it, the device synchronised before and
+    after (nothing synchronises inside it); the wall clock on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for i in range(steps):
-            step(batches[i % len(batches)])
+        run()
         stop.record()
         torch.cuda.synchronize()
-        return start.elapsed_time(stop) / max(steps, 1)
+        return start.elapsed_time(stop)
     begin = time.perf_counter()
-    for i in range(steps):
-        step(batches[i % len(batches)])
-    return (time.perf_counter() - begin) * 1e3 / max(steps, 1)
+    run()
+    return (time.perf_counter() - begin) * 1e3
 
 
 def main() -> None:
