@@ -78,7 +78,7 @@ attention, reference = _load_kernels()
 
 CAPTURE = os.environ.get("CAPTURE", "")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from device_time import format_breakdown, kernel_breakdown  # noqa: E402
+from device_time import record_breakdown  # noqa: E402
 
 if CAPTURE:
     import precompile  # noqa: E402
@@ -263,18 +263,6 @@ def record(key: str, fn, **kw) -> float | None:
     res[key] = t * 1000.0
     print(f"{key:44s} {t * 1000:10.1f} us", flush=True)
     return t * 1000.0
-
-
-def breakdown(key: str, fn, grads) -> None:
-    """Each kernel's device time in a call of ``fn`` against its wall time (``device_time``)."""
-    if CAPTURE:
-        return
-    try:
-        res[f"{key}_breakdown"] = report = kernel_breakdown(fn, tuple(grads))
-        print(format_breakdown(key, report), flush=True)
-    except Exception as e:
-        res[f"{key}_breakdown"] = f"ERR {type(e).__name__}: {str(e)[:200]}"
-        print(f"{key} breakdown: ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
 
 
 # ---------------------------------------------------------------------------------- ceilings
@@ -524,8 +512,8 @@ def case(heads: int, dim: int, tag: str) -> None:
         record(f"{tag}_{name}_fwd", fwd, rep=rep)
         record(f"{tag}_{name}_fwdbwd", fwd_bwd, rep=min(rep, 100))
         q.grad = k.grad = v.grad = None
-        if name == "ours":
-            breakdown(f"{tag}_ours_fwdbwd", fwd_bwd, (q, k, v))
+        if name == "ours" and not CAPTURE:
+            record_breakdown(res, f"{tag}_ours_fwdbwd", fwd_bwd, (q, k, v))
 
     def fwd_dropout():
         with torch.no_grad():

@@ -81,7 +81,7 @@ if not DRY and not AOT and not torch.cuda.is_available():
 from odmt_components.kernels import inbatch_loss as K  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from device_time import format_breakdown, kernel_breakdown  # noqa: E402
+from device_time import record_breakdown  # noqa: E402
 
 if CAPTURE:
     import precompile  # noqa: E402
@@ -416,18 +416,6 @@ def correctness() -> bool:
 # ---------------------------------------------------------------------------------------
 
 
-def breakdown(key: str, fn, grads) -> None:
-    """Each kernel's device time in a call of ``fn`` (see ``device_time``), logged and kept."""
-    if UNTIMED:
-        return
-    try:
-        RES[f"{key}_breakdown"] = report = kernel_breakdown(fn, tuple(grads))
-        print(format_breakdown(key, report), flush=True)
-    except Exception as exc:
-        RES[f"{key}_breakdown"] = f"ERR {type(exc).__name__}: {str(exc)[:200]}"
-        print(f"{key} breakdown: ERROR {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-
-
 def graphed(key: str, fn, grads) -> None:
     """Times ``fn`` (forward + backward) replayed from a CUDA graph: the device's own time,
     without the host's per-call work (Python, ~10 Triton launches, ~70 small PyTorch ops),
@@ -471,7 +459,8 @@ def lib_timings(tag: str, Hs, Ds, target, log_pop, grads) -> None:
         K.debiased_inbatch_cross_entropy(Hs[0], Ds[0], target, plain_ids, None, None, PAD, IGNORE, "mean").backward()
 
     measure(f"{tag}_ours_plain", ours_plain, grads, rep=100)
-    breakdown(f"{tag}_ours_plain", ours_plain, grads)
+    if not UNTIMED:
+        record_breakdown(RES, f"{tag}_ours_plain", ours_plain, grads)
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as lflce
 
@@ -514,7 +503,8 @@ def loss_case(R: int, N: int, d: int, tag: str, odmt: bool, seq_users: int = 0) 
     for name, ours, eager, parts in variants:
         if not WARM_COMPILED:
             measure(f"{tag}_{name}_ours", lambda f=ours: f().backward(), grads, rep=100)
-            breakdown(f"{tag}_{name}_ours", lambda f=ours: f().backward(), grads)
+            if not UNTIMED:
+                record_breakdown(RES, f"{tag}_{name}_ours", lambda f=ours: f().backward(), grads)
             if tag in ("paper", "dry"):  # where the host's launch work can bound a call
                 graphed(f"{tag}_{name}_ours_graphed", lambda f=ours: f().backward(), grads)
             for part, fn in parts.items():

@@ -68,6 +68,17 @@ def kernel_breakdown(fn: Callable[[], object], grads: tuple = (), calls: int = 3
     )
 
 
+def record_breakdown(results: dict, key: str, fn: Callable[[], object], grads: tuple = ()) -> None:
+    """:func:`kernel_breakdown` of ``fn`` into ``results[key + "_breakdown"]``, and logged; an
+    error is recorded and logged instead of raised (a failed profile must not end a run)."""
+    try:
+        results[f"{key}_breakdown"] = report = kernel_breakdown(fn, tuple(grads))
+        print(format_breakdown(key, report), flush=True)
+    except Exception as exc:
+        results[f"{key}_breakdown"] = f"ERR {type(exc).__name__}: {str(exc)[:200]}"
+        print(f"{key} breakdown: ERROR {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+
+
 def format_breakdown(key: str, report: dict) -> str:
     """A few lines for the log: the totals, then one line a kernel."""
     lines = [
