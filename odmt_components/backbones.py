@@ -67,7 +67,7 @@ def _check_inputs(
         )
     if seq_len > 1:  # a value check (ops.set_value_checks): a device assertion under torch.compile
         message = f"{module}: padding must be left padding (True only before the first valid item of each row)"
-        ops._raise_on_bad_values([((~padding[:, :-1] & padding[:, 1:]).any(), message)])
+        ops._check_values(lambda: [((~padding[:, :-1] & padding[:, 1:]).any(), message)])
 
 
 class _CausalSelfAttention(nn.Module):

@@ -217,15 +217,16 @@ class IMT(nn.Module):
             devices.add(item_ids.device)
         if len(devices) > 1:
             raise ValueError(f"inputs are on several devices: {sorted(map(str, devices))}")
-        # the checks that read values (one device-to-host transfer; see ops.set_value_checks)
-        checks = [(text_padding[:, 0].any(), "text_padding marks a text CLS token (position 0) as padding")]
-        if self.use_id:
-            n_rows = self.id_embedding.num_embeddings
-            outside = ((item_ids < 0) | (item_ids >= n_rows)).any()
-            checks.append((outside, f"item_ids must lie in [0, {n_rows}) (0 = padding item)"))
-        finite = torch.isfinite(text_tokens).all() & torch.isfinite(image_tokens).all()
-        checks.append((~finite, "text_tokens or image_tokens contain NaN or inf"))
-        ops._raise_on_bad_values(checks)
+        def value_checks() -> list[tuple[torch.Tensor, str]]:  # see ops.set_value_checks
+            checks = [(text_padding[:, 0].any(), "text_padding marks a text CLS token (position 0) as padding")]
+            if self.use_id:
+                n_rows = self.id_embedding.num_embeddings
+                outside = ((item_ids < 0) | (item_ids >= n_rows)).any()
+                checks.append((outside, f"item_ids must lie in [0, {n_rows}) (0 = padding item)"))
+            finite = torch.isfinite(text_tokens).all() & torch.isfinite(image_tokens).all()
+            return [*checks, (~finite, "text_tokens or image_tokens contain NaN or inf")]
+
+        ops._check_values(value_checks)
 
     def forward(
         self,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import ModuleType
 
 import torch
@@ -318,20 +318,18 @@ def _validate_inbatch(
         log_q=log_q,
     )
     if check_values:
-        _check_inbatch_values(target, candidate_ids, log_q, pad_id, ignore_index, columns)
+        _check_values(lambda: _inbatch_value_checks(target, candidate_ids, log_q, pad_id, ignore_index, columns))
 
 
-def _check_inbatch_values(
+def _inbatch_value_checks(
     target: torch.Tensor,
     candidate_ids: torch.Tensor,
     log_q: torch.Tensor | None,
     pad_id: int,
     ignore_index: int,
     columns: int,
-) -> None:
-    """The in-batch ops' checks that read values (:func:`set_value_checks`)."""
-    if not _value_checks:
-        return
+) -> list[tuple[torch.Tensor, str]]:
+    """The in-batch ops' checks that read values, for :func:`_check_values`."""
     valid = target != ignore_index
     outside = valid & ((target < 0) | (target >= columns))
     on_padding = valid & ~outside & (candidate_ids[torch.where(outside | ~valid, 0, target)] == pad_id)
@@ -344,16 +342,19 @@ def _check_inbatch_values(
     ]
     if log_q is not None:
         checks.append((~torch.isfinite(log_q).all(), "log_q contains NaN or inf"))
-    _raise_on_bad_values(checks)
+    return checks
 
 
-def _raise_on_bad_values(checks: list[tuple[torch.Tensor, str]]) -> None:
-    """``checks``: (boolean scalar tensor, True when the input is bad; error message). Eager:
+def _check_values(make_checks: Callable[[], list[tuple[torch.Tensor, str]]]) -> None:
+    """Runs the checks that read input values, unless they are off (:func:`set_value_checks`:
+    then ``make_checks`` is not even called, so no check costs a launch). ``make_checks()``
+    returns (boolean scalar tensor, True when the input is bad; error message) pairs. Eager:
     one device-to-host transfer for all of them, then a ``ValueError`` with the first bad
     one's message. Under ``torch.compile``: one asynchronous device assertion each (reading a
-    value would break the graph). Nothing when value checks are off (:func:`set_value_checks`)."""
+    value would break the graph)."""
     if not _value_checks:
         return
+    checks = make_checks()
     if torch.compiler.is_compiling():
         for bad, message in checks:
             torch._assert_async(~bad, message)
