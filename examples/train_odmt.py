@@ -65,6 +65,10 @@ class ODMTConfig:
     temperature: float = 0.5
     detach_teacher: bool = True
     distill_form: str = "kl"  # kl (paper) | ce (reference code)
+    # Encode each distinct item of a batch once (the host waits for their count, one read a
+    # step); False encodes every position like the reference code: static shapes, nothing
+    # read back with ops.set_value_checks(False), so a step can go into a CUDA graph.
+    encode_distinct: bool = True
     # optimisation (TrainConfig)
     epochs: int = 40
     batch_size: int = 128
@@ -137,10 +141,17 @@ class MultiModalRecommender(nn.Module):
         self.selection_head = "id" if config.model == "sasrec" else "fused"
 
     def item_vectors(self, item_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Branch vectors for item ids of any shape; each distinct item is encoded once."""
-        unique, inverse = torch.unique(item_ids, return_inverse=True)
-        encoded = self.imt(self.text_tokens[unique], self.text_padding[unique], self.image_tokens[unique], unique)
-        vectors = {m: getattr(encoded, m)[inverse] for m in self.branches}
+        """Branch vectors for item ids of any shape (each distinct item encoded once, or every
+        position: ``config.encode_distinct``)."""
+        if self.config.encode_distinct:
+            ids, where = torch.unique(item_ids, return_inverse=True)
+        else:
+            ids, where = item_ids.reshape(-1), None
+        encoded = self.imt(self.text_tokens[ids], self.text_padding[ids], self.image_tokens[ids], ids)
+        if where is None:
+            vectors = {m: getattr(encoded, m).unflatten(0, item_ids.shape) for m in self.branches}
+        else:
+            vectors = {m: getattr(encoded, m)[where] for m in self.branches}
         if self.config.model == "sasrec_ef":
             vectors = {"fused": sum(vectors.values()) / len(vectors)}
         return vectors

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from odmt_components import leave_one_out, make_synthetic_dataset, popularity_log_q
+from odmt_components import collate_train, leave_one_out, make_synthetic_dataset, popularity_log_q
 from odmt_components.training import Recommender, TrainConfig, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -153,3 +153,57 @@ def test_read_back_of_the_step_numbers():
         _read_back(loss, {"loss": torch.tensor(1.0)})
     with pytest.raises(ValueError, match="scalar 'ce'"):
         _read_back(loss, {"ce": torch.ones(2)})
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_training_step_reads_nothing_back_with_value_checks_off(tiny_data, backend, host_reads):
+    """The ODMT step (IMT with attention dropout, backbones, debiased loss and distillation,
+    backward) keeps the host waiting for nothing once the value checks are off and every
+    position is encoded: what lets a user capture it in a CUDA graph, and the host run ahead
+    of the GPU. With the checks on their one transfer a checked call is what it reads, plus
+    the count of distinct items when each is encoded once (the default)."""
+    from odmt_components import ops
+
+    split = leave_one_out(tiny_data)
+    log_q = popularity_log_q(split.train, tiny_data.n_items)
+    batch = collate_train(split.train[:3], 4)
+
+    def reads(checks: bool, **overrides) -> list[str]:
+        torch.manual_seed(0)
+        model = train_odmt.build_model(tiny_config(dropout=0.1, **overrides), tiny_data).train()
+
+        def step():
+            loss, _ = model.training_loss(batch, log_q, 1.0)
+            loss.backward()
+
+        ops.set_value_checks(checks)
+        try:
+            return host_reads(step)
+        finally:
+            ops.set_value_checks(True)
+
+    previous = ops.get_backend()
+    ops.set_backend(backend)
+    try:
+        default = reads(True)
+        static_checked = reads(True, encode_distinct=False)
+        static = reads(False, encode_distinct=False)
+    finally:
+        ops.set_backend(previous)
+    # Checked calls: the IMT, three backbones, the distillation loss.
+    assert static_checked == ["Tensor.tolist"] * 5
+    assert sorted(default) == sorted(static_checked + ["aten::_unique2"])
+    assert static == []
+
+
+def test_encoding_every_position_matches_encoding_each_item_once(tiny_data):
+    split = leave_one_out(tiny_data)
+    log_q = popularity_log_q(split.train, tiny_data.n_items)
+    batch = collate_train(split.train[:6], 10)
+    losses = []
+    for distinct in (True, False):
+        torch.manual_seed(0)
+        model = train_odmt.build_model(tiny_config(encode_distinct=distinct), tiny_data).double().eval()
+        loss, _ = model.training_loss(batch, log_q.double(), 1.0)
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=1e-12)
