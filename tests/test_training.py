@@ -207,3 +207,29 @@ def test_encoding_every_position_matches_encoding_each_item_once(tiny_data):
         loss, _ = model.training_loss(batch, log_q.double(), 1.0)
         losses.append(loss)
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=1e-12)
+
+
+def test_the_example_step_compiles_whole_when_every_position_is_encoded(tiny_data):
+    """``torch.compile(fullgraph=True)`` of the whole ODMT step on the kernels (each distinct
+    item encoded once would break the graph at ``torch.unique``): same loss and gradients."""
+    split = leave_one_out(tiny_data)
+    log_q = popularity_log_q(split.train, tiny_data.n_items)
+    batch = collate_train(split.train[:3], 4)
+    torch.manual_seed(0)
+    model = train_odmt.build_model(tiny_config(encode_distinct=False, dropout=0.0, backend="triton"), tiny_data)
+    model.train()
+
+    def loss_and_grads(training_loss):
+        model.zero_grad(set_to_none=True)
+        loss, logs = training_loss(batch, log_q, 0.7)
+        loss.backward()
+        return loss.detach(), logs, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    torch._dynamo.reset()
+    eager = loss_and_grads(model.training_loss)
+    compiled = loss_and_grads(torch.compile(model.training_loss, fullgraph=True))
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
+    assert compiled[1].keys() == eager[1].keys() == {"ce", "kl"}
+    assert len(compiled[2]) == len(eager[2]) > 0
+    for got, expected in zip(compiled[2], eager[2], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
