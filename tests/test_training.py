@@ -23,6 +23,12 @@ def tiny_data():
     )
 
 
+def one_batch(data, users: int, max_seq_len: int):
+    """``log_q`` of the training split and one training batch of its first ``users``."""
+    split = leave_one_out(data)
+    return popularity_log_q(split.train, data.n_items), collate_train(split.train[:users], max_seq_len)
+
+
 def tiny_config(**overrides) -> train_odmt.ODMTConfig:
     options = dict(dim=16, epochs=2, batch_size=16, lr=1e-2, weight_decay=0.0, rampup_epochs=1.0, progress=False)
     options.update(overrides)
@@ -164,9 +170,7 @@ def test_a_training_step_reads_nothing_back_with_value_checks_off(tiny_data, bac
     the count of distinct items when each is encoded once (the default)."""
     from odmt_components import ops
 
-    split = leave_one_out(tiny_data)
-    log_q = popularity_log_q(split.train, tiny_data.n_items)
-    batch = collate_train(split.train[:3], 4)
+    log_q, batch = one_batch(tiny_data, users=3, max_seq_len=4)
 
     def reads(checks: bool, **overrides) -> list[str]:
         torch.manual_seed(0)
@@ -197,9 +201,7 @@ def test_a_training_step_reads_nothing_back_with_value_checks_off(tiny_data, bac
 
 
 def test_encoding_every_position_matches_encoding_each_item_once(tiny_data):
-    split = leave_one_out(tiny_data)
-    log_q = popularity_log_q(split.train, tiny_data.n_items)
-    batch = collate_train(split.train[:6], 10)
+    log_q, batch = one_batch(tiny_data, users=6, max_seq_len=10)
     losses = []
     for distinct in (True, False):
         torch.manual_seed(0)
@@ -212,9 +214,7 @@ def test_encoding_every_position_matches_encoding_each_item_once(tiny_data):
 def test_the_example_step_compiles_whole_when_every_position_is_encoded(tiny_data):
     """``torch.compile(fullgraph=True)`` of the whole ODMT step on the kernels (each distinct
     item encoded once would break the graph at ``torch.unique``): same loss and gradients."""
-    split = leave_one_out(tiny_data)
-    log_q = popularity_log_q(split.train, tiny_data.n_items)
-    batch = collate_train(split.train[:3], 4)
+    log_q, batch = one_batch(tiny_data, users=3, max_seq_len=4)
     torch.manual_seed(0)
     model = train_odmt.build_model(tiny_config(encode_distinct=False, dropout=0.0, backend="triton"), tiny_data)
     model.train()
