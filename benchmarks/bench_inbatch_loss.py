@@ -81,7 +81,7 @@ if not DRY and not AOT and not torch.cuda.is_available():
 from odmt_components.kernels import inbatch_loss as K  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from device_time import record_breakdown  # noqa: E402
+from device_time import elapsed_ms, record_breakdown  # noqa: E402
 
 if CAPTURE:
     import precompile  # noqa: E402
@@ -126,12 +126,7 @@ def dump() -> None:
 def _event_ms(fn, grads) -> float:
     for g in grads:
         g.grad = None
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end)
+    return elapsed_ms(fn, torch.device(DEV))
 
 
 def bench(fn, grads=(), rep: int = 40) -> float:

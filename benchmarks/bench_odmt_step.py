@@ -26,12 +26,13 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from device_time import elapsed_ms  # noqa: E402
 
 DRY = bool(os.environ.get("DRY"))
 VARIANTS = ("torch", "triton", "triton_static")
@@ -85,13 +86,13 @@ def time_steps(backend: str, device: torch.device, steps: int, encode_distinct: 
         step(batches[i % len(batches)])
     if CAPTURE:
         return {}
-    times = [_elapsed_ms(lambda i=i: step(batches[i % len(batches)]), device) for i in range(steps)]
+    times = [elapsed_ms(lambda i=i: step(batches[i % len(batches)]), device) for i in range(steps)]
 
     def run_all() -> None:
         for i in range(steps):
             step(batches[i % len(batches)])
 
-    back_to_back = _elapsed_ms(run_all, device) / max(steps, 1)
+    back_to_back = elapsed_ms(run_all, device) / max(steps, 1)
     peak = torch.cuda.max_memory_allocated() / 1e6 if device.type == "cuda" else 0.0
     rows = batches[0].target.numel()
     return {
@@ -103,22 +104,6 @@ def time_steps(backend: str, device: torch.device, steps: int, encode_distinct: 
     }
 
 
-def _elapsed_ms(run, device: torch.device) -> float:
-    """Milliseconds of ``run()``: CUDA events around it, the device synchronised before and
-    after (nothing synchronises inside it); the wall clock on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        stop.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(stop)
-    begin = time.perf_counter()
-    run()
-    return (time.perf_counter() - begin) * 1e3
-
-
 def main() -> None:
     if not torch.cuda.is_available() and not DRY:
         print("bench_odmt_step: no CUDA GPU present; nothing measured (DRY=1 runs the plumbing on the CPU).")
@@ -127,7 +112,6 @@ def main() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     device = torch.device("cpu" if DRY else "cuda")
     if CAPTURE:  # record the kernels' compile requests of one step (benchmarks/precompile.py)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         import precompile
 
         precompile.capture(CAPTURE)

@@ -18,6 +18,22 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 
+def elapsed_ms(run: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one ``run()``: CUDA events around it, the device synchronised before and
+    after (nothing inside it is), on a CUDA ``device``; the wall clock elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        stop.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(stop)
+    begin = time.perf_counter()
+    run()
+    return (time.perf_counter() - begin) * 1e3
+
+
 def kernel_breakdown(fn: Callable[[], object], grads: tuple = (), calls: int = 3, top: int = 12) -> dict:
     """Times ``calls`` calls of ``fn`` (after one warm-up call), then profiles as many.
 

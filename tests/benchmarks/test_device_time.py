@@ -38,3 +38,11 @@ def test_breakdown_folds_the_tail_into_other():
     assert len(report["kernels"]) == 2 and "other" in report["kernels"]
     lines = device_time.format_breakdown("case", report).splitlines()
     assert lines[0].startswith("case: wall ") and len(lines) == 3
+
+
+def test_elapsed_ms_times_one_call_on_the_wall_clock_without_cuda():
+    import time
+
+    calls = []
+    ms = device_time.elapsed_ms(lambda: (calls.append(1), time.sleep(0.02)), torch.device("cpu"))
+    assert calls == [1] and 20.0 <= ms < 2000.0
