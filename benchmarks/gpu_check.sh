@@ -49,20 +49,27 @@ step() {  # step NAME SECONDS COMMAND...: run with a cap, keep the log, show its
 warm() {  # capture the benchmarks' compile requests, compile them in parallel (see above)
   local cap=${CAP_WARM:-120} started=$SECONDS specs=/tmp/odmt_specs pids=() compiled=""
   mkdir -p "$specs"
-  rm -f "$specs"/*.json
+  rm -f "$specs"/*.json "$specs"/*.log
   echo "=== warm (cap ${cap}s)"
-  if [ -z "${SKIP_COMPILE:-}" ]; then
+  # only the benchmarks this call's STEPS run: each one's kernels take cores for a minute or more
+  local benches=()
+  case " $STEPS " in *" attention "*) benches+=(attention) ;; esac
+  case " $STEPS " in *" loss "*) benches+=(inbatch_loss) ;; esac
+  case " $STEPS " in *" step "*) benches+=(odmt_step) ;; esac
+  if [ -z "${SKIP_COMPILE:-}" ] && [[ " ${benches[*]} " == *" inbatch_loss "* ]]; then
     WARM_COMPILED=1 timeout -k 10 "$cap" python3 benchmarks/bench_inbatch_loss.py >"$specs/compiled.log" 2>&1 &
     compiled=$!  # ($! is unbound under set -u while no job was started)
   fi
-  for bench in attention inbatch_loss odmt_step; do
+  for bench in "${benches[@]}"; do
     CAPTURE="$specs/$bench.json" timeout -k 10 "$((cap / 2))" python3 "benchmarks/bench_$bench.py" \
       >"$specs/capture_$bench.log" 2>&1 &
     pids+=($!)
   done
-  wait "${pids[@]}"
-  tail -n 3 "$specs"/capture_*.log
-  timeout -k 10 "$((cap - (SECONDS - started)))" python3 benchmarks/precompile.py "$specs"/*.json
+  if [ ${#pids[@]} -gt 0 ]; then
+    wait "${pids[@]}"
+    tail -n 3 "$specs"/capture_*.log
+    timeout -k 10 "$((cap - (SECONDS - started)))" python3 benchmarks/precompile.py "$specs"/*.json
+  fi
   if [ -n "$compiled" ]; then
     wait "$compiled"
     echo "torch.compile competitors warmed (rc=$?):"
