@@ -195,10 +195,8 @@ def aot_report() -> int:
 if AOT:
     sys.exit(aot_report())
 
-DEV = "cpu" if DRY else "cuda"
-DTYPE = torch.float32 if DRY else torch.bfloat16  # bf16 is wrong in the interpreter
-ITEMS = 2 if DRY else 1664
-N_IMG, N_TXT = (5, 6) if DRY else (50, 30)
+from attention_problem import CONFIGS, DEV, DTYPE, ITEMS, N_IMG, N_TXT, inputs  # noqa: E402
+
 CHECK_ITEMS = 2 if DRY else 48  # items checked against the float64 reference
 MAX_REL_ERR = 2e-2
 # the default path switches (forward, backward, the short forward's least head dim, the split
@@ -215,8 +213,6 @@ def set_paths(
     attention._SHORT_FWD_MIN_HEAD_DIM = fwd_min_head_dim
     attention._SPLIT_BWD = split
 
-
-CONFIGS = [(2, 384, "h2d384"), (12, 64, "h12d64"), (4, 64, "h4d64")]
 
 res: dict = {
     "device": "cpu (DRY)" if DRY else torch.cuda.get_device_name(),
@@ -364,18 +360,6 @@ def sweep(tag: str, dim: int, fwd, fwd_bwd, outputs=None) -> None:
             finally:
                 attention._OVERRIDE.clear()
                 set_paths(*SHORT_MAX)
-
-
-def inputs(heads: int, dim: int):
-    """The anchor problem: q, k, v (requiring grad), grad_out, text lengths, key validity."""
-    length, id_pos = N_IMG + 1 + N_TXT, N_IMG
-    g = torch.Generator(device="cpu").manual_seed(0)
-    txt_len = torch.randint(4, N_TXT + 1, (ITEMS,), generator=g).to(DEV)  # includes CLS
-    q, k, v = (torch.randn(ITEMS, heads, length, dim, generator=g).to(DEV, DTYPE).requires_grad_() for _ in range(3))
-    grad_out = torch.randn(ITEMS, heads, length, dim, generator=g).to(DEV, DTYPE)
-    pos = torch.arange(length, device=DEV)
-    key_valid = (pos[None, :] <= id_pos) | (pos[None, :] - id_pos - 1 < txt_len[:, None])
-    return q, k, v, grad_out, txt_len, key_valid
 
 
 def case(heads: int, dim: int, tag: str) -> None:

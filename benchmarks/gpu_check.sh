@@ -15,7 +15,8 @@
 # in parallel into Triton's on-disk cache; beside it the loss benchmark runs its
 # torch.compile competitors once (WARM_COMPILED=1) to fill Inductor's caches. The timed
 # steps then load their kernels instead of compiling them one by one, and their sweeps'
-# budgets go to timing.
+# budgets go to timing. The "ncu" step then reads the hardware counters of each main kernel
+# (one launch each, Nsight Compute): what the warps wait on, which the timings cannot say.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -80,7 +81,7 @@ warm() {  # capture the benchmarks' compile requests, compile them in parallel (
 
 # Both kernel families changed after Run 5 (untimed): the attention first (persistent short
 # kernels at D = 64, split backward at 384, nearest to its targets), then the loss.
-STEPS="${STEPS:-warm attention loss tests step}"
+STEPS="${STEPS:-warm attention loss ncu tests step}"
 for s in $STEPS; do
   case $s in
     warm) warm 2>&1 | tee -a "$OUT/setup.log" ;;
@@ -94,6 +95,10 @@ for s in $STEPS; do
     loss)
       SWEEP_BUDGET_S="${SWEEP_BUDGET_S:-$((${CAP_LOSS:-220} - 45))}" \
         step bench_inbatch_loss "${CAP_LOSS:-220}" python3 benchmarks/bench_inbatch_loss.py ;;
+    # hardware counters of each main kernel, one launch each (benchmarks/profile_kernels.py):
+    # after the benchmarks, whose runs left every kernel it launches in the compile cache;
+    # writes ncu.log and ncu_raw.csv (Firecracker machines, the H100s; not gVisor's H200s)
+    ncu) step ncu "${CAP_NCU:-100}" python3 benchmarks/profile_kernels.py profile "$OUT" ;;
     # the sm_90 compile tests are for GPU-less CI (the benchmarks compile everything there)
     tests) HYPOTHESIS_PROFILE=gpu step kernel_tests "${CAP_TESTS:-90}" python3 -m pytest ${TESTS:-tests/kernels} -q -x \
       -p no:cacheprovider --ignore=tests/kernels/test_kernels_compile.py ;;
