@@ -115,6 +115,7 @@ kernels are the custom ops ``odmt::debiased_inbatch_ce_backward`` and
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -1072,8 +1073,9 @@ def _ce_dq_kernel(
     gmax = tl.where(gmax > 0, gmax, 1.0)
     lse = tl.where(valid, tl.load(lse_ptr + rows, mask=valid, other=0.0), float("inf"))
     g = tl.load(g_ptr + rows, mask=valid, other=0.0) / gmax
+    # queries loaded by ``valid``: an ignored row's values (NaN, inf) must not reach its dz
     if FULL_D:  # BLOCK_DO is the padded width, one output chunk
-        q = _full_tile(q_ptr, sq_r, sq_d, rows, row_in, D, BLOCK_DO)
+        q = _full_tile(q_ptr, sq_r, sq_d, rows, valid, D, BLOCK_DO)
         c_ptrs, d_ok = _tile_ptrs(c_ptr, sc_n, sc_d, tl.arange(0, BLOCK_N), D, BLOCK_DO)
     acc = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
     fl_row = fl_ptr + tl.program_id(0) * tl.cdiv(N, BLOCK_N)
@@ -1093,7 +1095,7 @@ def _ce_dq_kernel(
                 s = tl.dot(q, tl.trans(c), input_precision=PREC)
         else:
             s = _score_tile(
-                q_ptr, sq_r, sq_d, c_ptr, sc_n, sc_d, rows, row_in, cols, col_ok, D, BLOCK_R, BLOCK_N, BLOCK_D, PREC
+                q_ptr, sq_r, sq_d, c_ptr, sc_n, sc_d, rows, valid, cols, col_ok, D, BLOCK_R, BLOCK_N, BLOCK_D, PREC
             )
             c = tl.load(
                 c_ptr + cols.to(tl.int64)[:, None] * sc_n + offs_o[None, :] * sc_d,
@@ -1744,10 +1746,10 @@ def _odmt_dq_kernel(
     (lse_i, lse_t, lse_v, lt_i, lt_t, lt_v, lt_e, wb_it, wb_iv, wb_ei, gc_i, gc_t, gc_v, g_it, g_iv, g_ei) = (
         _odmt_row_stats(stats_ptr, g_ptr, gmax, rows, valid, R, temperature)
     )
-    if FULL_D:
-        qi = _full_tile(qi_ptr, sq_i, sq_d, rows, row_in, D, BLOCK_DO)
-        qt = _full_tile(qt_ptr, sq_t, sq_d, rows, row_in, D, BLOCK_DO)
-        qv = _full_tile(qv_ptr, sq_v, sq_d, rows, row_in, D, BLOCK_DO)
+    if FULL_D:  # loaded by ``valid``: an ignored row's values (NaN, inf) must not reach its dz
+        qi = _full_tile(qi_ptr, sq_i, sq_d, rows, valid, D, BLOCK_DO)
+        qt = _full_tile(qt_ptr, sq_t, sq_d, rows, valid, D, BLOCK_DO)
+        qv = _full_tile(qv_ptr, sq_v, sq_d, rows, valid, D, BLOCK_DO)
     acc_i = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
     acc_t = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
     acc_v = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
@@ -1786,7 +1788,7 @@ def _odmt_dq_kernel(
                 sc_v,
                 sc_d,
                 rows,
-                row_in,
+                valid,
                 cols,
                 col_ok,
                 lq,
@@ -2363,6 +2365,16 @@ def _gmax(g: torch.Tensor) -> torch.Tensor:
     return g.detach().abs().amax().reshape(1).to(torch.float32)
 
 
+def _ignored_rows_zeroed(queries: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``queries`` with the rows of ignored targets (``valid`` False) set to 0, for the
+    column-wise dC kernels: a row's weight there is 0, but its values times that weight reach every
+    candidate's gradient (``0 x NaN``: a backbone's padding positions may hold NaN or inf), and
+    masking the loads by the rows' targets inside those kernels would make each step's query
+    load wait on its target load. The row-wise kernels mask the loads (a row tile is loaded
+    once). One elementwise pass over ``(R, d)``."""
+    return torch.where(valid[:, None], queries, queries.new_zeros(()))
+
+
 def _excl_flags(exclude_ids, candidate_ids, pad_id: int):
     ex, ex_sr, ex_ss, S, s_pad, ex_one = _excl_args(exclude_ids, candidate_ids)
     return (ex, ex_sr, ex_ss), S, dict(S_PAD=s_pad, EX_ONE=ex_one, IDS32=_ids32(pad_id))
@@ -2821,6 +2833,8 @@ def _ce_backward_impl(
             with_do=True,
         )
     if "dc" in parts:
+        zeroed = _ignored_rows_zeroed(queries, p["rows"][0] >= 0)
+        head = (zeroed, zeroed.stride(0), zeroed.stride(1), *head[3:])
         _launch(
             "ce_dc",
             _ce_dc_kernel,
@@ -3071,7 +3085,8 @@ def _odmt_backward_impl(
     dc = torch.empty(3, N, D, device=c_id.device, dtype=c_id.dtype)
     p = _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
     interp = _interpreting(q_id)
-    head = (*_branch_args((q_id, q_text, q_image), (c_id, c_text, c_image)), *p["rows"], *p["lq"], p["fit"])
+    cs, shared = (c_id, c_text, c_image), (*p["rows"], *p["lq"], p["fit"])
+    head = (*_branch_args((q_id, q_text, q_image), cs), *shared)
     tail = (R, N, D, p["S"], pad_id, float(temperature))
     flags = dict(**p["flags"], HAS_LQ=p["has_lq"], FORM_KL=bool(form_kl), DETACH=bool(detach_teacher))
     flags["PREC"] = _prec(q_id.dtype)
@@ -3090,7 +3105,7 @@ def _odmt_backward_impl(
         grid = _bwd_grid(c, N, D)
         n_split, per = _split_walk(grid[0] * grid[1], R, c["BLOCK_W"], n_sm, not p["lists_on"])
         out, split_stride = used["dc"] = _split_out(dc, n_split)
-        args = (*head, *_col_list_args(p, c["BLOCK_W"], c["BLOCK_T"]), stats, g, gmax, out, *tail, per, split_stride)
+        args = (*head_dc, *_col_list_args(p, c["BLOCK_W"], c["BLOCK_T"]), stats, g, gmax, out, *tail, per, split_stride)
         meta = dict(**flags, LISTS=p["lists_on"], **_tile_meta(c, False, True), SPLIT=n_split > 1)
         return (*grid, n_split), args, meta
 
@@ -3098,6 +3113,9 @@ def _odmt_backward_impl(
         _launch("odmt_dq", _odmt_dq_kernel, _config("dq3", R, N, D, interp), make_dq, with_do=True)
         _sum_splits(used["dq"][0], dq)
     if "dc" in parts:
+        valid = p["rows"][0] >= 0
+        zeroed = tuple(_ignored_rows_zeroed(q, valid) for q in (q_id, q_text, q_image))
+        head_dc = (*_branch_args(zeroed, cs), *shared)
         _launch("odmt_dc", _odmt_dc_kernel, _config("dc3", N, R, D, interp), make_dc, with_do=True)
         _sum_splits(used["dc"][0], dc)
     return dq, dc
@@ -3227,8 +3245,9 @@ def mutual_distillation_loss(
 ) -> DistillationLosses:
     """ODMT's three branch CEs and three distillation terms in one fused pass family.
 
-    Queries ``(R, d)`` and candidates ``(N, d)`` of the id, text and image branches (same
-    d and dtype), the shared ``target``/``candidate_ids``/``exclude_ids``/``log_q`` as in
+    Queries ``(R, d_m)`` and candidates ``(N, d_m)`` of the id, text and image branches
+    (one dtype; the widths ``d_m`` may differ between branches: narrower ones are padded
+    with zeros to the widest), the shared ``target``/``candidate_ids``/``exclude_ids``/``log_q`` as in
     :func:`debiased_inbatch_cross_entropy`; ``temperature > 0``; ``detach_teacher``: the
     teachers get no gradient from the distillation terms; ``form``: ``"kl"`` or ``"ce"``;
     ``reduction``: ``"mean"`` or ``"sum"``. Same semantics as
@@ -3238,14 +3257,21 @@ def mutual_distillation_loss(
         raise ValueError(f"form must be 'kl' or 'ce', got {form!r}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if not float(temperature) > 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    widths = {t.shape[1] for t in (q_id, q_text, q_image, c_id, c_text, c_image)}
-    if len(widths) != 1:
-        raise ValueError(f"all queries and candidates must share the width d, got {widths}")
+    if not 0.0 < float(temperature) < math.inf:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
     dtypes = {t.dtype for t in (q_id, q_text, q_image, c_id, c_text, c_image)}
     if len(dtypes) != 1:
         raise TypeError(f"all queries and candidates must share one dtype, got {dtypes}")
+    for name, q, c in (("id", q_id, c_id), ("text", q_text, c_text), ("image", q_image, c_image)):
+        if q.shape[1] != c.shape[1]:
+            raise ValueError(f"the {name} branch's queries have width {q.shape[1]}, its candidates {c.shape[1]}")
+    width = max(q_id.shape[1], q_text.shape[1], q_image.shape[1])
+    if {q_id.shape[1], q_text.shape[1], q_image.shape[1]} != {width}:
+        # the kernels walk one width: narrower branches get zero features, which add nothing
+        # to any score (their gradients are sliced off by the pad's backward); a copy only here
+        q_id, q_text, q_image, c_id, c_text, c_image = (
+            torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in (q_id, q_text, q_image, c_id, c_text, c_image)
+        )
     per_row, _ = _odmt_op(
         q_id,
         q_text,

@@ -130,8 +130,8 @@ class MutualDistillationLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
         if form not in ("kl", "ce"):
             raise ValueError(f"form must be 'kl' or 'ce', got {form!r}")
         self.temperature, self.detach_teacher, self.form = temperature, detach_teacher, form

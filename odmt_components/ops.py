@@ -20,7 +20,11 @@ Every op traces whole under ``torch.compile(fullgraph=True)``, either backend.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import math
+import numbers
+import operator
 import os
 from collections.abc import Callable, Mapping
 from types import ModuleType
@@ -77,7 +81,8 @@ def set_value_checks(enabled: bool) -> None:
     assert on CUDA). Turn them off for CUDA-graph capture (no transfer is allowed while
     capturing) or to keep the host ahead of the GPU in a validated pipeline; shapes, dtypes and
     devices are always checked. Without the checks a target outside ``[0, N)`` reads out of
-    bounds: undefined results.
+    bounds and a target on a padding column or a non-finite ``log_q`` gives an undefined loss
+    (the two backends may differ there).
     """
     global _value_checks
     _value_checks = bool(enabled)
@@ -155,6 +160,17 @@ def _check_int(name: str, value: torch.Tensor) -> None:
         raise TypeError(f"{name} must be an int64 or int32 tensor, got {value.dtype}")
 
 
+def _check_index(name: str, value: object) -> int:
+    """An int argument (``pad_id``, ``ignore_index``): Python or NumPy ints, not bools or tensors
+    (a tensor's value would be read back from the device)."""
+    if isinstance(value, (bool, torch.Tensor)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
 def _check_same_device(reference_name: str, reference: torch.Tensor, **others) -> None:
     for name, value in others.items():
         if value is not None and value.device != reference.device:
@@ -173,6 +189,12 @@ def _autocast(*tensors: object) -> tuple:
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off for a PyTorch path whose inputs :func:`_autocast` already cast: its float32
+    parts (logits, softmax) stay float32, as in the kernels, instead of being cast back."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -242,6 +264,8 @@ def id_masked_attention(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
     scale = head_dim**-0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
 
     if resolve_backend(backend, q.device) == "torch":
         return id_masked_attention_reference(q, k, v, key_padding_mask, id_index, dropout_p=dropout_p, scale=scale)
@@ -393,29 +417,34 @@ def debiased_inbatch_cross_entropy(
         exclude_ids: ``(R, S)`` int item ids that are false negatives for the row (padded
             with ``pad_id``), e.g. the user's whole sequence; any strides (a stride-0
             expanded view is not copied by the kernel).
-        log_q: ``(N,)`` log sampling probability of each column's item (no gradient).
+        log_q: ``(N,)`` log sampling probability of each column's item (no gradient: it is
+            detached).
+        pad_id, ignore_index: ints (Python or NumPy).
         reduction: ``"mean"`` over valid rows (0 when there is none), ``"sum"`` or ``"none"``
             (``(R,)``, 0 on ignored rows).
 
     Returns:
         The loss in float32 (float64 for float64 inputs).
     """
+    pad_id, ignore_index = _check_index("pad_id", pad_id), _check_index("ignore_index", ignore_index)
     queries, candidates = _autocast(queries, candidates)
     _validate_inbatch(queries, candidates, target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    log_q = None if log_q is None else log_q.detach()  # a correction, not a parameter
     if resolve_backend(backend, queries.device) == "torch":
-        return debiased_inbatch_cross_entropy_reference(
-            queries,
-            candidates,
-            target,
-            candidate_ids,
-            exclude_ids,
-            log_q,
-            pad_id=pad_id,
-            ignore_index=ignore_index,
-            reduction=reduction,
-        )
+        with _without_autocast(queries.device):
+            return debiased_inbatch_cross_entropy_reference(
+                queries,
+                candidates,
+                target,
+                candidate_ids,
+                exclude_ids,
+                log_q,
+                pad_id=pad_id,
+                ignore_index=ignore_index,
+                reduction=reduction,
+            )
     if queries.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"the triton backend takes {_KERNEL_DTYPES}, got queries of {queries.dtype}")
     return _kernel_module("inbatch_loss").debiased_inbatch_cross_entropy(
@@ -465,8 +494,21 @@ def mutual_distillation_loss(
     """
     queries = _branch_tensors("queries", queries)
     candidates = _branch_tensors("candidates", candidates)
+    pad_id, ignore_index = _check_index("pad_id", pad_id), _check_index("ignore_index", ignore_index)
     cast = _autocast(*queries.values(), *candidates.values())
     queries, candidates = dict(zip(BRANCHES, cast[:3], strict=True)), dict(zip(BRANCHES, cast[3:], strict=True))
+    # first the branches against each other, so that a wrong one is named (checked against the
+    # shared arguments first, its own R or N would make target or candidate_ids look wrong)
+    for name, branches in (("queries", queries), ("candidates", candidates)):
+        for m in BRANCHES:
+            if _check_tensor(f"{name}[{m!r}]", branches[m]).dim() != 2:
+                rows_name = "R" if name == "queries" else "N"
+                raise ValueError(f"{name}[{m!r}] must have shape ({rows_name}, d), got {tuple(branches[m].shape)}")
+        for m in BRANCHES[1:]:
+            if branches[m].shape[0] != branches["id"].shape[0]:
+                raise ValueError(
+                    f"{name}[{m!r}] has {branches[m].shape[0]} rows but {name}['id'] has {branches['id'].shape[0]}"
+                )
     for m in BRANCHES:
         _validate_inbatch(
             queries[m],
@@ -481,36 +523,34 @@ def mutual_distillation_loss(
             candidates_name=f"candidates[{m!r}]",
             check_values=m == BRANCHES[0],  # the shared arguments' values are checked once
         )
-    rows, columns = queries["id"].shape[0], candidates["id"].shape[0]
     for m in BRANCHES[1:]:
-        if queries[m].shape[0] != rows or candidates[m].shape[0] != columns:
-            raise ValueError(
-                f"branch {m!r} has R={queries[m].shape[0]}, N={candidates[m].shape[0]}; "
-                f"branch 'id' has R={rows}, N={columns}"
-            )
         if queries[m].dtype != queries["id"].dtype:
             raise TypeError(f"queries[{m!r}] has dtype {queries[m].dtype}, queries['id'] has {queries['id'].dtype}")
-    if not temperature > 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not 0.0 < temperature < math.inf:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     if form not in ("kl", "ce"):
         raise ValueError(f"form must be 'kl' or 'ce', got {form!r}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    log_q = None if log_q is None else log_q.detach()  # a correction, not a parameter
     if resolve_backend(backend, queries["id"].device) == "torch":
-        return mutual_distillation_reference(
-            queries,
-            candidates,
-            target,
-            candidate_ids,
-            exclude_ids,
-            log_q,
-            temperature=temperature,
-            detach_teacher=detach_teacher,
-            form=form,
-            pad_id=pad_id,
-            ignore_index=ignore_index,
-            reduction=reduction,
-        )
+        with _without_autocast(queries["id"].device):
+            return mutual_distillation_reference(
+                queries,
+                candidates,
+                target,
+                candidate_ids,
+                exclude_ids,
+                log_q,
+                temperature=temperature,
+                detach_teacher=detach_teacher,
+                form=form,
+                pad_id=pad_id,
+                ignore_index=ignore_index,
+                reduction=reduction,
+            )
     if queries["id"].dtype not in _KERNEL_DTYPES:
         raise TypeError(f"the triton backend takes {_KERNEL_DTYPES}, got {queries['id'].dtype}")
     return _kernel_module("inbatch_loss").mutual_distillation_loss(

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from odmt_components import ops
-from odmt_components.kernels.reference import BRANCHES
+from odmt_components.kernels.reference import BRANCHES, mutual_distillation_reference
 
 FP64 = dict(rtol=1e-9, atol=1e-10)
 
@@ -362,6 +362,8 @@ def _attention_inputs():
         (lambda a: a.update(id_index=-1), ValueError, "id_index"),
         (lambda a: a.update(id_index=1.0), TypeError, "id_index"),
         (lambda a: a.update(dropout_p=1.0), ValueError, "dropout_p"),
+        (lambda a: a.update(scale=math.nan), ValueError, "scale must be finite"),
+        (lambda a: a.update(scale=math.inf), ValueError, "scale must be finite"),
         (
             lambda a: a.update(q=torch.randn(0, 2, 5, 4), k=torch.randn(0, 2, 5, 4), v=torch.randn(0, 2, 5, 4)),
             ValueError,
@@ -402,6 +404,10 @@ def _loss_inputs():
         (lambda a: a.update(exclude_ids=torch.tensor([[1, 2]])), ValueError, "exclude_ids"),
         (lambda a: a.update(log_q=torch.zeros(4)), ValueError, "log_q"),
         (lambda a: a.update(log_q=torch.full((5,), math.inf)), ValueError, "log_q"),
+        (lambda a: a.update(pad_id=0.5), TypeError, "pad_id must be an int, got float"),
+        (lambda a: a.update(pad_id=None), TypeError, "pad_id must be an int, got NoneType"),
+        (lambda a: a.update(pad_id=torch.tensor(0)), TypeError, "pad_id must be an int, got Tensor"),
+        (lambda a: a.update(ignore_index=True), TypeError, "ignore_index must be an int, got bool"),
         (
             lambda a: a.update(queries=torch.randn(0, 4), target=torch.zeros(0, dtype=torch.long), exclude_ids=None),
             ValueError,
@@ -438,13 +444,24 @@ def test_distillation_bad_input():
         ops.mutual_distillation_loss({"id": queries["id"]}, candidates, *common)
     with pytest.raises(TypeError, match="dict"):
         ops.mutual_distillation_loss(queries["id"], candidates, *common)
-    with pytest.raises(ValueError, match="temperature"):
-        ops.mutual_distillation_loss(queries, candidates, *common, temperature=0.0)
+    for temperature in (0.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+            ops.mutual_distillation_loss(queries, candidates, *common, temperature=temperature)
+    with pytest.raises(TypeError, match="temperature must be a number"):
+        ops.mutual_distillation_loss(queries, candidates, *common, temperature="0.5")
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        ops.mutual_distillation_loss(queries, candidates, *common, ignore_index=-100.0)
     with pytest.raises(ValueError, match="form"):
         ops.mutual_distillation_loss(queries, candidates, *common, form="js")
-    bad = dict(candidates, text=torch.randn(4, 4))
-    with pytest.raises(ValueError, match="candidate_ids|text"):
-        ops.mutual_distillation_loss(queries, bad, *common)
+    # a branch whose R or N differs is named, not the shared arguments it disagrees with
+    with pytest.raises(ValueError, match=r"candidates\['text'\] has 4 rows but candidates\['id'\] has 5"):
+        ops.mutual_distillation_loss(queries, dict(candidates, text=torch.randn(4, 4)), *common)
+    with pytest.raises(ValueError, match=r"queries\['image'\] has 2 rows but queries\['id'\] has 3"):
+        ops.mutual_distillation_loss(dict(queries, image=torch.randn(2, 4)), candidates, *common)
+    with pytest.raises(ValueError, match=r"queries\['text'\] must have shape \(R, d\)"):
+        ops.mutual_distillation_loss(dict(queries, text=torch.randn(3)), candidates, *common)
+    with pytest.raises(ValueError, match=r"candidates\['text'\] must have width d = 4"):
+        ops.mutual_distillation_loss(queries, dict(candidates, text=torch.randn(5, 3)), *common)
 
 
 def test_loss_ops_take_the_autocast_dtype_like_a_matmul():
@@ -458,6 +475,54 @@ def test_loss_ops_take_the_autocast_dtype_like_a_matmul():
         candidates = {m: arguments["candidates"] for m in BRANCHES}
         parts = ops.mutual_distillation_loss(queries, candidates, arguments["target"], arguments["candidate_ids"])
     assert torch.isfinite(loss) and torch.isfinite(parts.ce)
+    # ... and, like the kernels, compute the logits and the softmax in float32 from them
+    assert loss.dtype == parts.ce.dtype == parts.kl.dtype == torch.float32
+    bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in arguments.items()}
+    torch.testing.assert_close(loss, ops.debiased_inbatch_cross_entropy(**bf16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = ops.debiased_inbatch_cross_entropy(**dict(arguments, reduction="none"))
+    assert rows.dtype == torch.float32
+    torch.testing.assert_close(rows, ops.debiased_inbatch_cross_entropy(**dict(bf16, reduction="none")))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_log_q_is_a_correction_without_gradient(backend):
+    device = _device(backend)
+    queries, candidates, target, ids, exclude, log_q = _compile_problem(device)
+    log_q = log_q.clone().requires_grad_()
+    kw = dict(exclude_ids=exclude, log_q=log_q, backend=backend)
+    loss = ops.debiased_inbatch_cross_entropy(queries["id"], candidates["id"], target, ids, **kw)
+    parts = ops.mutual_distillation_loss(queries, candidates, target, ids, temperature=0.5, **kw)
+    loss = loss + parts.ce + parts.kl
+    loss.backward()
+    assert log_q.grad is None and queries["id"].grad is not None and candidates["text"].grad is not None
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_distillation_branches_of_different_widths(backend):
+    """Widths may differ between branches (each branch's queries and candidates share one):
+    both backends give the float64 definition's loss and gradients."""
+    device = _device(backend)
+    queries, candidates, target, ids, exclude, log_q = _compile_problem(device)
+    g = torch.Generator().manual_seed(3)
+    widths = {"id": 8, "text": 5, "image": 12}
+    queries = {m: torch.randn(5, w, generator=g).to(device).requires_grad_() for m, w in widths.items()}
+    candidates = {m: torch.randn(7, w, generator=g).to(device).requires_grad_() for m, w in widths.items()}
+    kw = dict(exclude_ids=exclude, log_q=log_q, temperature=0.5, detach_teacher=False)
+    parts = ops.mutual_distillation_loss(queries, candidates, target, ids, backend=backend, **kw)
+    leaves = [*queries.values(), *candidates.values()]
+    grads = torch.autograd.grad(parts.ce + parts.kl, leaves)
+    wide = [t.detach().double().requires_grad_() for t in leaves]
+    q64, c64 = dict(zip(BRANCHES, wide[:3], strict=True)), dict(zip(BRANCHES, wide[3:], strict=True))
+    want = mutual_distillation_reference(
+        q64, c64, target, ids, exclude, log_q.double(), temperature=0.5, detach_teacher=False
+    )
+    want_grads = torch.autograd.grad(want.ce + want.kl, wide)
+    torch.testing.assert_close(parts.ce.double(), want.ce, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(parts.kl.double(), want.kl, atol=1e-5, rtol=1e-5)
+    for got, ref in zip(grads, want_grads, strict=True):
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------------------
@@ -568,24 +633,29 @@ def test_value_checks_follow_the_environment():
         assert out.stdout.strip() == expected
 
 
-def test_ignored_rows_change_nothing_whatever_they_hold():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("held", [math.nan, math.inf])
+def test_ignored_rows_change_nothing_whatever_they_hold(backend, held):
     """A batch with ignored rows gives the loss and gradients of the batch without them, even
-    when those rows hold NaN and ``log_q`` is -inf on a padding column (unchecked inputs: the
-    PyTorch path computes every row, ignored ones on zero queries and zero logits)."""
-    queries, candidates, _, _, exclude, log_q = _compile_problem()
-    ids = torch.tensor([0, 2, 3, 1, 5, 1, 6])  # column 0 is padding: no valid row scores it
+    when those rows hold NaN or inf (a backbone's padding positions may) and ``log_q`` is -inf
+    on a padding column (unchecked inputs: the PyTorch path computes every row, ignored ones on
+    zero queries and zero logits; the kernels' column-wise backward multiplies every row by its
+    weight, 0 for ignored ones, and ``0 x NaN`` is NaN unless such rows are zeroed first)."""
+    device = _device(backend)
+    queries, candidates, _, _, exclude, log_q = _compile_problem(device)
+    ids = torch.tensor([0, 2, 3, 1, 5, 1, 6], device=device)  # column 0 is padding: no valid row scores it
     log_q = log_q.clone()
     log_q[0] = -math.inf  # ... but the PyTorch path scores ignored rows against column 0
-    target = torch.tensor([1, 2, -100, 4, -100])
+    target = torch.tensor([1, 2, -100, 4, -100], device=device)
     for m in BRANCHES:
         with torch.no_grad():
-            queries[m][2] = math.nan
-    kept = torch.tensor([0, 1, 3])
+            queries[m][2] = held
+    kept = torch.tensor([0, 1, 3], device=device)
     ops.set_value_checks(False)
     try:
 
         def objective(queries, target, exclude):
-            kw = dict(exclude_ids=exclude, log_q=log_q, backend="torch", reduction="sum")
+            kw = dict(exclude_ids=exclude, log_q=log_q, backend=backend, reduction="sum")
             ce = ops.debiased_inbatch_cross_entropy(queries["id"], candidates["id"], target, ids, **kw)
             parts = ops.mutual_distillation_loss(queries, candidates, target, ids, temperature=0.5, **kw)
             return ce + parts.ce + parts.kl

@@ -671,6 +671,47 @@ def test_mutual_distillation_paths_match_reference(d_path, split_path, S, detach
     _check_odmt(qs, cs, target, cand, exclude, log_q, 0.7, detach, "kl", "sum", torch.float32)
 
 
+@pytest.mark.parametrize("branches", [1, 3])
+def test_ignored_rows_holding_nan_or_inf_reach_no_gradient(d_path, split_path, branches):
+    """Rows whose target is ``ignore_index`` may hold anything (a backbone's padding positions:
+    NaN, inf): loss and every gradient are those of the same batch with such rows zeroed, on
+    both backward kernels (the row-wise one masks its loads, the column-wise one reads zeroed
+    copies), at full width and in d chunks, with and without split walks."""
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        41, 30, 33, 40, 25, pad_frac=0.1, ignore_frac=0.3, excl="full", S=4, lq="normal",
+        all_but_target_rows=0, dtype=torch.float32, branches=branches,
+    )  # fmt: skip
+    ignored = target == IGNORE
+    assert 0 < int(ignored.sum()) < len(target)
+    poisoned = [q.clone() for q in qs]
+    for i, q in enumerate(poisoned):
+        q[ignored] = math.nan if i != 1 else math.inf
+        q[ignored.nonzero()[0], 0] = -math.inf
+    zeroed = [torch.where(ignored[:, None], 0.0, q) for q in qs]
+
+    def loss_and_grads(queries):
+        q_leaves, c_leaves = [_leaf(q) for q in queries], [_leaf(c) for c in cs]
+        if branches == 1:
+            loss = K.debiased_inbatch_cross_entropy(
+                q_leaves[0], c_leaves[0], target, cand, exclude, log_q, PAD, IGNORE, "sum"
+            )
+        else:
+            out = K.mutual_distillation_loss(
+                *q_leaves, *c_leaves, target, cand, exclude, log_q, 0.5, True, "kl", PAD, IGNORE, "sum"
+            )
+            loss = out.ce + out.kl
+        return loss, torch.autograd.grad(loss, q_leaves + c_leaves)
+
+    got_loss, got_grads = loss_and_grads(poisoned)
+    want_loss, want_grads = loss_and_grads(zeroed)
+    torch.testing.assert_close(got_loss, want_loss)
+    for got, want in zip(got_grads, want_grads, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want)
+    for got in got_grads[:branches]:
+        assert torch.equal(got[ignored], torch.zeros_like(got[ignored]))
+
+
 def _wide_ids(cand: torch.Tensor, exclude: torch.Tensor, *, wide_candidates: bool):
     """Ids past int32: excluded ids that alias an in-batch id in their low 32 bits (a plain
     int32 cast would wrongly exclude it), and, optionally, candidates past int32 too."""
