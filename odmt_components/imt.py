@@ -184,6 +184,11 @@ class IMT(nn.Module):
             layer.backend = value
 
     def _validate(self, text_tokens, text_padding, image_tokens, item_ids) -> None:
+        inputs = {"text_tokens": text_tokens, "text_padding": text_padding, "image_tokens": image_tokens}
+        for name, value in inputs.items():
+            ops._check_tensor(name, value)
+        if item_ids is not None:
+            ops._check_tensor("item_ids", item_ids)
         if text_tokens.dim() != 3 or text_tokens.shape[-1] != self.text_dim:
             raise ValueError(f"text_tokens must have shape (B, Lt, {self.text_dim}), got {tuple(text_tokens.shape)}")
         batch, text_len = text_tokens.shape[:2]
@@ -205,6 +210,12 @@ class IMT(nn.Module):
                 "text_tokens and image_tokens must share one floating dtype, "
                 f"got {text_tokens.dtype} and {image_tokens.dtype}"
             )
+        weights = self.text_proj.weight.dtype
+        if text_tokens.dtype != weights and not torch.is_autocast_enabled(text_tokens.device.type):
+            raise TypeError(
+                f"text_tokens and image_tokens have dtype {text_tokens.dtype} but the module's parameters "
+                f"{weights}: cast one to the other, or run under torch.autocast"
+            )
         if self.use_id:
             if item_ids is None:
                 raise ValueError("item_ids (B,) is required when use_id=True")
@@ -217,6 +228,7 @@ class IMT(nn.Module):
             devices.add(item_ids.device)
         if len(devices) > 1:
             raise ValueError(f"inputs are on several devices: {sorted(map(str, devices))}")
+
         def value_checks() -> list[tuple[torch.Tensor, str]]:  # see ops.set_value_checks
             checks = [(text_padding[:, 0].any(), "text_padding marks a text CLS token (position 0) as padding")]
             if self.use_id:
