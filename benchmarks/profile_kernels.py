@@ -55,7 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 #: The kernels profiled: the loss's split forward, row-wise dQ and column-wise dC (single and
 #: three branches) and every attention kernel (ncu's ``--kernel-name regex:`` takes the same).
-KERNELS = r"^_(ce|odmt)_(fwd|dq|dc)_kernel$|^_attn_"
+KERNELS = r"^_(ce|odmt)_(fwd|dq|dc)_kernel$|^_attn_\w+$"
 
 #: Sections ncu collects (about twenty replays of each launch).
 SECTIONS = (
