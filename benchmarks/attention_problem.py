@@ -19,13 +19,17 @@ N_IMG, N_TXT = (5, 6) if DRY else (50, 30)
 CONFIGS = [(2, 384, "h2d384"), (12, 64, "h12d64"), (4, 64, "h4d64")]
 
 
-def inputs(heads: int, dim: int):
-    """q, k, v (requiring grad), grad_out, text lengths, key validity ``(ITEMS, L)``."""
+def inputs(heads: int, dim: int, drawn_on_device: bool = False):
+    """q, k, v (requiring grad), grad_out, text lengths, key validity ``(ITEMS, L)``.
+    ``drawn_on_device``: the random numbers come from a generator on ``DEV`` (other values,
+    the same shapes and layouts; drawing ~1.4 G numbers on the CPU takes seconds)."""
     length, id_pos = N_IMG + 1 + N_TXT, N_IMG
-    g = torch.Generator(device="cpu").manual_seed(0)
-    txt_len = torch.randint(4, N_TXT + 1, (ITEMS,), generator=g).to(DEV)  # includes CLS
-    q, k, v = (torch.randn(ITEMS, heads, length, dim, generator=g).to(DEV, DTYPE).requires_grad_() for _ in range(3))
-    grad_out = torch.randn(ITEMS, heads, length, dim, generator=g).to(DEV, DTYPE)
+    where = DEV if drawn_on_device else "cpu"
+    g = torch.Generator(device=where).manual_seed(0)
+    txt_len = torch.randint(4, N_TXT + 1, (ITEMS,), generator=g, device=where).to(DEV)  # includes CLS
+    shape = (ITEMS, heads, length, dim)
+    q, k, v = (torch.randn(shape, generator=g, device=where).to(DEV, DTYPE).requires_grad_() for _ in range(3))
+    grad_out = torch.randn(shape, generator=g, device=where).to(DEV, DTYPE)
     pos = torch.arange(length, device=DEV)
     key_valid = (pos[None, :] <= id_pos) | (pos[None, :] - id_pos - 1 < txt_len[:, None])
     return q, k, v, grad_out, txt_len, key_valid

@@ -18,13 +18,15 @@ Three subcommands::
 --kernel-name regex:KERNELS --section ...`` (:data:`KERNELS`, :data:`SECTIONS`), exports
 ncu's raw page to ``OUT_DIR/ncu_raw.csv`` and prints the ``report``. ``run`` builds the
 benchmarks' inputs (``bench_inbatch_loss.make_data``, ``attention_problem.inputs``: the same
-shapes and layouts, so the kernels come from the compile cache the benchmarks filled), calls
-each case once to compile and warm it, then opens the profiler window (``cudaProfilerStart``)
-and calls each case once more (forward and backward), recording the order of the kernel
-launches that :data:`KERNELS` matches: ncu profiles exactly those, in that order. ``report``
-reads the raw page and prints one block a launch: duration, launch shape and occupancy,
-throughput against the peaks, the scheduler's issue rate, the top stall reasons (cycles a
-warp waits per issued instruction) and the busiest pipes. Metrics a version of ncu names
+shapes and layouts, so the kernels come from the compile cache the benchmarks filled) and,
+case by case, calls it once to compile and warm it, then once more (forward and backward)
+inside a profiler window (``cudaProfilerStart`` / ``Stop``), recording the order of the
+kernel launches that :data:`KERNELS` matches: ncu profiles exactly those, in that order. It
+starts no case past ``NCU_DEADLINE_S`` seconds (ncu writes its report only when the program
+exits: a run killed by a time cap would leave nothing). ``report`` reads the raw page and
+prints one block a launch: duration, launch shape and occupancy, throughput against the
+peaks, the scheduler's issue rate, the top stall reasons (cycles a warp waits per issued
+instruction) and the busiest pipes. Metrics a version of ncu names
 otherwise are left out of the block rather than guessed; the raw CSV keeps everything.
 
 ``benchmarks/gpu_check.sh`` runs ``profile`` as its ``ncu`` step. ``DRY=1 ... run`` goes
@@ -45,9 +47,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 
+STARTED = time.time()
 DRY = os.environ.get("DRY", "0") not in ("", "0")
+#: ``run`` profiles no case that would start after this many seconds since the process
+#: started (``NCU_DEADLINE_S``; ncu writes its report only when the program exits, so a run
+#: stopped by a step's time cap would leave nothing)
+DEADLINE_S = float(os.environ.get("NCU_DEADLINE_S", "inf"))
 if DRY:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -77,10 +85,10 @@ def loss_cases() -> list[tuple[str, Callable[[], None]]]:
         ("loss16k_ce", 16384, 16384, 256, False),
         ("loss16k_odmt3", 16384, 16384, 256, True),
         ("paper_odmt3", 1536, 1664, 768, True),
-        ("loss65k_ce", 65536, 65536, 128, False),
+        ("loss65k_ce", 65536, 65536, 128, False),  # ~0.1 s a call: last
     ]
     if DRY:
-        shapes = [(tag, 40, 44, 32, three) for tag, _, _, _, three in shapes[:2]]
+        shapes = [(tag, 40, 44, 32, three) for tag, _, _, _, three in shapes[:2]] + [("loss_last", 24, 26, 16, False)]
     cases = []
     for tag, rows, cols, dim, three in shapes:
         hs, ds, target, cand, hist, log_pop = bl.make_data(rows, cols, dim)
@@ -109,7 +117,7 @@ def attention_cases() -> list[tuple[str, Callable[[], None]]]:
         configs = [(2, 16, "h2d16", 0.0), (2, 16, "h2d16_dropout", 0.1)]
     cases = []
     for heads, dim, tag, p in configs:
-        q, k, v, grad_out, _, key_valid = inputs(heads, dim)
+        q, k, v, grad_out, _, key_valid = inputs(heads, dim, drawn_on_device=True)
         padding = ~key_valid
 
         def step(q=q, k=k, v=v, g=grad_out, padding=padding, p=p, scale=dim**-0.5) -> None:
@@ -122,7 +130,8 @@ def attention_cases() -> list[tuple[str, Callable[[], None]]]:
 
 
 def run(launches_path: str) -> int:
-    """Warm every case, then call each once inside the profiler window; write the launches."""
+    """Each case in turn: a warm-up call, then one call inside a profiler window (``cudaProfilerStart``
+    / ``Stop``), until :data:`DEADLINE_S`; writes the profiled launches, in order."""
     import torch
     import triton.runtime.jit as jit
     from triton.runtime.interpreter import InterpretedFunction
@@ -138,36 +147,45 @@ def run(launches_path: str) -> int:
     plain_run = kernel_class.run
 
     def recording_run(self, *args, **kwargs):
+        launched = plain_run(self, *args, **kwargs)  # (a launch refused for its tile raises)
         if current[0] and wanted.search(self.fn.__name__):
             launches.append([current[0], self.fn.__name__])
-        return plain_run(self, *args, **kwargs)
+        return launched
 
     kernel_class.run = recording_run
     cuda = torch.cuda.is_available() and not DRY
-    cases = loss_cases() + attention_cases()
-    failed = []
-    for tag, step in cases:  # compile (or load from the cache) and warm, outside the window
-        try:
+    loss = loss_cases()
+    # most wanted first: the 16k loss cases, the attention, then the paper and 65k loss cases
+    cases = loss[:2] + attention_cases() + loss[2:]
+    failed, profiled = [], 0
+    for tag, step in cases:
+        if time.time() - STARTED > DEADLINE_S:
+            print(f"profile_kernels: {tag} and the cases after it left out (NCU_DEADLINE_S={DEADLINE_S:g} s)")
+            break
+        try:  # compile (or load from the cache) and warm, outside the profiler's window
             step()
         except Exception as exc:  # one failing case must not cost the others their counters
             failed.append(tag)
             print(f"profile_kernels: {tag} failed in its warm-up call: {type(exc).__name__}: {exc}"[:400])
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.profiler.start()
-    for tag, step in cases:
-        if tag in failed:
             continue
-        current[0] = tag
-        step()
         if cuda:
             torch.cuda.synchronize()
-        current[0] = ""
-    if cuda:
-        torch.cuda.profiler.stop()
+            torch.cuda.profiler.start()
+        current[0] = tag
+        try:
+            step()
+            profiled += 1
+        except Exception as exc:
+            failed.append(tag)
+            print(f"profile_kernels: {tag} failed in its profiled call: {type(exc).__name__}: {exc}"[:400])
+        finally:
+            current[0] = ""
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.profiler.stop()
     with open(launches_path, "w") as fh:
         json.dump(launches, fh)
-    print(f"profile_kernels: {len(launches)} launches of {len(cases) - len(failed)} cases in the window")
+    print(f"profile_kernels: {len(launches)} launches of {profiled} cases in the profiler's windows")
     return 1 if failed else 0
 
 

@@ -134,5 +134,21 @@ def test_profile_runs_the_cases_under_ncu_and_reports_every_launch(tmp_path):
         ["attn_h2d16:", "_attn_bwd_short_kernel"],
         ["attn_h2d16_dropout:", "_attn_fwd_short_kernel"],
         ["attn_h2d16_dropout:", "_attn_bwd_short_kernel"],
+        ["loss_last:", "_ce_fwd_kernel"],
+        ["loss_last:", "_ce_dq_kernel"],
+        ["loss_last:", "_ce_dc_kernel"],
     ]
     assert (tmp_path / "out" / "ncu_raw.csv").exists()
+
+
+def test_run_starts_no_case_past_its_deadline(tmp_path):
+    """ncu writes its report when the profiled program exits: a program cut by the step's cap
+    would leave none, so ``run`` stops starting cases at ``NCU_DEADLINE_S``."""
+    launches = tmp_path / "launches.json"
+    env = {**os.environ, "DRY": "1", "NCU_DEADLINE_S": "0"}
+    done = subprocess.run(
+        [sys.executable, str(_PATH), "run", str(launches)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "loss16k_ce and the cases after it left out (NCU_DEADLINE_S=0 s)" in done.stdout
+    assert json.loads(launches.read_text()) == []
