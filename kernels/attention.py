@@ -111,6 +111,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from ._device import on_device_of
+
 __all__ = ["dropout_keep_mask", "id_masked_attention"]
 
 _LOG2E = 1.4426950408889634
@@ -1125,7 +1127,8 @@ def _id_masked_attention_op(
     """Output ``(B, H, L, D)`` and log2-domain log-sum-exp ``(B, H, L)`` float32. ``seed``: the
     dropout seed, a one-element int64 tensor on the inputs' device (read only when
     ``dropout_p > 0``)."""
-    return _attention_forward(q, k, v, key_padding_mask, id_index, dropout_p, scale, seed)
+    with on_device_of(q):
+        return _attention_forward(q, k, v, key_padding_mask, id_index, dropout_p, scale, seed)
 
 
 @_id_masked_attention_op.register_fake
@@ -1149,7 +1152,8 @@ def _id_masked_attention_backward_op(
     seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of :func:`_id_masked_attention_op`'s output."""
-    return _attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, id_index, dropout_p, scale, seed)
+    with on_device_of(q):
+        return _attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, id_index, dropout_p, scale, seed)
 
 
 @_id_masked_attention_backward_op.register_fake

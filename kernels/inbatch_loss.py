@@ -124,6 +124,7 @@ import triton.language as tl
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
+from ._device import on_device_of
 from .reference import DistillationLosses
 
 __all__ = ["KERNEL_STATS", "debiased_inbatch_cross_entropy", "mutual_distillation_loss"]
@@ -2718,57 +2719,58 @@ def _ce_op(
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses (0 on ignored rows) and per-row log-sum-exp, both fp32 ``(R,)``."""
-    R, D = queries.shape
-    N = candidates.shape[0]
-    p = _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
-    cfg = _config("fwd", R, N, D, _interpreting(queries))
-    n_sm = _num_sms(queries)
-    p2d = max(16, triton.next_power_of_2(D))
+    with on_device_of(queries):
+        R, D = queries.shape
+        N = candidates.shape[0]
+        p = _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
+        cfg = _config("fwd", R, N, D, _interpreting(queries))
+        n_sm = _num_sms(queries)
+        p2d = max(16, triton.next_power_of_2(D))
 
-    def make(c):
-        row_tiles, col_tiles = triton.cdiv(R, c["BLOCK_T"]), triton.cdiv(N, c["BLOCK_W"])
-        per = _fwd_split(row_tiles, col_tiles, n_sm)
-        n_split = triton.cdiv(col_tiles, per)
-        part = torch.empty(3, n_split, R, device=queries.device, dtype=torch.float32)
-        args = (
-            queries,
-            queries.stride(0),
-            queries.stride(1),
-            candidates,
-            candidates.stride(0),
-            candidates.stride(1),
-            *p["rows"],
-            _col_bias_tensor(p),
-            _cid32_tensor(p),
-            p["fit"],
-            *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"]),
-            _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"]),
-            part,
-            R,
-            N,
-            D,
-            p["S"],
-            pad_id,
-            per * c["BLOCK_W"],
-        )
-        meta = dict(
-            **p["flags"],
-            **p["hoist"],
-            DL_K=p["dl_k"],
-            **_tile_meta(c, True, False),
-            PREC=_prec(queries.dtype),
-            D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
-        )
-        return (row_tiles, n_split), args, meta
+        def make(c):
+            row_tiles, col_tiles = triton.cdiv(R, c["BLOCK_T"]), triton.cdiv(N, c["BLOCK_W"])
+            per = _fwd_split(row_tiles, col_tiles, n_sm)
+            n_split = triton.cdiv(col_tiles, per)
+            part = torch.empty(3, n_split, R, device=queries.device, dtype=torch.float32)
+            args = (
+                queries,
+                queries.stride(0),
+                queries.stride(1),
+                candidates,
+                candidates.stride(0),
+                candidates.stride(1),
+                *p["rows"],
+                _col_bias_tensor(p),
+                _cid32_tensor(p),
+                p["fit"],
+                *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"]),
+                _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"]),
+                part,
+                R,
+                N,
+                D,
+                p["S"],
+                pad_id,
+                per * c["BLOCK_W"],
+            )
+            meta = dict(
+                **p["flags"],
+                **p["hoist"],
+                DL_K=p["dl_k"],
+                **_tile_meta(c, True, False),
+                PREC=_prec(queries.dtype),
+                D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
+            )
+            return (row_tiles, n_split), args, meta
 
-    _, args = _launch("ce_fwd", _ce_fwd_kernel, cfg, make, with_do=False)
-    part = args[-7]
-    loss = torch.empty(R, device=queries.device, dtype=torch.float32)
-    lse = torch.empty(R, device=queries.device, dtype=torch.float32)
-    grid = (triton.cdiv(R, _COMBINE_BLOCK),)
-    compiled = _ce_combine_kernel[grid](part, p["rows"][0], loss, lse, R, part.shape[1], BLOCK=_COMBINE_BLOCK)
-    _record("ce_combine", compiled, {}, grid)
-    return loss, lse
+        _, args = _launch("ce_fwd", _ce_fwd_kernel, cfg, make, with_do=False)
+        part = args[-7]
+        loss = torch.empty(R, device=queries.device, dtype=torch.float32)
+        lse = torch.empty(R, device=queries.device, dtype=torch.float32)
+        grid = (triton.cdiv(R, _COMBINE_BLOCK),)
+        compiled = _ce_combine_kernel[grid](part, p["rows"][0], loss, lse, R, part.shape[1], BLOCK=_COMBINE_BLOCK)
+        _record("ce_combine", compiled, {}, grid)
+        return loss, lse
 
 
 @_ce_op.register_fake
@@ -2870,9 +2872,10 @@ def _ce_bwd_op(
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_r grad_rows[r] * loss[r]`` w.r.t. queries and candidates."""
-    return _ce_backward_impl(
-        queries, candidates, target, candidate_ids, exclude_ids, log_q, lse, grad_rows, pad_id, ignore_index
-    )
+    with on_device_of(queries):
+        return _ce_backward_impl(
+            queries, candidates, target, candidate_ids, exclude_ids, log_q, lse, grad_rows, pad_id, ignore_index
+        )
 
 
 @_ce_bwd_op.register_fake
@@ -2984,53 +2987,54 @@ def _odmt_op(
     """Per-row parts ``(6, R)`` (ce_id, ce_text, ce_image, kl_id_text, kl_id_image,
     kl_ensemble_id; 0 on ignored rows) and per-row statistics ``(10, R)``, both fp32.
     ``detach_teacher`` only matters to the backward."""
-    R, D = q_id.shape
-    N = c_id.shape[0]
-    p = _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
-    cfg = _config("fwd3", R, N, D, _interpreting(q_id))
-    n_sm = _num_sms(q_id)
-    p2d = max(16, triton.next_power_of_2(D))
-    head = _branch_args((q_id, q_text, q_image), (c_id, c_text, c_image))
+    with on_device_of(q_id):
+        R, D = q_id.shape
+        N = c_id.shape[0]
+        p = _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
+        cfg = _config("fwd3", R, N, D, _interpreting(q_id))
+        n_sm = _num_sms(q_id)
+        p2d = max(16, triton.next_power_of_2(D))
+        head = _branch_args((q_id, q_text, q_image), (c_id, c_text, c_image))
 
-    def make(c):
-        row_tiles, col_tiles = triton.cdiv(R, c["BLOCK_T"]), triton.cdiv(N, c["BLOCK_W"])
-        per = _fwd_split(row_tiles, col_tiles, n_sm)
-        n_split = triton.cdiv(col_tiles, per)
-        part = torch.empty(_N_SPLIT_STATS, n_split, R, device=q_id.device, dtype=torch.float32)
-        fl, lists = _row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])
-        starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])
-        args = (*head, *p["rows"], *p["lq"], p["fit"], fl, lists, starts, part, R, N, D, p["S"], pad_id)
-        args += (float(temperature), per * c["BLOCK_W"])
-        meta = dict(
-            **p["flags"],
-            **p["hoist"],
-            DL_K=p["dl_k"],
-            **_tile_meta(c, True, False),
-            HAS_LQ=p["has_lq"],
+        def make(c):
+            row_tiles, col_tiles = triton.cdiv(R, c["BLOCK_T"]), triton.cdiv(N, c["BLOCK_W"])
+            per = _fwd_split(row_tiles, col_tiles, n_sm)
+            n_split = triton.cdiv(col_tiles, per)
+            part = torch.empty(_N_SPLIT_STATS, n_split, R, device=q_id.device, dtype=torch.float32)
+            fl, lists = _row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])
+            starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])
+            args = (*head, *p["rows"], *p["lq"], p["fit"], fl, lists, starts, part, R, N, D, p["S"], pad_id)
+            args += (float(temperature), per * c["BLOCK_W"])
+            meta = dict(
+                **p["flags"],
+                **p["hoist"],
+                DL_K=p["dl_k"],
+                **_tile_meta(c, True, False),
+                HAS_LQ=p["has_lq"],
+                FORM_KL=bool(form_kl),
+                PREC=_prec(q_id.dtype),
+                D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
+            )
+            return (row_tiles, n_split), args, meta
+
+        _, args = _launch("odmt_fwd", _odmt_fwd_kernel, cfg, make, with_do=False)
+        part = args[-8]
+        loss = torch.empty(_N_PARTS, R, device=q_id.device, dtype=torch.float32)
+        stats = torch.empty(_N_STATS, R, device=q_id.device, dtype=torch.float32)
+        grid = (triton.cdiv(R, _COMBINE_BLOCK),)
+        compiled = _odmt_combine_kernel[grid](
+            part,
+            p["rows"][0],
+            loss,
+            stats,
+            R,
+            part.shape[1],
+            float(temperature),
             FORM_KL=bool(form_kl),
-            PREC=_prec(q_id.dtype),
-            D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
+            BLOCK=_COMBINE_BLOCK,
         )
-        return (row_tiles, n_split), args, meta
-
-    _, args = _launch("odmt_fwd", _odmt_fwd_kernel, cfg, make, with_do=False)
-    part = args[-8]
-    loss = torch.empty(_N_PARTS, R, device=q_id.device, dtype=torch.float32)
-    stats = torch.empty(_N_STATS, R, device=q_id.device, dtype=torch.float32)
-    grid = (triton.cdiv(R, _COMBINE_BLOCK),)
-    compiled = _odmt_combine_kernel[grid](
-        part,
-        p["rows"][0],
-        loss,
-        stats,
-        R,
-        part.shape[1],
-        float(temperature),
-        FORM_KL=bool(form_kl),
-        BLOCK=_COMBINE_BLOCK,
-    )
-    _record("odmt_combine", compiled, {}, grid)
-    return loss, stats
+        _record("odmt_combine", compiled, {}, grid)
+        return loss, stats
 
 
 @_odmt_op.register_fake
@@ -3143,25 +3147,26 @@ def _odmt_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients ``(3, R, d)`` and ``(3, N, d)`` (branches id, text, image) of
     ``sum grad_rows * parts``."""
-    return _odmt_backward_impl(
-        q_id,
-        q_text,
-        q_image,
-        c_id,
-        c_text,
-        c_image,
-        target,
-        candidate_ids,
-        exclude_ids,
-        log_q,
-        stats,
-        grad_rows,
-        temperature,
-        form_kl,
-        detach_teacher,
-        pad_id,
-        ignore_index,
-    )
+    with on_device_of(q_id):
+        return _odmt_backward_impl(
+            q_id,
+            q_text,
+            q_image,
+            c_id,
+            c_text,
+            c_image,
+            target,
+            candidate_ids,
+            exclude_ids,
+            log_q,
+            stats,
+            grad_rows,
+            temperature,
+            form_kl,
+            detach_teacher,
+            pad_id,
+            ignore_index,
+        )
 
 
 @_odmt_bwd_op.register_fake
