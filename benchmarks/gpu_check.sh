@@ -45,6 +45,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a cap, keep the log, show its
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  echo "kernel $(uname -r); $( (ncu --version 2>/dev/null || echo 'no ncu on PATH') | tail -n 1)"
 } 2>&1 | tee "$OUT/setup.log"
 
 warm() {  # capture the benchmarks' compile requests, compile them in parallel (see above)
