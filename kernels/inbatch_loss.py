@@ -12,7 +12,9 @@ Row ``r`` (a training position, query ``q_r``), column ``j`` (a candidate ``c_j`
 pad_id`` (padding), when ``candidate_ids[j] == candidate_ids[target[r]]`` (another copy of
 the target item) or when ``candidate_ids[j]`` is one of ``exclude_ids[r, :S]`` (the user's
 history) -- but never when ``j == target[r]``. Rows with ``target == ignore_index`` are
-skipped (loss 0, gradient 0). ``K_r`` is the set of kept columns.
+skipped (loss 0, gradient 0), whatever their queries hold (NaN, inf: the row-wise backward
+loads queries masked by the valid rows, the column-wise one reads a copy with the ignored
+rows zeroed). ``K_r`` is the set of kept columns.
 
 **Single branch**: ``loss_r = lse_{j in K_r}(s_rj) - s_{r,target_r}``.
 
