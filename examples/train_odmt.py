@@ -42,7 +42,7 @@ from odmt_components import (
     popularity_log_q,
 )
 from odmt_components.data import EvalBatch, TrainBatch
-from odmt_components.training import FitResult, TrainConfig, fit
+from odmt_components.training import FitResult, TrainConfig, fit, ranking_scores
 
 
 @dataclass
@@ -191,7 +191,7 @@ class MultiModalRecommender(nn.Module):
     def score(self, batch: EvalBatch, all_vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         sequence_vectors = {m: v[batch.input_ids] for m, v in all_vectors.items()}
         states = self.user_states(sequence_vectors, batch.input_padding)
-        scores = {m: states[m][:, -1].float() @ all_vectors[m].float().t() for m in states}
+        scores = {m: ranking_scores(states[m][:, -1], all_vectors[m]) for m in states}
         if len(scores) > 1:
             scores["fused"] = sum(scores.values()) / len(scores)
         return scores
@@ -227,7 +227,7 @@ class IDSASRec(nn.Module):
 
     def score(self, batch: EvalBatch, table: torch.Tensor) -> dict[str, torch.Tensor]:
         states = self.backbone(table[batch.input_ids], batch.input_padding)
-        return {"id": states[:, -1].float() @ table.float().t()}
+        return {"id": ranking_scores(states[:, -1], table)}
 
 
 def _backbone_kwargs(config: ODMTConfig) -> dict:

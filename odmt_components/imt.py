@@ -57,7 +57,7 @@ class IMTLayer(nn.Module):
         self.n_heads = n_heads
         self.attn_dropout = attn_dropout
         self.norm_first = norm_first
-        self.backend = backend
+        self.backend = ops.check_backend(backend)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))

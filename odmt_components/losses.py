@@ -76,7 +76,8 @@ class DebiasedInBatchLoss(nn.Module):
         super().__init__()
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        self.pad_id, self.ignore_index, self.reduction, self.backend = pad_id, ignore_index, reduction, backend
+        self.pad_id, self.ignore_index, self.reduction = pad_id, ignore_index, reduction
+        self.backend = ops.check_backend(backend)
 
     def forward(
         self,
@@ -135,7 +136,7 @@ class MutualDistillationLoss(nn.Module):
         if form not in ("kl", "ce"):
             raise ValueError(f"form must be 'kl' or 'ce', got {form!r}")
         self.temperature, self.detach_teacher, self.form = temperature, detach_teacher, form
-        self.pad_id, self.ignore_index, self.backend = pad_id, ignore_index, backend
+        self.pad_id, self.ignore_index, self.backend = pad_id, ignore_index, ops.check_backend(backend)
 
     def forward(
         self,

@@ -6,7 +6,8 @@ Each op takes ``backend="auto" | "torch" | "triton"``:
   any device, materialises the attention mask / logits matrix.
 - ``"triton"``: the fused Triton kernel (``odmt_components.kernels``). Needs CUDA tensors, or
   CPU tensors with ``TRITON_INTERPRET=1`` set before triton was imported (slow; for tests).
-- ``"auto"``: ``"triton"`` for CUDA tensors when triton is installed, ``"torch"`` otherwise.
+- ``"auto"``: ``"triton"`` for CUDA tensors in float16, bfloat16 or float32 when triton is
+  installed, ``"torch"`` otherwise (float64, CPU).
 
 The default backend for ``"auto"`` can be forced globally with :func:`set_backend` (or the
 ``ODMT_BACKEND`` environment variable), e.g. to compare both paths inside a model.
@@ -42,6 +43,7 @@ from .kernels.reference import (
 __all__ = [
     "BRANCHES",
     "DistillationLosses",
+    "check_backend",
     "debiased_inbatch_cross_entropy",
     "get_backend",
     "id_masked_attention",
@@ -58,6 +60,14 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _default_backend = os.environ.get("ODMT_BACKEND", "auto")
 _value_checks = os.environ.get("ODMT_VALUE_CHECKS", "1") != "0"
+
+
+def check_backend(backend: object) -> str:
+    """``backend`` if it is ``"auto"``, ``"torch"`` or ``"triton"``; a ``ValueError`` otherwise
+    (for modules that store a backend at construction)."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    return backend
 
 
 def set_backend(backend: str) -> None:
@@ -107,14 +117,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend (``"torch"`` or ``"triton"``) an op will run for ``device``."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend (``"torch"`` or ``"triton"``) an op will run for inputs on ``device``
+    of ``dtype``: ``"auto"`` takes the kernels for CUDA tensors in a dtype they take (float16,
+    bfloat16, float32; any when ``dtype`` is None) and PyTorch otherwise."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = _default_backend
+        if backend not in _BACKENDS:
+            raise ValueError(f"ODMT_BACKEND must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        kernel_dtype = dtype is None or dtype in _KERNEL_DTYPES
+        return "triton" if device.type == "cuda" and kernel_dtype and triton_available() else "torch"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package (pip install triton; Linux only)")
@@ -267,7 +282,7 @@ def id_masked_attention(
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
 
-    if resolve_backend(backend, q.device) == "torch":
+    if resolve_backend(backend, q.device, q.dtype) == "torch":
         return id_masked_attention_reference(q, k, v, key_padding_mask, id_index, dropout_p=dropout_p, scale=scale)
     if q.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"the triton backend takes {_KERNEL_DTYPES}, got q of {q.dtype}")
@@ -432,7 +447,7 @@ def debiased_inbatch_cross_entropy(
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     log_q = None if log_q is None else log_q.detach()  # a correction, not a parameter
-    if resolve_backend(backend, queries.device) == "torch":
+    if resolve_backend(backend, queries.device, queries.dtype) == "torch":
         with _without_autocast(queries.device):
             return debiased_inbatch_cross_entropy_reference(
                 queries,
@@ -535,7 +550,7 @@ def mutual_distillation_loss(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     log_q = None if log_q is None else log_q.detach()  # a correction, not a parameter
-    if resolve_backend(backend, queries["id"].device) == "torch":
+    if resolve_backend(backend, queries["id"].device, queries["id"].dtype) == "torch":
         with _without_autocast(queries["id"].device):
             return mutual_distillation_reference(
                 queries,

@@ -29,7 +29,16 @@ from tqdm.auto import tqdm
 from .data import EvalBatch, Split, TrainBatch, collate_eval, collate_train
 from .metrics import RankingAccumulator
 
-__all__ = ["EpochRecord", "FitResult", "Recommender", "TrainConfig", "evaluate", "fit", "train_one_epoch"]
+__all__ = [
+    "EpochRecord",
+    "FitResult",
+    "Recommender",
+    "TrainConfig",
+    "evaluate",
+    "fit",
+    "ranking_scores",
+    "train_one_epoch",
+]
 
 
 @runtime_checkable
@@ -43,8 +52,10 @@ class Recommender(Protocol):
       back with the loss, once a step).
     - ``prepare_scoring() -> Any``: called once per evaluation under ``torch.no_grad`` (e.g.
       encode every item once); its result is passed to ``score``.
-    - ``score(batch, prepared) -> dict[str, Tensor]``: ``(B, n_items + 1)`` scores over all
-      items for each named head (e.g. ``"id"``, ``"text"``, ``"fused"``).
+    - ``score(batch, prepared) -> dict[str, Tensor]``: ``(B, n_items + 1)`` float32 scores
+      over all items for each named head (e.g. ``"id"``, ``"text"``, ``"fused"``); it runs
+      under the evaluation's autocast, so compute the final product with
+      :func:`ranking_scores` (bf16 scores tie items, and ties count against the target).
     - ``selection_head``: the head whose validation metric selects the epoch.
     """
 
@@ -77,6 +88,13 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "max_seq_len"):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"TrainConfig.ks must be cutoffs >= 1, got {self.ks}")
+
 
 @dataclass
 class EpochRecord:
@@ -97,6 +115,14 @@ class FitResult:
 
 def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def ranking_scores(user_states: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
+    """``user_states @ item_vectors.T`` in float32, with autocast off: under bf16 autocast the
+    product would come out in bf16, whose 8-bit mantissa gives many items the target's score,
+    and the ranking counts ties against the target (``metrics.target_ranks``)."""
+    with torch.autocast(device_type=user_states.device.type, enabled=False):
+        return user_states.float() @ item_vectors.float().t()
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -179,8 +205,13 @@ def evaluate(
         with _autocast(device, config.amp):
             scores = model.score(batch, prepared)
         for head, head_scores in scores.items():
+            if head_scores.dtype not in (torch.float32, torch.float64):
+                raise TypeError(
+                    f"score() returned {head_scores.dtype} scores for head {head!r}: rank in float32 "
+                    "(training.ranking_scores computes them with autocast off)"
+                )
             accumulators.setdefault(head, RankingAccumulator(ks=config.ks)).add(
-                head_scores.float(), batch.target_ids, batch.history_ids
+                head_scores, batch.target_ids, batch.history_ids
             )
     return {head: acc.compute() for head, acc in accumulators.items()}
 

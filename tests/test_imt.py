@@ -174,6 +174,8 @@ def test_bad_construction():
         IMT(6, 5, 9, dim=16, token_layout="random")
     with pytest.raises(ValueError, match="divisible"):
         IMT(6, 5, 9, dim=15, n_heads=2)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        IMT(6, 5, 9, dim=16, backend="cuda")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -66,3 +66,9 @@ def test_distillation_module_combines_ce_and_weighted_kl(weight):
     torch.testing.assert_close(parts.kl, expected.kl)
     with pytest.raises(ValueError, match="temperature"):
         MutualDistillationLoss(temperature=0)
+    with pytest.raises(ValueError, match="temperature"):
+        MutualDistillationLoss(temperature=float("inf"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        MutualDistillationLoss(backend="Triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        DebiasedInBatchLoss(backend="gpu")

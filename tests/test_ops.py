@@ -329,12 +329,24 @@ def test_backend_resolution():
     assert ops.resolve_backend("torch", cpu) == "torch"
     with pytest.raises(ValueError, match="backend"):
         ops.resolve_backend("cuda", cpu)
+    cuda = torch.device("cuda")  # (resolving touches no GPU)
+    if ops.triton_available():
+        assert ops.resolve_backend("auto", cuda, torch.bfloat16) == "triton"
+    assert ops.resolve_backend("auto", cuda, torch.float64) == "torch"  # the kernels take no float64
     previous = ops.get_backend()
     try:
         ops.set_backend("torch")
-        assert ops.resolve_backend("auto", torch.device("cuda")) == "torch"
+        assert ops.resolve_backend("auto", cuda) == "torch"
     finally:
         ops.set_backend(previous)
+
+
+def test_an_unknown_backend_in_the_environment_is_a_clear_error(monkeypatch):
+    """``ODMT_BACKEND=Torch`` (a typo) must not silently pick the kernels."""
+    monkeypatch.setattr(ops, "_default_backend", "Torch")
+    with pytest.raises(ValueError, match="ODMT_BACKEND must be one of"):
+        ops.resolve_backend("auto", torch.device("cpu"))
+    assert ops.resolve_backend("torch", torch.device("cpu")) == "torch"  # an explicit choice still works
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):

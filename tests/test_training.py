@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from odmt_components import collate_train, leave_one_out, make_synthetic_dataset, popularity_log_q
-from odmt_components.training import Recommender, TrainConfig, fit
+from odmt_components.training import Recommender, TrainConfig, evaluate, fit, ranking_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import train_odmt  # noqa: E402
@@ -109,6 +109,35 @@ def test_config_split_and_bad_model(tiny_data):
         train_odmt.build_model(tiny_config(model="bert4rec"), tiny_data)
     with pytest.raises(TypeError, match="Recommender"):
         fit(torch.nn.Linear(2, 2), leave_one_out(tiny_data), torch.zeros(61), TrainConfig())
+
+
+def test_train_config_rejects_empty_settings():
+    for field, value in (("epochs", 0), ("batch_size", 0), ("eval_batch_size", 0), ("max_seq_len", 0)):
+        with pytest.raises(ValueError, match=f"TrainConfig.{field} must be >= 1"):
+            TrainConfig(**{field: value})
+    with pytest.raises(ValueError, match="ks"):
+        TrainConfig(ks=())
+
+
+def test_ranking_scores_stay_float32_under_autocast():
+    """bf16 scores tie items, and ties count against the target: the final product is
+    computed in float32 even where the evaluation runs under bf16 autocast."""
+    g = torch.Generator().manual_seed(0)
+    states, items = torch.randn(8, 16, generator=g), torch.randn(300, 16, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = ranking_scores(states, items)
+        assert (states @ items.t()).dtype == torch.bfloat16  # what a plain product gives there
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, states @ items.t())
+
+
+def test_evaluate_refuses_scores_below_float32(tiny_data):
+    model = train_odmt.build_model(tiny_config(model="sasrec"), tiny_data)
+    split = leave_one_out(tiny_data)
+    plain = model.score
+    model.score = lambda batch, prepared: {k: v.bfloat16() for k, v in plain(batch, prepared).items()}
+    with pytest.raises(TypeError, match="bfloat16 scores for head 'id'"):
+        evaluate(model, split.valid_history, split.valid_target, TrainConfig(progress=False))
 
 
 def test_non_finite_loss_stops_training_before_the_update(tiny_data):
