@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from . import ops
+
 __all__ = ["target_ranks", "full_ranking_metrics", "metrics_from_ranks", "RankingAccumulator"]
 
 
@@ -67,10 +69,6 @@ def target_ranks(
         )
     if target_ids.device != scores.device:
         raise ValueError(f"target_ids on {target_ids.device} but scores on {scores.device}")
-    if bool(((target_ids < 1) | (target_ids >= n_cols)).any()):
-        raise ValueError(f"target_ids must be item ids in 1..n_items = 1..{n_cols - 1}")
-    if bool(torch.isnan(scores).any()):
-        raise ValueError("scores hold NaN")
     target_ids = target_ids.long()
     ranked = torch.ones_like(scores, dtype=torch.bool)
     ranked[:, 0] = False
@@ -89,10 +87,21 @@ def target_ranks(
             )
         if history_ids.device != scores.device:
             raise ValueError(f"history_ids on {history_ids.device} but scores on {scores.device}")
-        if history_ids.numel():
-            if bool(((history_ids < 0) | (history_ids >= n_cols)).any()):
-                raise ValueError(f"history_ids must be in 0..n_items = 0..{n_cols - 1} (0 = padding)")
-            ranked.scatter_(1, history_ids.long(), False)
+
+    def value_checks() -> list[tuple[torch.Tensor, str]]:  # one transfer for all (ops.set_value_checks)
+        outside_targets = ((target_ids < 1) | (target_ids >= n_cols)).any()
+        checks = [
+            (outside_targets, f"target_ids must be item ids in 1..n_items = 1..{n_cols - 1}"),
+            (torch.isnan(scores).any(), "scores hold NaN"),
+        ]
+        if history_ids is not None and history_ids.numel():
+            outside = ((history_ids < 0) | (history_ids >= n_cols)).any()
+            checks.append((outside, f"history_ids must be in 0..n_items = 0..{n_cols - 1} (0 = padding)"))
+        return checks
+
+    ops._check_values(value_checks)
+    if history_ids is not None and history_ids.numel():
+        ranked.scatter_(1, history_ids.long(), False)
     rows = torch.arange(n_users, device=scores.device)
     ranked[rows, target_ids] = True
     target_score = scores[rows, target_ids][:, None]
@@ -138,8 +147,11 @@ def full_ranking_metrics(
 class RankingAccumulator:
     """Sums Recall@K / NDCG@K over evaluation batches; ``compute()`` gives the averages.
 
-    The sums stay on the scores' device (no host sync per batch) in float64; the result of
-    ``compute()`` equals :func:`full_ranking_metrics` on the concatenated batches.
+    The sums stay on the scores' device in float64; the result of ``compute()`` equals
+    :func:`full_ranking_metrics` on the concatenated batches. The input value checks of
+    :func:`target_ranks` read one verdict back a batch; with them off
+    (:func:`~odmt_components.ops.set_value_checks`) nothing waits for the device until
+    ``compute()``.
     """
 
     def __init__(self, ks: Sequence[int] = (10, 20)) -> None:

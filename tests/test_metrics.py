@@ -9,6 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from odmt_components import ops
 from odmt_components.metrics import (
     RankingAccumulator,
     full_ranking_metrics,
@@ -147,3 +148,20 @@ def test_bad_input():
         full_ranking_metrics(scores, target, history, ks=(0,))
     with pytest.raises(ValueError, match=r"ks must be"):
         RankingAccumulator(ks=())
+
+
+def test_accumulating_a_batch_reads_back_one_verdict_or_nothing(host_reads):
+    """The accumulator's sums stay on the device; the input checks read one verdict a batch,
+    and nothing with the value checks off."""
+    g = torch.Generator().manual_seed(0)
+    scores, targets = torch.randn(4, 9, generator=g), torch.tensor([1, 3, 8, 2])
+    history = torch.tensor([[0, 2], [1, 4], [5, 6], [0, 0]])
+    accumulator = RankingAccumulator(ks=(2, 5))
+    assert host_reads(lambda: accumulator.add(scores, targets, history)) == ["Tensor.tolist"]
+    ops.set_value_checks(False)
+    try:
+        assert host_reads(lambda: accumulator.add(scores, targets, history)) == []
+    finally:
+        ops.set_value_checks(True)
+    both = full_ranking_metrics(torch.cat([scores] * 2), torch.cat([targets] * 2), torch.cat([history] * 2), (2, 5))
+    assert accumulator.compute() == pytest.approx(both)
