@@ -182,8 +182,11 @@ class MultiModalDataset:
     ) -> Path:
         """Write this dataset as an ``odmt-dataset/1`` folder (timestamps = positions).
 
-        Loading the folder back with the default filter gives the same dataset whenever every
-        sequence already has between ``min_interactions`` and ``keep_last`` items.
+        Loading the folder back with the default filter gives the same sequences, features
+        and keys whenever every sequence already has between ``min_interactions`` and
+        ``keep_last`` items and every item occurs in some sequence (the loader keeps only the
+        items that occur); ``meta`` then holds ``meta.json``'s keys, and missing
+        ``item_texts`` come back as empty strings.
         """
         users, items, stamps = [], [], []
         for key, seq in zip(self.user_keys, self.sequences, strict=True):
@@ -212,6 +215,8 @@ class MultiModalDataset:
 
 def _as_numpy(arg: str, value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+            value = value.float()
         return value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
         return value
@@ -386,9 +391,14 @@ def save_dataset_folder(
             f"interactions reference {len(unknown)} item ids missing from items, e.g. "
             f"{sorted(set(unknown))[:5]}"
         )
+    user_fields = [_clean_field(f"interactions[{k}] user_id", u) for k, u in enumerate(users)]
     for k, s in enumerate(stamps):
-        if isinstance(s, float) and not math.isfinite(s):
+        if s is None or isinstance(s, (bool, np.bool_)):
+            raise DatasetFormatError(f"interactions[{k}] timestamp must be a number or a string, got {s!r}")
+        if isinstance(s, (float, np.floating)) and not math.isfinite(s):
             raise DatasetFormatError(f"interactions[{k}] timestamp must be finite, got {s!r}")
+        if not isinstance(s, (int, float, np.integer, np.floating)) and (not str(s).strip() or "\x00" in str(s)):
+            raise DatasetFormatError(f"interactions[{k}] timestamp must be non-empty, without NUL, got {s!r}")
     extra = dict(extra_meta or {})
     reserved = {"format", "name", "text_encoder", "image_encoder"} & extra.keys()
     if reserved:
@@ -411,8 +421,7 @@ def save_dataset_folder(
     with open(out / "interactions.tsv", "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, dialect=_TSV_DIALECT, lineterminator="\n")
         writer.writerow(["user_id", "item_id", "timestamp"])
-        for u, i, s in zip(users, inter_items, stamps, strict=True):
-            writer.writerow([_clean_field("user_id", u), i, s])
+        writer.writerows(zip(user_fields, inter_items, stamps, strict=True))
     with open(out / "items.tsv", "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, dialect=_TSV_DIALECT, lineterminator="\n")
         writer.writerow(["item_id", "text"])

@@ -144,7 +144,7 @@ def _check_token_arrays(tokens: Any, padding: Any, tname: str, pname: str) -> No
 def _first_key(keys: Sequence[str], wanted: Sequence[str], explicit: str | None) -> str | None:
     if explicit is not None:
         if explicit not in keys:
-            raise KeyError(f"array {explicit!r} not found; the file holds {sorted(keys)}")
+            raise ValueError(f"array {explicit!r} not found; the file holds {sorted(keys)}")
         return explicit
     for k in wanted:
         if k in keys:

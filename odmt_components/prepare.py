@@ -24,8 +24,9 @@ Examples::
     python -m odmt_components.prepare --format ml100k-mm --input ../shared/data/ml100k-mm \\
         --out runs/ml100k-mm-prepared --text-model /path/to/all-MiniLM-L6-v2 --image-pca-dim 384
 
-Features are cached (``--cache-dir``, default ``~/.cache/odmt-components/features``), so
-re-running with other filter settings does not re-encode known items. Set ``HF_HUB_OFFLINE=1``
+Features are cached (``--cache-dir``, default ``~/.cache/odmt-components/features``) under a
+key of the model and the whole list of kept items' inputs, so re-running the same preparation
+does not encode again (other filter settings keep other items: they encode anew). Set ``HF_HUB_OFFLINE=1``
 and pass local model folders to run without network access.
 """
 

@@ -221,6 +221,17 @@ def test_save_validation_errors(tmp_path):
     bad(r"name must be a non-empty string", name="")
     bad(r"extra_meta may not set the format keys", extra_meta={"format": "x"})
     bad(r"text_tokens must be a numpy array or torch tensor", text_tokens=text.tolist())
+    # every field is checked before the first file is written
+    bad(r"interactions\[1\] user_id must not contain NUL", interactions=TABLE[:1] + [("u\x00", "i0", 1)] + TABLE[1:])
+    bad(r"interactions\[0\] timestamp must be a number or a string, got None", interactions=[("a", "i0", None)])
+    bad(r"timestamp must be finite, got", interactions=[("a", "i0", np.float32("nan"))])
+    bad(r"timestamp must be non-empty, without NUL", interactions=[("a", "i0", "2020\x00")])
+    bad(r"timestamp must be non-empty, without NUL", interactions=[("a", "i0", " ")])
+    # bf16 features (numpy has no bfloat16) are stored as float32
+    bf16 = torch.from_numpy(text).bfloat16()
+    save_dataset_folder(out, TABLE, ITEMS, bf16, torch.from_numpy(padding), torch.from_numpy(image), name="n")
+    stored = np.load(out / "text_tokens.npy")
+    assert stored.dtype == np.float32 and np.array_equal(stored, bf16.float().numpy())
     # torch inputs are accepted.
     save_dataset_folder(out, TABLE, ITEMS, torch.from_numpy(text), torch.from_numpy(padding),
                         torch.from_numpy(image), name="n")

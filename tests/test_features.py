@@ -371,6 +371,8 @@ def test_load_precomputed_errors(tmp_path):
     np.savez(tmp_path / "nokey.npz", other=tokens)
     with pytest.raises(ValueError, match="no token array"):
         load_token_features(tmp_path / "nokey.npz")
+    with pytest.raises(ValueError, match="array 'nope' not found"):
+        load_token_features(tmp_path / "nokey.npz", tokens_key="nope")
     np.savez(tmp_path / "twod.npz", tokens=tokens[:, 0])
     with pytest.raises(ValueError, match="n_items, n_tokens, dim"):
         load_token_features(tmp_path / "twod.npz")
