@@ -151,7 +151,10 @@ class MultiModalRecommender(nn.Module):
         if where is None:
             vectors = {m: getattr(encoded, m).unflatten(0, item_ids.shape) for m in self.branches}
         else:
-            vectors = {m: getattr(encoded, m)[where] for m in self.branches}
+            # index_select, not ``[where]``: the backward of advanced indexing accumulates with
+            # index_put_, whose order varies between runs with several CPU threads
+            flat = where.flatten()
+            vectors = {m: getattr(encoded, m).index_select(0, flat).unflatten(0, where.shape) for m in self.branches}
         if self.config.model == "sasrec_ef":
             vectors = {"fused": sum(vectors.values()) / len(vectors)}
         return vectors

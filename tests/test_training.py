@@ -140,6 +140,29 @@ def test_evaluate_refuses_scores_below_float32(tiny_data):
         evaluate(model, split.valid_history, split.valid_target, TrainConfig(progress=False))
 
 
+def test_a_training_step_repeats_bit_for_bit_on_several_cpu_threads(tiny_data):
+    """The same seed gives the same run: every item vector reaches the batch's positions
+    through ``index_select`` (the backward of ``vectors[where]`` accumulated with
+    ``index_put_``, whose order varied between runs with two CPU threads: the example's
+    losses drifted from the third epoch on)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        log_q, batch = one_batch(tiny_data, 48, 10)
+        model = train_odmt.build_model(tiny_config(dim=64), tiny_data)
+        grads = []
+        for _ in range(4):
+            model.zero_grad()
+            torch.manual_seed(0)  # the same dropout masks
+            loss, _ = model.training_loss(batch, log_q, 0.5)
+            loss.backward()
+            grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    finally:
+        torch.set_num_threads(threads)
+    for other in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], other, strict=True))
+
+
 def test_non_finite_loss_stops_training_before_the_update(tiny_data):
     """The loop reads the loss back once a step, after the backward is queued and before the
     optimizer step: a NaN loss raises with the parameters as they were."""
