@@ -178,8 +178,7 @@ class IMT(nn.Module):
     @backend.setter
     def backend(self, value: str) -> None:
         """Force the attention backend of every layer: ``"auto"``, ``"torch"`` or ``"triton"``."""
-        if value not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {value!r}")
+        ops.check_backend(value)
         for layer in self.layers:
             layer.backend = value
 

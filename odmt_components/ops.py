@@ -64,7 +64,7 @@ _value_checks = os.environ.get("ODMT_VALUE_CHECKS", "1") != "0"
 
 def check_backend(backend: object) -> str:
     """``backend`` if it is ``"auto"``, ``"torch"`` or ``"triton"``; a ``ValueError`` otherwise
-    (for modules that store a backend at construction)."""
+    (the one check of a backend name: ops, the loss modules, IMT)."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     return backend
@@ -73,9 +73,7 @@ def check_backend(backend: object) -> str:
 def set_backend(backend: str) -> None:
     """Set what ``backend="auto"`` means for every op: ``"auto"``, ``"torch"`` or ``"triton"``."""
     global _default_backend
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    _default_backend = backend
+    _default_backend = check_backend(backend)
 
 
 def set_value_checks(enabled: bool) -> None:
@@ -121,9 +119,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     """The concrete backend (``"torch"`` or ``"triton"``) an op will run for inputs on ``device``
     of ``dtype``: ``"auto"`` takes the kernels for CUDA tensors in a dtype they take (float16,
     bfloat16, float32; any when ``dtype`` is None) and PyTorch otherwise."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
+    if check_backend(backend) == "auto":
         backend = _default_backend
         if backend not in _BACKENDS:
             raise ValueError(f"ODMT_BACKEND must be one of {_BACKENDS}, got {backend!r}")
