@@ -37,7 +37,8 @@ keep the whole GPU run under ~150 s.
 
 ``AOT=1`` needs no GPU: it compiles every kernel of ours at each case's launch configuration
 for sm_90 (Triton's own ptxas) and prints registers and stack frame (spills) per kernel, as
-read by Triton's bundled ``cuobjdump`` -- the resource report, before any GPU time.
+read by Triton's bundled ``cuobjdump`` -- the resource report, before any GPU time
+(``AOT_ONLY=regex``: only the labels it matches, e.g. ``big_.*_dq``).
 
 ``DRY=1`` runs the whole script on the CPU under ``TRITON_INTERPRET=1`` with tiny shapes
 (plumbing only, no timing). Without a GPU and without DRY it says so and exits 0.
@@ -58,6 +59,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -299,8 +301,11 @@ def eager_fns(Hs, Ds, target, cand, hist, log_pop):
 
 
 def our_kernel_fns(Hs, Ds, target, cand, hist, log_pop, odmt: bool):
-    """Each kernel family of ours alone: forward op, dQ kernel, dC kernel (single branch and
-    three branches), with the per-row statistics and upstream weights of a real call."""
+    """Each kernel family of ours alone: forward op, dQ kernel, dC (single branch and three
+    branches), with the per-row statistics and upstream weights of a real call. With the
+    GEMM dC (``K._DC_GEMM``, the default) "dc" is the whole backward: the dQ kernel storing
+    dz slab by slab (with ``K._DQ_GEMM``, the default, forming dz only) and cuBLAS's ``dz^T Q``
+    (and ``dz C``); "dq" is the dQ kernel with its dQ dots alone, without stores."""
     with torch.no_grad():
         _, lse = torch.ops.odmt.debiased_inbatch_ce(Hs[0], Ds[0], target, cand, hist, log_pop, PAD, IGNORE)
         g1 = torch.full_like(lse, 1.0 / lse.numel())
@@ -573,12 +578,21 @@ def kernel_report(tag: str) -> None:
 # Alternative tiles timed per kernel at R = N = 16,384 when the run has time left (data for
 # the next tuning round; the defaults come from kernels.inbatch_loss._config).
 SWEEP = [  # most informative first: the run's time budget usually cuts the list
+    # dC by the column-wise kernels (recomputing every score tile, as in Run 5) instead of
+    # cuBLAS over the dz slabs the dQ kernel stores: the default's "dc" part is the whole
+    # backward, these the dC kernels alone (A/B in the same run)
+    ("ce", "dc", "dc", {"_DC_GEMM": False}),
+    ("odmt3", "dc", "dc3", {"_DC_GEMM": False}),
+    # the whole backward with dQ by the dQ kernels' own dots (storing dz for the dC GEMM)
+    # instead of a second cuBLAS GEMM over the stored dz (``_DQ_GEMM``, the default)
+    ("odmt3", "dc", "dc3", {"_DQ_GEMM": False}),
+    ("ce", "dc", "dc", {"_DQ_GEMM": False}),
     # the single-branch kernels without drop lists (every flagged tile runs the id test, as
     # in Run 5): the lists' effect in the same run. Keys starting with "_" set the module's
     # variable of that name instead of a tile key.
     ("ce", "fwd", "fwd", {"_DL_MIN_PAIRS": 1 << 62}),
     ("ce", "dq", "dq", {"_DL_MIN_PAIRS": 1 << 62}),
-    ("ce", "dc", "dc", {"_DL_MIN_PAIRS": 1 << 62}),
+    ("ce", "dc", "dc", {"_DL_MIN_PAIRS": 1 << 62, "_DC_GEMM": False}),
     # the rule now runs one warpgroup per 64 rows of the score dot (with 8 warps on 64 rows
     # the two warpgroups split the columns and every row reduction crosses them: 71 CTA
     # barriers in the three-branch forward's sm_90 SASS); Run 5 measured the same change on
@@ -604,12 +618,12 @@ SWEEP = [  # most informative first: the run's time budget usually cuts the list
     ("ce", "fwd", "fwd", {"BLOCK_T": 64, "BLOCK_W": 32, "num_warps": 4, "num_stages": 2, "maxnreg": 168}),
     # no spills any more in the sm_90 compile (252 registers), wgmma for both dots (the
     # 32-row steps of the default use mma.sync for the score dot)
-    ("ce", "dc", "dc", {"BLOCK_T": 64, "BLOCK_W": 64}),
+    ("ce", "dc", "dc", {"BLOCK_T": 64, "BLOCK_W": 64, "_DC_GEMM": False}),
     ("ce", "dq", "dq", {"BLOCK_T": 128, "BLOCK_W": 32, "TRANS_S": False, "num_warps": 8}),
     # S^T = C Q^T: wgmma for the score dot too (254 registers, no spills), but the rows spread
     # over more threads, so the exclusion test of a flagged tile costs more (sm_90 SASS: as
     # many instructions a tile unflagged, ~35% more flagged)
-    ("ce", "dc", "dc", {"TRANS_S": True}),
+    ("ce", "dc", "dc", {"TRANS_S": True, "_DC_GEMM": False}),
     ("odmt3", "dq", "dq3", {"BLOCK_T": 64, "BLOCK_W": 32, "TRANS_S": False}),
     ("ce", "fwd", "fwd", {"BLOCK_W": 32}),
     ("ce", "dq", "dq", {"BLOCK_T": 32, "BLOCK_W": 32, "TRANS_S": True}),
@@ -624,17 +638,24 @@ SWEEP = [  # most informative first: the run's time budget usually cuts the list
 PAPER_SWEEP = [
     # the three-branch backward unsplit (as in Run 5): the split's effect in the same run
     ("odmt3", "dq", "dq3", {"_BWD_SPLIT": False}),
-    ("odmt3", "dc", "dc3", {"_BWD_SPLIT": False}),
+    ("odmt3", "dc", "dc3", {"_BWD_SPLIT": False, "_DC_GEMM": False}),
     ("odmt3", "dq", "dq3", {"num_stages": 4}),
-    ("odmt3", "dc", "dc3", {"num_stages": 4}),
+    ("odmt3", "dc", "dc3", {"num_stages": 4, "_DC_GEMM": False}),
     ("odmt3", "dq", "dq3", {"BLOCK_D": 128, "num_stages": 3}),
-    ("odmt3", "dc", "dc3", {"BLOCK_D": 128, "num_stages": 3}),
+    ("odmt3", "dc", "dc3", {"BLOCK_D": 128, "num_stages": 3, "_DC_GEMM": False}),
     ("odmt3", "fwd", "fwd3", {"num_stages": 4}),
     ("ce", "dq", "dq", {"num_stages": 4}),
     ("ce", "dq", "dq", {"num_warps": 4}),
-    ("ce", "dc", "dc", {"num_stages": 4}),
+    ("ce", "dc", "dc", {"num_stages": 4, "_DC_GEMM": False}),
 ]
 SWEEP_BUDGET_S = float(os.environ.get("SWEEP_BUDGET_S", "125"))
+# how a sweep entry's module switch is named in its key
+SWITCH_NAMES = {
+    "_DL_MIN_PAIRS": "no_drop_lists",
+    "_BWD_SPLIT": "no_backward_split",
+    "_DC_GEMM": "dc_kernel",
+    "_DQ_GEMM": "dq_kernel",
+}
 
 
 def tile_sweep() -> None:
@@ -658,10 +679,7 @@ def _sweep_shape(prefix: str, R: int, N: int, d: int, entries) -> bool:
         if time.time() - T_START > SWEEP_BUDGET_S and not (DRY or CAPTURE):
             print("tile sweep stopped: time budget spent", flush=True)
             return False
-        key = f"sweep_{prefix}{variant}_{part}_" + "_".join(
-            {"_DL_MIN_PAIRS": "no_drop_lists", "_BWD_SPLIT": "no_backward_split"}.get(k, f"{k}{v}")
-            for k, v in over.items()
-        )
+        key = f"sweep_{prefix}{variant}_{part}_" + "_".join(SWITCH_NAMES.get(k, f"{k}{v}") for k, v in over.items())
         K._CONFIG_OVERRIDE.clear()
         K._CONFIG_OVERRIDE[kind] = {k: v for k, v in over.items() if not k.startswith("_")}
         saved = {k: getattr(K, k) for k in over if k.startswith("_")}
@@ -691,7 +709,8 @@ def fmt(v, unit: str = "") -> str:
 def table(cases) -> None:
     print()
     print(
-        "| case | ours ms (MB) | ours fwd / dq / dc ms | eager ms (MB) | compile ms (MB) | ours plain ms "
+        f"| case | ours ms (MB) | ours fwd / dq / {'bwd' if K._DC_GEMM else 'dc'} ms | eager ms (MB) "
+        "| compile ms (MB) | ours plain ms "
         "| Liger plain ms | CCE plain ms | floor ms | ours/floor |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -746,12 +765,13 @@ AOT_TILES = [
 # strides of every operand (the three-branch kernels name theirs per branch) and R, N, D.
 # Without this divisibility the compile has no 16-byte async copies (no software pipeline).
 ALIGNED_INTS = {"sq_r", "sc_n", "sdq_r", "sdc_n", "ex_sr", "R", "N", "D", "walk_per_split", "out_split_stride"}
+ALIGNED_INTS |= {"n_begin", "n_end", "sdz_r", "sdz_b"}  # slab bounds and widths: multiples of the column tile
 ALIGNED_INTS |= {f"{p}_{b}" for p in ("sq", "sc") for b in "itv"}
 
 
 def _aot_compile(label: str, kernel, cfg: dict, meta: dict, cuobjdump: str) -> dict:
     """Compiles one kernel for sm_90 and reads its registers / stack frame / shared memory."""
-    import re
+
     import subprocess
 
     from triton.backends.compiler import GPUTarget
@@ -760,10 +780,13 @@ def _aot_compile(label: str, kernel, cfg: dict, meta: dict, cuobjdump: str) -> d
     ptr = {"tgt_ptr": "*i32", "tid_ptr": "*i64", "cid_ptr": "*i64", "ex_ptr": "*i64", "fl_ptr": "*i8"}
     ptr.update({k: "*i32" for k in ("fit_ptr", "c32_ptr", "dl_ptr", "dl_start_ptr", "tot_ptr", "crow_ptr", "coff_ptr")})
     ptr.update({k: "*i64" for k in ("vals_ptr", "order_ptr", "pos_ptr", "gstart_ptr")})
-    fp32 = {"lq_ptr", "cb_ptr", "part_ptr", "loss_ptr", "lse_ptr", "stats_ptr", "g_ptr", "gmax_ptr"}
+    fp32 = {"lq_ptr", "cb_ptr", "part_ptr", "loss_ptr", "lse_ptr", "stats_ptr", "g_ptr", "gmax_ptr", "acc_ptr"}
     if meta.get("SPLIT"):  # a split walk writes float32 partials
         fp32 |= {"dq_ptr", "dc_ptr"}
     consts = {k: v for k, v in meta.items() if k in kernel.arg_names}
+    # constexprs left at their defaults, as a launch leaves them (else typed as runtime ints)
+    defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
+    consts.update({k: v for k, v in defaults.items() if k not in consts})
     # What the launcher specialises on the benchmark's contiguous inputs: unit strides are
     # constants (vectorised loads; without this the compile keeps per-element addresses and
     # reports far more registers than the GPU will use), and pointers, the other strides and
@@ -820,6 +843,9 @@ def aot_report() -> int:
         ("odmt_fwd", K._odmt_fwd_kernel, "fwd3"),
         ("odmt_dq", K._odmt_dq_kernel, "dq3"),
         ("odmt_dc", K._odmt_dc_kernel, "dc3"),
+        # the dQ kernels forming and storing dz only (``_DQ_GEMM``), at the forward's tiles
+        ("ce_dz", K._ce_dq_kernel, "dz"),
+        ("odmt_dz", K._odmt_dq_kernel, "dz3"),
     ]
     cases = [("paper", 1536, 1664, 768), ("big", 16384, 16384, 256), ("huge", 65536, 65536, 128)]
     sweep = bool(os.environ.get("AOT_TILES"))
@@ -832,6 +858,10 @@ def aot_report() -> int:
             variants = [("", base)]
             if tag == "paper" and kind in ("dq3", "dc3"):  # small grids split their walk (_bwd_split)
                 variants.append(("_split", {**base, "SPLIT": True}))
+            if kind.startswith("dq"):  # a later slab of the GEMM dC path: dz stored
+                variants.append(("_slab", {**base, "SLAB": True}))
+            if kind.startswith("dz"):
+                variants = [("_slab", {**base, "SLAB": True, "DQ_OFF": True})]
             if sweep and not kind.startswith("fwd"):
                 for over in AOT_TILES:
                     cfg = {**base, **over}
@@ -846,7 +876,13 @@ def aot_report() -> int:
                 meta["D_PAD"] = max(16, triton.next_power_of_2(d)) if cfg["FULL_D"] else cfg["BLOCK_D"]
                 meta["TRANS_S"] = cfg.get("TRANS_S", False)
                 meta["SPLIT"] = cfg.get("SPLIT", False)
+                if cfg.get("SLAB"):
+                    meta.update(STORE_DZ=True, DZ_TRUE=True, DQ_OFF=cfg.get("DQ_OFF", False))
+                    if "LATER_SLAB" in kernel.arg_names:
+                        meta["LATER_SLAB"] = meta["DL_K"] > 0
                 label = f"{tag}_{name}{suffix}"
+                if not re.search(os.environ.get("AOT_ONLY", ""), label):
+                    continue
                 info = _aot_compile(label, kernel, cfg, meta, cuobjdump)
                 RES[f"aot_{label}"] = info
                 tiles = " ".join(

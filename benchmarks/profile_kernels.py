@@ -61,8 +61,10 @@ if DRY:
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-#: The kernels profiled: the loss's split forward, row-wise dQ and column-wise dC (single and
-#: three branches) and every attention kernel (ncu's ``--kernel-name regex:`` takes the same).
+#: The kernels profiled: the loss's split forward and row-wise dQ (single and three branches;
+#: with the default GEMM dC one dQ launch a column slab, storing its dz, and cuBLAS for dC,
+#: which is not profiled; the column-wise dC kernels where ``_DC_GEMM`` is off) and every
+#: attention kernel (ncu's ``--kernel-name regex:`` takes the same).
 KERNELS = r"^_(ce|odmt)_(fwd|dq|dc)_kernel$|^_attn_\w+$"
 
 #: Sections ncu collects (about twenty replays of each launch).

@@ -74,9 +74,18 @@ statistics the backward needs (lse's, ``wbar``).
 
 Backward, deterministic, no atomics: a row-wise kernel (``_ce_dq_kernel``,
 ``_odmt_dq_kernel``) recomputes the score tiles, forms ``dz`` and accumulates ``dQ += dz @
-C[cols]``; a column-wise kernel (``_ce_dc_kernel``, ``_odmt_dc_kernel``) loops over row tiles
-and accumulates ``dC += dz^T @ Q[rows]`` (with ``TRANS_S`` it forms ``S^T = C Q^T``, so
-that both dots are wgmma and ``dz^T`` is the A operand as computed). At ``D_PAD <= 256``
+C[cols]``. ``dC = dz^T Q`` then comes one of two ways. By default (``_DC_GEMM``) the dQ
+kernel also stores its ``dz`` tiles (the inputs' dtype, as they enter its own dot) into a
+workspace holding one column slab -- every row, ``width`` columns, at most ``_DZ_BUDGET``
+bytes and half the columns (:func:`_dz_slab_width`), never an ``R x N`` tensor -- and one
+cuBLAS GEMM a slab and branch forms that slab's rows of ``dC``; the dQ launches walk one slab
+each, and the host adds their float32 shares of dQ in slab order. So no score tile is
+computed a third time, at the price of writing and reading dz (2 bytes an element in 16
+bits). By default (``_DQ_GEMM``) ``dQ = dz C`` is a cuBLAS GEMM too, and the kernel
+(``DQ_OFF``, at the forward's tiles) only recomputes the scores, forms dz and stores it. Otherwise
+a column-wise kernel (``_ce_dc_kernel``, ``_odmt_dc_kernel``) loops over row tiles, recomputes
+the scores and accumulates ``dC += dz^T @ Q[rows]`` (with ``TRANS_S`` it forms ``S^T = C
+Q^T``, so that both dots are wgmma and ``dz^T`` is the A operand as computed). At ``D_PAD <= 256``
 each program owns the full width: the candidate (resp. query) tile loaded for the scores is
 the very operand of the gradient dot. For d > 256 the grid adds chunks of ``BLOCK_DO`` output features (the scores
 are recomputed per chunk). ``dz`` is cast to the input dtype for the tensor-core dot; to keep
@@ -1024,6 +1033,21 @@ def _ce_dz(
 
 
 @triton.jit
+def _store_dz(dz_ptr, sdz_r, rows, row_in, slab_cols, col_ok, dz, gmax, DZ_TRUE: tl.constexpr):
+    """Stores a ``dz`` tile into the column slab's workspace (``(R, slab width)``, row stride
+    ``sdz_r``), in the inputs' dtype: the true ``dz`` (``DZ_TRUE``: bf16 and fp32, whose
+    range holds it) or, for fp16, ``dz / gmax`` as the kernels hold it (the caller scales
+    the product back)."""
+    if DZ_TRUE:
+        dz = dz * gmax
+    tl.store(
+        dz_ptr + rows.to(tl.int64)[:, None] * sdz_r + slab_cols[None, :],
+        dz.to(dz_ptr.dtype.element_ty),
+        mask=row_in[:, None] & col_ok[None, :],
+    )
+
+
+@triton.jit
 def _ce_dq_kernel(
     q_ptr,
     sq_r,
@@ -1042,17 +1066,22 @@ def _ce_dq_kernel(
     fit_ptr,
     fl_ptr,
     dl_ptr,
+    dl_start_ptr,
     lse_ptr,
     g_ptr,
     gmax_ptr,
     dq_ptr,
     sdq_r,
     sdq_d,
+    dz_ptr,
+    sdz_r,
     R,
     N,
     D,
     S,
     pad_id,
+    n_begin,
+    n_end,
     S_PAD: tl.constexpr,
     EX_ONE: tl.constexpr,
     IDS32: tl.constexpr,
@@ -1065,7 +1094,16 @@ def _ce_dq_kernel(
     BLOCK_DO: tl.constexpr,
     PREC: tl.constexpr,
     TRANS_S: tl.constexpr = False,
+    STORE_DZ: tl.constexpr = False,
+    DZ_TRUE: tl.constexpr = False,
+    LATER_SLAB: tl.constexpr = False,
+    DQ_OFF: tl.constexpr = False,
 ):
+    # ``[n_begin, n_end)``: the columns walked, all of them or one slab of the GEMM dC path
+    # (``STORE_DZ``: its dz is stored; ``LATER_SLAB``: a slab after the first, whose drop-list
+    # walks start at ``dl_start_ptr``). A slab's dq is its columns' share only: the caller
+    # adds the slabs' (a running sum loaded into the accumulator here spilled ~360 B a thread
+    # at 16k, sm_90 compile). ``DQ_OFF``: dz only, no dQ dot (the caller's GEMMs form dQ too)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     o_ok = offs_o < D
@@ -1079,12 +1117,15 @@ def _ce_dq_kernel(
     # queries loaded by ``valid``: an ignored row's values (NaN, inf) must not reach its dz
     if FULL_D:  # BLOCK_DO is the padded width, one output chunk
         q = _full_tile(q_ptr, sq_r, sq_d, rows, valid, D, BLOCK_DO)
-        c_ptrs, d_ok = _tile_ptrs(c_ptr, sc_n, sc_d, tl.arange(0, BLOCK_N), D, BLOCK_DO)
+        c_ptrs, d_ok = _tile_ptrs(c_ptr, sc_n, sc_d, n_begin + tl.arange(0, BLOCK_N), D, BLOCK_DO)
     acc = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
     fl_row = fl_ptr + tl.program_id(0) * tl.cdiv(N, BLOCK_N)
     cur = rows * DL_K  # absolute cursors, as in the forward
+    if DL_K > 0:
+        if LATER_SLAB:  # each row's walk starts at its first entry in the slab
+            cur += tl.load(dl_start_ptr + rows, mask=row_in, other=0)
     h1, h2 = _dl_pair(dl_ptr, row_in & (DL_K > 0), cur, cur, False)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_begin, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         flag = tl.load(fl_row + n0 // BLOCK_N)
         col_ok = cols < N
@@ -1100,25 +1141,31 @@ def _ce_dq_kernel(
             s = _score_tile(
                 q_ptr, sq_r, sq_d, c_ptr, sc_n, sc_d, rows, valid, cols, col_ok, D, BLOCK_R, BLOCK_N, BLOCK_D, PREC
             )
-            c = tl.load(
-                c_ptr + cols.to(tl.int64)[:, None] * sc_n + offs_o[None, :] * sc_d,
-                mask=col_ok[:, None] & o_ok[None, :],
-                other=0.0,
-            )
+            if not DQ_OFF:
+                c = tl.load(
+                    c_ptr + cols.to(tl.int64)[:, None] * sc_n + offs_o[None, :] * sc_d,
+                    mask=col_ok[:, None] & o_ok[None, :],
+                    other=0.0,
+                )
         dz = _ce_dz(
             s, bias, cols, cols, cid_ptr, s_cid, N, rows, valid, tgt, tid, ids, fit, lse, g, flag, h1, h2, ex_ptr,
             ex_sr, ex_ss, S, pad_id, S_PAD, EX_ONE, IDS32, HOIST, True, False, 1 if DL_K > 0 else 0,
         )  # fmt: skip
-        acc = tl.dot(dz.to(c.dtype), c, acc=acc, input_precision=PREC)
+        if STORE_DZ:  # the slab's dz for dC = dz^T Q (cuBLAS), once per row tile
+            if tl.program_id(1) == 0:
+                _store_dz(dz_ptr, sdz_r, rows, row_in, cols - n_begin, col_ok, dz, gmax, DZ_TRUE)
+        if not DQ_OFF:
+            acc = tl.dot(dz.to(c.dtype), c, acc=acc, input_precision=PREC)
         if DL_K > 0:
             if flag != 0:
                 cur, h1, h2 = _dl_next(dl_ptr, row_in, cur, h1, h2, n0 + BLOCK_N, cur, False)
-    acc = acc * gmax
-    tl.store(
-        dq_ptr + rows.to(tl.int64)[:, None] * sdq_r + offs_o[None, :] * sdq_d,
-        acc.to(dq_ptr.dtype.element_ty),
-        mask=row_in[:, None] & o_ok[None, :],
-    )
+    if not DQ_OFF:
+        acc = acc * gmax
+        tl.store(
+            dq_ptr + rows.to(tl.int64)[:, None] * sdq_r + offs_o[None, :] * sdq_d,
+            acc.to(dq_ptr.dtype.element_ty),
+            mask=row_in[:, None] & o_ok[None, :],
+        )
 
 
 @triton.jit
@@ -1721,6 +1768,11 @@ def _odmt_dq_kernel(
     temperature,
     walk_per_split,
     out_split_stride,
+    dz_ptr,
+    sdz_r,
+    sdz_b,
+    n_begin,
+    n_end,
     HAS_LQ: tl.constexpr,
     FORM_KL: tl.constexpr,
     DETACH: tl.constexpr,
@@ -1736,7 +1788,11 @@ def _odmt_dq_kernel(
     PREC: tl.constexpr,
     SPLIT: tl.constexpr = False,
     TRANS_S: tl.constexpr = False,
+    STORE_DZ: tl.constexpr = False,
+    DZ_TRUE: tl.constexpr = False,
+    DQ_OFF: tl.constexpr = False,
 ):
+    # ``DQ_OFF``: dz only (stored), no dQ dots: the caller's GEMMs form dQ too
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     o_ok = offs_o < D
@@ -1757,7 +1813,9 @@ def _odmt_dq_kernel(
     acc_t = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
     acc_v = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
     fl_row = fl_ptr + tl.program_id(0) * tl.cdiv(N, BLOCK_N)
-    n_lo, n_hi = _walk_range(N, walk_per_split, SPLIT)  # this program's columns (_bwd_split)
+    # this program's columns: a slab's (GEMM dC path: dQ of the slab's columns only, summed
+    # by the caller) and its split's share of them (_bwd_split)
+    n_lo, n_hi = _walk_between(n_begin, n_end, walk_per_split, SPLIT)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         flag = tl.load(fl_row + n0 // BLOCK_N)
@@ -1801,11 +1859,12 @@ def _odmt_dq_kernel(
                 BLOCK_D,
                 PREC,
             )
-            c_off = cols.to(tl.int64)[:, None]
-            cm = col_ok[:, None] & o_ok[None, :]
-            c_i = tl.load(ci_ptr + c_off * sc_i + offs_o[None, :] * sc_d, mask=cm, other=0.0)
-            c_t = tl.load(ct_ptr + c_off * sc_t + offs_o[None, :] * sc_d, mask=cm, other=0.0)
-            c_v = tl.load(cv_ptr + c_off * sc_v + offs_o[None, :] * sc_d, mask=cm, other=0.0)
+            if not DQ_OFF:
+                c_off = cols.to(tl.int64)[:, None]
+                cm = col_ok[:, None] & o_ok[None, :]
+                c_i = tl.load(ci_ptr + c_off * sc_i + offs_o[None, :] * sc_d, mask=cm, other=0.0)
+                c_t = tl.load(ct_ptr + c_off * sc_t + offs_o[None, :] * sc_d, mask=cm, other=0.0)
+                c_v = tl.load(cv_ptr + c_off * sc_v + offs_o[None, :] * sc_d, mask=cm, other=0.0)
         keep, is_t = _keep_tile(
             cols, col_ok, cid, rows, valid, tgt, tid, ids, fit, ex_ptr, ex_sr, ex_ss, S, pad_id, flag,
             S_PAD, EX_ONE, IDS32, HOIST,
@@ -1836,15 +1895,23 @@ def _odmt_dq_kernel(
             FORM_KL,
             DETACH,
         )
-        acc_i = tl.dot(dz_i.to(c_i.dtype), c_i, acc=acc_i, input_precision=PREC)
-        acc_t = tl.dot(dz_t.to(c_t.dtype), c_t, acc=acc_t, input_precision=PREC)
-        acc_v = tl.dot(dz_v.to(c_v.dtype), c_v, acc=acc_v, input_precision=PREC)
-    out = _split_base(dq_ptr, out_split_stride, SPLIT) + rows.to(tl.int64)[:, None] * D + offs_o[None, :]
-    om = row_in[:, None] & o_ok[None, :]
-    ty = dq_ptr.dtype.element_ty
-    tl.store(out, (acc_i * gmax).to(ty), mask=om)
-    tl.store(out + R * D, (acc_t * gmax).to(ty), mask=om)
-    tl.store(out + 2 * R * D, (acc_v * gmax).to(ty), mask=om)
+        if STORE_DZ:  # the slab's dz for dC = dz^T Q (cuBLAS), once per row tile
+            if tl.program_id(1) == 0:
+                slab_cols = cols - n_begin
+                _store_dz(dz_ptr, sdz_r, rows, row_in, slab_cols, col_ok, dz_i, gmax, DZ_TRUE)
+                _store_dz(dz_ptr + sdz_b, sdz_r, rows, row_in, slab_cols, col_ok, dz_t, gmax, DZ_TRUE)
+                _store_dz(dz_ptr + 2 * sdz_b, sdz_r, rows, row_in, slab_cols, col_ok, dz_v, gmax, DZ_TRUE)
+        if not DQ_OFF:
+            acc_i = tl.dot(dz_i.to(c_i.dtype), c_i, acc=acc_i, input_precision=PREC)
+            acc_t = tl.dot(dz_t.to(c_t.dtype), c_t, acc=acc_t, input_precision=PREC)
+            acc_v = tl.dot(dz_v.to(c_v.dtype), c_v, acc=acc_v, input_precision=PREC)
+    if not DQ_OFF:
+        out = _split_base(dq_ptr, out_split_stride, SPLIT) + rows.to(tl.int64)[:, None] * D + offs_o[None, :]
+        om = row_in[:, None] & o_ok[None, :]
+        ty = dq_ptr.dtype.element_ty
+        tl.store(out, (acc_i * gmax).to(ty), mask=om)
+        tl.store(out + R * D, (acc_t * gmax).to(ty), mask=om)
+        tl.store(out + 2 * R * D, (acc_v * gmax).to(ty), mask=om)
 
 
 @triton.jit
@@ -2042,6 +2109,16 @@ def _walk_range(extent, walk_per_split, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _walk_between(lo, hi, walk_per_split, SPLIT: tl.constexpr):
+    """:func:`_walk_range` within ``[lo, hi)`` (a column slab of the dQ kernels)."""
+    if SPLIT:
+        start = lo + tl.program_id(2) * walk_per_split
+        return start, tl.minimum(hi, start + walk_per_split)
+    else:
+        return lo, hi
+
+
+@triton.jit
 def _split_base(out_ptr, out_split_stride, SPLIT: tl.constexpr):
     """Where this program's gradient goes: its split's float32 partials, or the output."""
     if SPLIT:
@@ -2107,7 +2184,10 @@ def _config(kind: str, rows: int, cols: int, d: int, interpret: bool) -> dict:
     128 (single branch; dQ walks 32 columns a step, dC 64 rows) or 256 (three branches,
     fewer score recomputations). ``_CONFIG_OVERRIDE`` replaces keys per kind.
     """
-    cfg = _base_config(kind, rows, d, interpret)
+    if kind in ("dz", "dz3"):  # the dQ kernels without their dQ dot (``_DQ_GEMM``): forward tiles
+        cfg = {**_base_config(kind.replace("dz", "fwd"), rows, d, interpret), "TRANS_S": False}
+    else:
+        cfg = _base_config(kind, rows, d, interpret)
     return {**cfg, **_CONFIG_OVERRIDE.get(kind, {})}
 
 
@@ -2262,6 +2342,32 @@ def _bwd_split(programs: int, walk_tiles: int, n_sm: int) -> int:
 _SUM_BLOCK = 1024
 # False: the three-branch backward never splits (the benchmark's sweep times both ways)
 _BWD_SPLIT = True
+# True: dC = dz^T Q by cuBLAS from the dz the dQ kernels store, a column slab at a time
+# (:func:`_dz_slab_width`); False: the column-wise dC kernels recompute the scores
+_DC_GEMM = True
+# the dz workspace's size at most, in bytes (every row and branch of one column slab)
+_DZ_BUDGET = 512 << 20
+# True (with ``_DC_GEMM``): dQ = dz C by cuBLAS too; the dQ kernels only form and store dz
+# (``DQ_OFF``, the forward's tiles: config kinds ``dz`` / ``dz3``). Without their dQ dots and
+# accumulators the kernels compile without spills at the forward's tiles (sm_90, 16k: three
+# branches 225 registers at 64 x 32 and 4 warps, against 255 and 120 B of stack at 32 x 32
+# with the dots); unmeasured, the benchmark's sweep times both
+_DQ_GEMM = True
+
+
+def _dz_slab_width(R: int, N: int, branches: int, itemsize: int, block_w: int) -> int | None:
+    """Columns per slab of the GEMM dC path, a multiple of the dQ kernel's column tile
+    ``block_w``, or None where that path is off (``_DC_GEMM``) or the candidates fit one
+    tile. The slab holds ``branches x R x width`` values of the inputs' dtype: at most
+    ``_DZ_BUDGET`` bytes (one tile wide at least) and at most half the columns, so that no
+    ``R x N`` tensor is ever held; slabs of equal width."""
+    tiles = triton.cdiv(N, block_w)
+    if not _DC_GEMM or tiles < 2:
+        return None
+    by_budget = max(1, _DZ_BUDGET // (branches * R * itemsize * block_w))
+    per = min(by_budget, triton.cdiv(tiles, 2))
+    per = triton.cdiv(tiles, triton.cdiv(tiles, per))  # equal slabs
+    return per * block_w
 
 
 def _split_walk(programs: int, extent: int, step: int, n_sm: int, allowed: bool) -> tuple[int, int]:
@@ -2795,7 +2901,9 @@ def _ce_backward_impl(
     parts=("dq", "dc"),
 ):
     """Launches the backward kernels named in ``parts`` (the benchmark times them one by
-    one); returns ``(dq, dc)``, an uncomputed one left uninitialised."""
+    one); returns ``(dq, dc)``, an uncomputed one left uninitialised. With the GEMM dC
+    (:func:`_dz_slab_width`), ``"dc"`` computes both: the dQ kernel stores ``dz`` slab by slab
+    and cuBLAS forms ``dC = dz^T Q``."""
     R, D = queries.shape
     N = candidates.shape[0]
     g = grad_rows.to(torch.float32).contiguous()
@@ -2816,15 +2924,28 @@ def _ce_backward_impl(
         p["fit"],
     )
     prec = _prec(queries.dtype)
-    if "dq" in parts:
-        _launch(
+    cfg_dq = _config("dq", R, N, D, interp)
+    width = _dz_slab_width(R, N, 1, queries.element_size(), cfg_dq["BLOCK_W"]) if "dc" in parts else None
+    dq_off = width is not None and _DQ_GEMM
+    if dq_off:
+        cfg_dq = _config("dz", R, N, D, interp)
+        width = _dz_slab_width(R, N, 1, queries.element_size(), cfg_dq["BLOCK_W"])
+    dz_true = queries.dtype != torch.float16
+
+    def launch_dq(cfg, n_begin, n_end, out, dz=None, starts=None):
+        """One dQ launch: the share of the columns ``[n_begin, n_end)`` in ``out``; ``dz``:
+        store the slab's dz there; ``starts``: a later slab's drop-list starts."""
+        holder = p["rows"][0]  # never read where a flag says so
+        return _launch(
             "ce_dq",
             _ce_dq_kernel,
-            _config("dq", R, N, D, interp),
+            cfg,
             lambda c: (
-                _bwd_grid(c, R, D),
-                (*head, *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"]), lse, g, gmax, dq)
-                + (dq.stride(0), dq.stride(1), R, N, D, p["S"], pad_id),
+                (triton.cdiv(R, c["BLOCK_T"]), 1) if dq_off else _bwd_grid(c, R, D),
+                (*head, *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"]), holder if starts is None else starts)
+                + (lse, g, gmax, out, out.stride(0), out.stride(1))
+                + (holder if dz is None else dz, 0 if dz is None else dz.stride(0))
+                + (R, N, D, p["S"], pad_id, n_begin, n_end),
                 dict(
                     **p["flags"],
                     **p["hoist"],
@@ -2832,10 +2953,43 @@ def _ce_backward_impl(
                     **_tile_meta(c, True, True),
                     PREC=prec,
                     TRANS_S=c.get("TRANS_S", False),
+                    STORE_DZ=dz is not None,
+                    DZ_TRUE=dz_true,
+                    LATER_SLAB=starts is not None,
+                    DQ_OFF=dq_off,
                 ),
             ),
             with_do=True,
-        )
+        )[0]
+
+    if width is not None:
+        # dz slab by slab; dQ: the slabs' shares summed in float32, in slab order; dC = dz^T Q
+        n_slab = triton.cdiv(N, width)
+        dz = torch.empty(R, width, device=queries.device, dtype=queries.dtype)
+        acc, share = (torch.empty(2, R, D, device=queries.device, dtype=torch.float32)).unbind(0)
+        # dQ by cuBLAS: each slab's share in the inputs' dtype, added in float32
+        share = torch.empty(R, D, device=queries.device, dtype=queries.dtype) if dq_off else share
+        zeroed = _ignored_rows_zeroed(queries, p["rows"][0] >= 0)
+        starts = _split_starts(p, cfg_dq["BLOCK_W"], n_slab, width)
+        for k in range(n_slab):
+            lo, hi = k * width, min(N, (k + 1) * width)
+            later = starts[k] if k and p["lists_on"] else None  # (the first slab's start at 0)
+            cfg_dq = launch_dq(cfg_dq, lo, hi, share if k or dq_off else acc, dz, later)
+            if dq_off:
+                torch.mm(dz[:, : hi - lo], candidates[lo:hi], out=share)
+            if k:
+                acc.add_(share)
+            elif dq_off:
+                acc.copy_(share)
+            torch.mm(dz[:, : hi - lo].t(), zeroed, out=dc[lo:hi])
+            if not dz_true:
+                dc[lo:hi].mul_(gmax)
+        if dq_off and not dz_true:
+            acc.mul_(gmax)
+        dq.copy_(acc)
+        return dq, dc
+    if "dq" in parts:
+        launch_dq(cfg_dq, 0, N, dq)
     if "dc" in parts:
         zeroed = _ignored_rows_zeroed(queries, p["rows"][0] >= 0)
         head = (zeroed, zeroed.stride(0), zeroed.stride(1), *head[3:])
@@ -3082,7 +3236,8 @@ def _odmt_backward_impl(
     parts=("dq", "dc"),
 ):
     """Launches the backward kernels named in ``parts``; returns ``(dq, dc)`` of shapes
-    ``(3, R, d)`` and ``(3, N, d)``, an uncomputed one left uninitialised."""
+    ``(3, R, d)`` and ``(3, N, d)``, an uncomputed one left uninitialised (with the GEMM dC,
+    ``"dc"`` computes both, as in :func:`_ce_backward_impl`)."""
     R, D = q_id.shape
     N = c_id.shape[0]
     g = grad_rows.to(torch.float32).contiguous()
@@ -3099,13 +3254,28 @@ def _odmt_backward_impl(
     n_sm = _num_sms(q_id)
     used = {}  # the output buffer of the launch that ran (partials when split)
 
-    def make_dq(c):  # reads no drop lists: its walk may split whenever its grid is small
-        grid = _bwd_grid(c, R, D)
-        n_split, per = _split_walk(grid[0] * grid[1], N, c["BLOCK_W"], n_sm, True)
-        out, split_stride = used["dq"] = _split_out(dq, n_split)
-        args = (*head, _tile_flags(p, c["BLOCK_T"], c["BLOCK_W"]), stats, g, gmax, out, *tail, per, split_stride)
-        meta = dict(**flags, **p["hoist"], **_tile_meta(c, True, True), TRANS_S=c.get("TRANS_S", False))
-        return (*grid, n_split), args, dict(meta, SPLIT=n_split > 1)
+    def launch_dq(cfg, n_begin, n_end, target_out, dz=None, dq_off=False):
+        """One dQ launch: the share of the columns ``[n_begin, n_end)`` in ``target_out``;
+        ``dz``: store the slab's dz there ``(3, R, width)``; ``dq_off``: only that (no dQ
+        dots, nothing in ``target_out``). Reads no drop lists: its walk may split whenever
+        its grid is small."""
+        holder = p["rows"][0]  # never read where a flag says so
+
+        def make_dq(c):
+            grid = (triton.cdiv(R, c["BLOCK_T"]), 1) if dq_off else _bwd_grid(c, R, D)
+            n_split, per = _split_walk(grid[0] * grid[1], n_end - n_begin, c["BLOCK_W"], n_sm, True)
+            # without dQ dots the splits only share the walk: no partial sums
+            out, split_stride = used["dq"] = (target_out, 0) if dq_off else _split_out(target_out, n_split)
+            args = (*head, _tile_flags(p, c["BLOCK_T"], c["BLOCK_W"]), stats, g, gmax, out, *tail, per, split_stride)
+            args += (holder, 0, 0) if dz is None else (dz, dz.stride(1), dz.stride(0))
+            args += (n_begin, n_end)
+            meta = dict(**flags, **p["hoist"], **_tile_meta(c, True, True), TRANS_S=c.get("TRANS_S", False))
+            meta.update(STORE_DZ=dz is not None, DZ_TRUE=q_id.dtype != torch.float16, DQ_OFF=dq_off)
+            return (*grid, n_split), args, dict(meta, SPLIT=n_split > 1)
+
+        used_cfg = _launch("odmt_dq", _odmt_dq_kernel, cfg, make_dq, with_do=True)[0]
+        _sum_splits(used["dq"][0], target_out)
+        return used_cfg
 
     def make_dc(c):
         grid = _bwd_grid(c, N, D)
@@ -3115,11 +3285,42 @@ def _odmt_backward_impl(
         meta = dict(**flags, LISTS=p["lists_on"], **_tile_meta(c, False, True), SPLIT=n_split > 1)
         return (*grid, n_split), args, meta
 
+    cfg_dq = _config("dq3", R, N, D, interp)
+    width = _dz_slab_width(R, N, 3, q_id.element_size(), cfg_dq["BLOCK_W"]) if "dc" in parts else None
+    dq_off = width is not None and _DQ_GEMM
+    if dq_off:
+        cfg_dq = _config("dz3", R, N, D, interp)
+        width = _dz_slab_width(R, N, 3, q_id.element_size(), cfg_dq["BLOCK_W"])
+    valid = p["rows"][0] >= 0
+    if width is not None:
+        # dz slab by slab; dQ: the slabs' shares summed in float32, in slab order; dC = dz^T Q
+        # per slab and branch
+        n_slab = triton.cdiv(N, width)
+        dz = torch.empty(3, R, width, device=q_id.device, dtype=q_id.dtype)
+        acc, share = torch.empty(2, 3, R, D, device=q_id.device, dtype=torch.float32).unbind(0)
+        # dQ by cuBLAS: each slab's share in the inputs' dtype, added in float32
+        share = torch.empty(3, R, D, device=q_id.device, dtype=q_id.dtype) if dq_off else share
+        zeroed = tuple(_ignored_rows_zeroed(q, valid) for q in (q_id, q_text, q_image))
+        for k in range(n_slab):
+            lo, hi = k * width, min(N, (k + 1) * width)
+            cfg_dq = launch_dq(cfg_dq, lo, hi, share if k or dq_off else acc, dz, dq_off)
+            for m in range(3):
+                if dq_off:
+                    torch.mm(dz[m, :, : hi - lo], cs[m][lo:hi], out=share[m])
+                torch.mm(dz[m, :, : hi - lo].t(), zeroed[m], out=dc[m, lo:hi])
+                if q_id.dtype == torch.float16:
+                    dc[m, lo:hi].mul_(gmax)
+            if k:
+                acc.add_(share)
+            elif dq_off:
+                acc.copy_(share)
+        if dq_off and q_id.dtype == torch.float16:
+            acc.mul_(gmax)
+        dq.copy_(acc)
+        return dq, dc
     if "dq" in parts:
-        _launch("odmt_dq", _odmt_dq_kernel, _config("dq3", R, N, D, interp), make_dq, with_do=True)
-        _sum_splits(used["dq"][0], dq)
+        launch_dq(cfg_dq, 0, N, dq)
     if "dc" in parts:
-        valid = p["rows"][0] >= 0
         zeroed = tuple(_ignored_rows_zeroed(q, valid) for q in (q_id, q_text, q_image))
         head_dc = (*_branch_args(zeroed, cs), *shared)
         _launch("odmt_dc", _odmt_dc_kernel, _config("dc3", N, R, D, interp), make_dc, with_do=True)

@@ -121,22 +121,23 @@ def test_profile_runs_the_cases_under_ncu_and_reports_every_launch(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     blocks = [line for line in done.stdout.splitlines() if re.match(r"^\w+: _\w+_kernel ", line)]
-    # the loss's forward, dQ and dC (single and three branches), the attention's forward and
-    # backward (without and with dropout), each named with its case
+    # the loss's forward and dQ (single and three branches; one dQ launch a column slab of
+    # the GEMM dC, two slabs at these shapes), the attention's forward and backward (without
+    # and with dropout), each named with its case
     assert [b.split()[:2] for b in blocks] == [
         ["loss16k_ce:", "_ce_fwd_kernel"],
         ["loss16k_ce:", "_ce_dq_kernel"],
-        ["loss16k_ce:", "_ce_dc_kernel"],
+        ["loss16k_ce:", "_ce_dq_kernel"],
         ["loss16k_odmt3:", "_odmt_fwd_kernel"],
         ["loss16k_odmt3:", "_odmt_dq_kernel"],
-        ["loss16k_odmt3:", "_odmt_dc_kernel"],
+        ["loss16k_odmt3:", "_odmt_dq_kernel"],
         ["attn_h2d16:", "_attn_fwd_short_kernel"],
         ["attn_h2d16:", "_attn_bwd_short_kernel"],
         ["attn_h2d16_dropout:", "_attn_fwd_short_kernel"],
         ["attn_h2d16_dropout:", "_attn_bwd_short_kernel"],
         ["loss_last:", "_ce_fwd_kernel"],
         ["loss_last:", "_ce_dq_kernel"],
-        ["loss_last:", "_ce_dc_kernel"],
+        ["loss_last:", "_ce_dq_kernel"],
     ]
     assert (tmp_path / "out" / "ncu_raw.csv").exists()
 

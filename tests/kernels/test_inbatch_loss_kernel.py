@@ -628,8 +628,18 @@ def split_path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["dc_gemm", "dq_dc_gemm", "dc_kernel"])
+def dc_path(request, monkeypatch):
+    """dC from the dz slabs the dQ kernels store (cuBLAS; here at least two slabs: the
+    candidates span three 16-wide tiles), dQ from them too (the kernels form dz only), or
+    the column-wise dC kernels."""
+    monkeypatch.setattr(K, "_DC_GEMM", request.param != "dc_kernel")
+    monkeypatch.setattr(K, "_DQ_GEMM", request.param == "dq_dc_gemm")
+    return request.param
+
+
 @pytest.mark.parametrize("excl,S", [("none", 0), ("full", 0), ("expanded", 3), ("transposed", 7), ("full", 21)])
-def test_ce_paths_match_reference(d_path, split_path, excl, S):
+def test_ce_paths_match_reference(d_path, split_path, dc_path, excl, S):
     """S = 0 given as an empty (R, 0) tensor, S not a power of two, S > 16 (chunked ids)."""
     qs, cs, target, cand, exclude, log_q = _make_batch(
         11 + S,
@@ -652,7 +662,7 @@ def test_ce_paths_match_reference(d_path, split_path, excl, S):
 
 
 @pytest.mark.parametrize("S,detach", [(5, False), (20, True)])
-def test_mutual_distillation_paths_match_reference(d_path, split_path, S, detach):
+def test_mutual_distillation_paths_match_reference(d_path, split_path, dc_path, S, detach):
     qs, cs, target, cand, exclude, log_q = _make_batch(
         12 + S,
         34,
@@ -672,7 +682,7 @@ def test_mutual_distillation_paths_match_reference(d_path, split_path, S, detach
 
 
 @pytest.mark.parametrize("branches", [1, 3])
-def test_ignored_rows_holding_nan_or_inf_reach_no_gradient(d_path, split_path, branches):
+def test_ignored_rows_holding_nan_or_inf_reach_no_gradient(d_path, split_path, dc_path, branches):
     """Rows whose target is ``ignore_index`` may hold anything (a backbone's padding positions:
     NaN, inf): loss and every gradient are those of the same batch with such rows zeroed, on
     both backward kernels (the row-wise one masks its loads, the column-wise one reads zeroed
@@ -781,7 +791,8 @@ def test_kernel_stats_report_only_compiled_launches():
     if qs[0].device.type == "cpu":
         assert K.KERNEL_STATS == {}
     else:
-        assert {"ce_fwd", "ce_combine", "ce_dq", "ce_dc"} <= set(K.KERNEL_STATS)
+        assert {"ce_fwd", "ce_combine", "ce_dq"} <= set(K.KERNEL_STATS)
+        assert ("ce_dc" in K.KERNEL_STATS) is not K._DC_GEMM
 
 
 @pytest.mark.parametrize("trans_s", [False, True])
@@ -792,6 +803,7 @@ def test_ce_score_orientations_agree(monkeypatch, trans_s, kind, S):
     or the B operand; dC then works on ``S^T`` throughout, the exclusion test included, in one
     chunk of ids or several) give the reference gradients; overrides reach the launch."""
     monkeypatch.setattr(K, "_CONFIG_OVERRIDE", {kind: {"TRANS_S": trans_s, "BLOCK_W": 32}})
+    monkeypatch.setattr(K, "_DC_GEMM", kind == "dq")  # "dc": the column-wise kernel forms dC
     assert K._config(kind, 30, 30, 20, interpret=True)["TRANS_S"] is trans_s
     qs, cs, target, cand, exclude, log_q = _make_batch(
         15,
@@ -1294,25 +1306,35 @@ def test_gpu_tiles_match_reference(monkeypatch, op, R, N, d, n_items, S, overrid
         _check_odmt(qs, cs, target, cand, exclude, log_q, 0.5, False, "kl", "mean", torch.float32)
 
 
-@pytest.mark.parametrize("lists", [False, True])
-def test_backward_splits_match_reference(monkeypatch, lists):
+@pytest.mark.parametrize(
+    "lists,dc_gemm,dq_gemm", [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
+)
+def test_backward_splits_match_reference(monkeypatch, lists, dc_gemm, dq_gemm):
     """A small three-branch backward grid splits its walk (dQ over columns, dC over rows)
     into float32 partials summed in split order; with drop lists only the dQ splits (it reads
-    none)."""
+    none). With the GEMM dC each column slab's dQ walk splits (two slabs of 5 and 4 tiles);
+    with the GEMM dQ too the dz-only kernel's walk splits without partials."""
     monkeypatch.setattr(K, "_SM_OVERRIDE", 4)  # grids below 8 programs split (the 4 x 5 tiles here)
     monkeypatch.setattr(K, "_DL_MIN_PAIRS", 0 if lists else 1 << 40)
-    splits = []
-    split_out = K._split_out
+    monkeypatch.setattr(K, "_DC_GEMM", dc_gemm)
+    monkeypatch.setattr(K, "_DQ_GEMM", dq_gemm)
+    splits, walks = [], []
+    split_out, split_walk = K._split_out, K._split_walk
 
     def spy(out, n_split):
         splits.append(n_split)
         return split_out(out, n_split)
 
+    def walk_spy(*args):
+        walks.append(split_walk(*args)[0])
+        return split_walk(*args)
+
     monkeypatch.setattr(K, "_split_out", spy)
+    monkeypatch.setattr(K, "_split_walk", walk_spy)
     qs, cs, target, cand, exclude, log_q = _make_batch(
         5,
         64,
-        66,
+        130 if dc_gemm else 66,
         16,
         60,
         pad_frac=0.1,
@@ -1325,6 +1347,12 @@ def test_backward_splits_match_reference(monkeypatch, lists):
         branches=3,
     )
     _check_odmt(qs, cs, target, cand, exclude, log_q, 0.5, False, "kl", "sum", torch.float32)
+    if dq_gemm:
+        assert splits == [] and walks[-2:] == [2, 2], (splits, walks)
+        return
+    if dc_gemm:
+        assert splits[-2:] == [2, 2], splits
+        return
     dq_splits, dc_splits = splits[-2:]
     assert dq_splits > 1 and (dc_splits == 1 if lists else dc_splits > 1), splits
 

@@ -29,8 +29,9 @@ def test_loss_kernels_compile_for_sm90(tmp_path):
     report = json.loads((tmp_path / "bench_inbatch_loss.json").read_text())
     compiled = {k: v for k, v in report.items() if k.startswith("aot_")}
     # 3 cases x 6 kernels, less the three-branch ones at the single-branch 65k case, + the
-    # paper scale's split three-branch backward kernels, + 2 flag grids and their dense marks
-    assert len(compiled) == 21, sorted(compiled)
+    # paper scale's split three-branch backward kernels, + 2 flag grids and their dense marks,
+    # + a later slab of the GEMM dC path of each dQ kernel (5) and the dz-only kernels (5)
+    assert len(compiled) == 31, sorted(compiled)
     failed = {k: v["error"] for k, v in compiled.items() if "error" in v}
     assert not failed, failed
     for name, info in compiled.items():
@@ -90,7 +91,9 @@ c = torch.randn(N, d, generator=g).half().requires_grad_()
 
 
 def calls():
-    K.debiased_inbatch_cross_entropy(q, c, target, cand, hist, None, 0, -100, "mean").backward()
+    for gemm in (True, False):  # dC from stored dz slabs (cuBLAS), then by the dC kernel
+        K._DC_GEMM = gemm
+        K.debiased_inbatch_cross_entropy(q, c, target, cand, hist, None, 0, -100, "mean").backward()
 
 
 mode, specs = sys.argv[1], sys.argv[3]
