@@ -587,6 +587,10 @@ SWEEP = [  # most informative first: the run's time budget usually cuts the list
     # instead of a second cuBLAS GEMM over the stored dz (``_DQ_GEMM``, the default)
     ("odmt3", "dc", "dc3", {"_DQ_GEMM": False}),
     ("ce", "dc", "dc", {"_DQ_GEMM": False}),
+    # the dz-only kernel takes the forward's tiles: three resident 64 x 256 query tiles and
+    # the candidate stages fill the shared memory (196 KB), one 4-warp program an SM; d in
+    # 64-wide chunks leaves room for several (the forward's sweep times the same change)
+    ("odmt3", "dc", "dz3", {"FULL_D": False, "BLOCK_DO": 64}),
     # the single-branch kernels without drop lists (every flagged tile runs the id test, as
     # in Run 5): the lists' effect in the same run. Keys starting with "_" set the module's
     # variable of that name instead of a tile key.
@@ -680,6 +684,7 @@ def _sweep_shape(prefix: str, R: int, N: int, d: int, entries) -> bool:
             print("tile sweep stopped: time budget spent", flush=True)
             return False
         key = f"sweep_{prefix}{variant}_{part}_" + "_".join(SWITCH_NAMES.get(k, f"{k}{v}") for k, v in over.items())
+        key += f"_{kind}" if kind.startswith("dz") else ""  # tiles of the dz-only kernel
         K._CONFIG_OVERRIDE.clear()
         K._CONFIG_OVERRIDE[kind] = {k: v for k, v in over.items() if not k.startswith("_")}
         saved = {k: getattr(K, k) for k in over if k.startswith("_")}

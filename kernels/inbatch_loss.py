@@ -2364,7 +2364,7 @@ def _dz_slab_width(R: int, N: int, branches: int, itemsize: int, block_w: int) -
     tiles = triton.cdiv(N, block_w)
     if not _DC_GEMM or tiles < 2:
         return None
-    by_budget = max(1, _DZ_BUDGET // (branches * R * itemsize * block_w))
+    by_budget = max(1, _DZ_BUDGET // (branches * max(R, 1) * itemsize * block_w))
     per = min(by_budget, triton.cdiv(tiles, 2))
     per = triton.cdiv(tiles, triton.cdiv(tiles, per))  # equal slabs
     return per * block_w

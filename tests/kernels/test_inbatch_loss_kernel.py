@@ -1372,3 +1372,25 @@ def test_backward_split_only_on_small_grids():
     grid = K._bwd_grid(cfg, 16384, 256)
     assert K._split_walk(grid[0] * grid[1], 16384, cfg["BLOCK_W"], 132, True) == (1, 16384)
     assert K._bwd_split(10, 1, 132) == 1  # a walk of one tile cannot split
+
+
+@pytest.mark.parametrize(
+    "R,N,branches,itemsize,block_w",
+    [(16384, 16384, 3, 2, 32), (16384, 16384, 1, 2, 32), (65536, 65536, 1, 2, 64), (1536, 1664, 3, 2, 32),
+     (40, 37, 1, 4, 16), (3_000_000, 200, 3, 4, 64), (8, 70, 1, 2, 64)],
+)  # fmt: skip
+def test_dz_slabs_stay_within_the_budget_and_never_hold_every_column(R, N, branches, itemsize, block_w):
+    """The GEMM dC path's workspace: slabs of whole column tiles, at least two of them (no
+    ``R x N`` tensor), each within ``_DZ_BUDGET`` bytes unless one tile is already more."""
+    width = K._dz_slab_width(R, N, branches, itemsize, block_w)
+    assert width is not None and width % block_w == 0
+    n_slab = -(-N // width)
+    assert n_slab >= 2
+    assert branches * R * width * itemsize <= K._DZ_BUDGET or width == block_w
+    assert width * (n_slab - 1) < N  # no empty slab
+
+
+def test_dz_slabs_off_for_one_tile_or_the_switch(monkeypatch):
+    assert K._dz_slab_width(100, 16, 1, 2, 16) is None  # one tile of candidates: the dC kernel
+    monkeypatch.setattr(K, "_DC_GEMM", False)
+    assert K._dz_slab_width(100, 1000, 1, 2, 16) is None
