@@ -2926,10 +2926,12 @@ def _ce_backward_impl(
     prec = _prec(queries.dtype)
     cfg_dq = _config("dq", R, N, D, interp)
     width = _dz_slab_width(R, N, 1, queries.element_size(), cfg_dq["BLOCK_W"]) if "dc" in parts else None
-    dq_off = width is not None and _DQ_GEMM
-    if dq_off:
-        cfg_dq = _config("dz", R, N, D, interp)
-        width = _dz_slab_width(R, N, 1, queries.element_size(), cfg_dq["BLOCK_W"])
+    dq_off = False
+    if width is not None and _DQ_GEMM:  # the dz-only kernel's own tiles, if they give two slabs
+        cfg_dz = _config("dz", R, N, D, interp)
+        width_dz = _dz_slab_width(R, N, 1, queries.element_size(), cfg_dz["BLOCK_W"])
+        if width_dz is not None:
+            cfg_dq, width, dq_off = cfg_dz, width_dz, True
     dz_true = queries.dtype != torch.float16
 
     def launch_dq(cfg, n_begin, n_end, out, dz=None, starts=None):
@@ -3287,10 +3289,12 @@ def _odmt_backward_impl(
 
     cfg_dq = _config("dq3", R, N, D, interp)
     width = _dz_slab_width(R, N, 3, q_id.element_size(), cfg_dq["BLOCK_W"]) if "dc" in parts else None
-    dq_off = width is not None and _DQ_GEMM
-    if dq_off:
-        cfg_dq = _config("dz3", R, N, D, interp)
-        width = _dz_slab_width(R, N, 3, q_id.element_size(), cfg_dq["BLOCK_W"])
+    dq_off = False
+    if width is not None and _DQ_GEMM:  # the dz-only kernel's own tiles, if they give two slabs
+        cfg_dz = _config("dz3", R, N, D, interp)
+        width_dz = _dz_slab_width(R, N, 3, q_id.element_size(), cfg_dz["BLOCK_W"])
+        if width_dz is not None:
+            cfg_dq, width, dq_off = cfg_dz, width_dz, True
     valid = p["rows"][0] >= 0
     if width is not None:
         # dz slab by slab; dQ: the slabs' shares summed in float32, in slab order; dC = dz^T Q

@@ -1394,3 +1394,25 @@ def test_dz_slabs_off_for_one_tile_or_the_switch(monkeypatch):
     assert K._dz_slab_width(100, 16, 1, 2, 16) is None  # one tile of candidates: the dC kernel
     monkeypatch.setattr(K, "_DC_GEMM", False)
     assert K._dz_slab_width(100, 1000, 1, 2, 16) is None
+
+
+@pytest.mark.parametrize("branches", [1, 3])
+def test_dz_only_kernel_needs_two_slabs_of_its_own_tiles(monkeypatch, branches):
+    """Candidates that span two dQ tiles but one tile of the dz-only kernel (wider columns on
+    a GPU: 64 against 32 for the single-branch dQ at d = 256) keep the dQ dots, with the GEMM
+    dC over slabs of the dQ kernel's tiles: the gradients are still the reference's."""
+    monkeypatch.setattr(K, "_CONFIG_OVERRIDE", {"dz": {"BLOCK_W": 64}, "dz3": {"BLOCK_W": 64}})
+    launched = []
+    launch = K._launch
+    monkeypatch.setattr(K, "_launch", lambda name, kernel, cfg, make, **kw: launched.append(cfg) or launch(
+        name, kernel, cfg, make, **kw))  # fmt: skip
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        21, 20, 40, 16, 12, pad_frac=0.1, ignore_frac=0.2, excl="full", S=3, lq="normal",
+        all_but_target_rows=1, dtype=torch.float32, branches=branches,
+    )  # fmt: skip
+    if branches == 1:
+        _check_ce(qs, cs, target, cand, exclude, log_q, "mean", torch.float32)
+    else:
+        _check_odmt(qs, cs, target, cand, exclude, log_q, 0.5, False, "kl", "mean", torch.float32)
+    backward_tiles = [cfg["BLOCK_W"] for cfg in launched if "FULL_D" in cfg][-2:]  # two slabs' dQ
+    assert backward_tiles == [16, 16], launched
