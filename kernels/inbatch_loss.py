@@ -1815,7 +1815,7 @@ def _odmt_dq_kernel(
     fl_row = fl_ptr + tl.program_id(0) * tl.cdiv(N, BLOCK_N)
     # this program's columns: a slab's (GEMM dC path: dQ of the slab's columns only, summed
     # by the caller) and its split's share of them (_bwd_split)
-    n_lo, n_hi = _walk_between(n_begin, n_end, walk_per_split, SPLIT)
+    n_lo, n_hi = _walk_range(n_begin, n_end, walk_per_split, SPLIT)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         flag = tl.load(fl_row + n0 // BLOCK_N)
@@ -1996,7 +1996,7 @@ def _odmt_dc_kernel(
     h1, h2 = _dl_pair(crow_ptr, col_ok, cur, stop, True)
     # this program's share of the rows (_bwd_split: all of them but on a small grid, which
     # reads no drop lists, so the cursors above start at each column's first entry)
-    r_lo, r_hi = _walk_range(R, walk_per_split, SPLIT)
+    r_lo, r_hi = _walk_range(0, R, walk_per_split, SPLIT)
     for r0 in range(r_lo, r_hi, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         flag = tl.load(fl_col + (r0 // BLOCK_R) * n_ct)
@@ -2098,19 +2098,9 @@ def _odmt_dc_kernel(
 
 
 @triton.jit
-def _walk_range(extent, walk_per_split, SPLIT: tl.constexpr):
-    """``[lo, hi)`` of the walk (columns for dQ, rows for dC) this program covers: its split's
-    share (grid axis 2) or, unsplit, the whole extent."""
-    if SPLIT:
-        lo = tl.program_id(2) * walk_per_split
-        return lo, tl.minimum(extent, lo + walk_per_split)
-    else:
-        return 0, extent
-
-
-@triton.jit
-def _walk_between(lo, hi, walk_per_split, SPLIT: tl.constexpr):
-    """:func:`_walk_range` within ``[lo, hi)`` (a column slab of the dQ kernels)."""
+def _walk_range(lo, hi, walk_per_split, SPLIT: tl.constexpr):
+    """The part of the walk ``[lo, hi)`` (columns for dQ: all of them or a slab; rows for dC)
+    this program covers: its split's share (grid axis 2) or, unsplit, all of it."""
     if SPLIT:
         start = lo + tl.program_id(2) * walk_per_split
         return start, tl.minimum(hi, start + walk_per_split)
@@ -2353,6 +2343,34 @@ _DZ_BUDGET = 512 << 20
 # branches 225 registers at 64 x 32 and 4 warps, against 255 and 120 B of stack at 32 x 32
 # with the dots); unmeasured, the benchmark's sweep times both
 _DQ_GEMM = True
+
+
+def _backward_plan(three: bool, R: int, N: int, D: int, itemsize: int, with_dc: bool, interp: bool):
+    """``(dQ launch config, dz slab width or None, dz only)`` of a backward call: the GEMM dC
+    path where ``with_dc`` and :func:`_dz_slab_width` allow it, with the dz-only kernel at its
+    own tiles (``_DQ_GEMM``) where those still give two slabs."""
+    branches, suffix = (3, "3") if three else (1, "")
+    cfg = _config("dq" + suffix, R, N, D, interp)
+    width = _dz_slab_width(R, N, branches, itemsize, cfg["BLOCK_W"]) if with_dc else None
+    if width is not None and _DQ_GEMM:
+        cfg_dz = _config("dz" + suffix, R, N, D, interp)
+        width_dz = _dz_slab_width(R, N, branches, itemsize, cfg_dz["BLOCK_W"])
+        if width_dz is not None:
+            return cfg_dz, width_dz, True
+    return cfg, width, False
+
+
+def _slab_products(dz, lo: int, hi: int, cs, zeroed, dc, share, gmax, dq_too: bool, scaled: bool) -> None:
+    """cuBLAS's part of one dz slab (columns ``[lo, hi)``), per branch ``m`` of ``dz (B, R,
+    width)``: ``dc[m, lo:hi] = dz_m^T zeroed_m`` and, with ``dq_too``, ``share[m] = dz_m
+    cs[m][lo:hi]``; ``scaled``: dz holds ``dz / gmax`` (fp16), so dC is multiplied back."""
+    for m in range(dz.shape[0]):
+        slab = dz[m, :, : hi - lo]
+        if dq_too:
+            torch.mm(slab, cs[m][lo:hi], out=share[m])
+        torch.mm(slab.t(), zeroed[m], out=dc[m, lo:hi])
+        if scaled:
+            dc[m, lo:hi].mul_(gmax)
 
 
 def _dz_slab_width(R: int, N: int, branches: int, itemsize: int, block_w: int) -> int | None:
@@ -2924,14 +2942,7 @@ def _ce_backward_impl(
         p["fit"],
     )
     prec = _prec(queries.dtype)
-    cfg_dq = _config("dq", R, N, D, interp)
-    width = _dz_slab_width(R, N, 1, queries.element_size(), cfg_dq["BLOCK_W"]) if "dc" in parts else None
-    dq_off = False
-    if width is not None and _DQ_GEMM:  # the dz-only kernel's own tiles, if they give two slabs
-        cfg_dz = _config("dz", R, N, D, interp)
-        width_dz = _dz_slab_width(R, N, 1, queries.element_size(), cfg_dz["BLOCK_W"])
-        if width_dz is not None:
-            cfg_dq, width, dq_off = cfg_dz, width_dz, True
+    cfg_dq, width, dq_off = _backward_plan(False, R, N, D, queries.element_size(), "dc" in parts, interp)
     dz_true = queries.dtype != torch.float16
 
     def launch_dq(cfg, n_begin, n_end, out, dz=None, starts=None):
@@ -2967,25 +2978,21 @@ def _ce_backward_impl(
     if width is not None:
         # dz slab by slab; dQ: the slabs' shares summed in float32, in slab order; dC = dz^T Q
         n_slab = triton.cdiv(N, width)
-        dz = torch.empty(R, width, device=queries.device, dtype=queries.dtype)
-        acc, share = (torch.empty(2, R, D, device=queries.device, dtype=torch.float32)).unbind(0)
-        # dQ by cuBLAS: each slab's share in the inputs' dtype, added in float32
-        share = torch.empty(R, D, device=queries.device, dtype=queries.dtype) if dq_off else share
+        dz = torch.empty(1, R, width, device=queries.device, dtype=queries.dtype)
+        acc = torch.empty(R, D, device=queries.device, dtype=torch.float32)
+        # a slab's dQ share: float32 from the kernel, or the inputs' dtype from cuBLAS (dq_off)
+        share = torch.empty(R, D, device=queries.device, dtype=queries.dtype if dq_off else torch.float32)
         zeroed = _ignored_rows_zeroed(queries, p["rows"][0] >= 0)
         starts = _split_starts(p, cfg_dq["BLOCK_W"], n_slab, width)
         for k in range(n_slab):
             lo, hi = k * width, min(N, (k + 1) * width)
             later = starts[k] if k and p["lists_on"] else None  # (the first slab's start at 0)
-            cfg_dq = launch_dq(cfg_dq, lo, hi, share if k or dq_off else acc, dz, later)
-            if dq_off:
-                torch.mm(dz[:, : hi - lo], candidates[lo:hi], out=share)
+            cfg_dq = launch_dq(cfg_dq, lo, hi, share if k or dq_off else acc, dz[0], later)
+            _slab_products(dz, lo, hi, (candidates,), (zeroed,), dc[None], share[None], gmax, dq_off, not dz_true)
             if k:
                 acc.add_(share)
             elif dq_off:
                 acc.copy_(share)
-            torch.mm(dz[:, : hi - lo].t(), zeroed, out=dc[lo:hi])
-            if not dz_true:
-                dc[lo:hi].mul_(gmax)
         if dq_off and not dz_true:
             acc.mul_(gmax)
         dq.copy_(acc)
@@ -3287,38 +3294,27 @@ def _odmt_backward_impl(
         meta = dict(**flags, LISTS=p["lists_on"], **_tile_meta(c, False, True), SPLIT=n_split > 1)
         return (*grid, n_split), args, meta
 
-    cfg_dq = _config("dq3", R, N, D, interp)
-    width = _dz_slab_width(R, N, 3, q_id.element_size(), cfg_dq["BLOCK_W"]) if "dc" in parts else None
-    dq_off = False
-    if width is not None and _DQ_GEMM:  # the dz-only kernel's own tiles, if they give two slabs
-        cfg_dz = _config("dz3", R, N, D, interp)
-        width_dz = _dz_slab_width(R, N, 3, q_id.element_size(), cfg_dz["BLOCK_W"])
-        if width_dz is not None:
-            cfg_dq, width, dq_off = cfg_dz, width_dz, True
+    cfg_dq, width, dq_off = _backward_plan(True, R, N, D, q_id.element_size(), "dc" in parts, interp)
     valid = p["rows"][0] >= 0
     if width is not None:
         # dz slab by slab; dQ: the slabs' shares summed in float32, in slab order; dC = dz^T Q
         # per slab and branch
         n_slab = triton.cdiv(N, width)
         dz = torch.empty(3, R, width, device=q_id.device, dtype=q_id.dtype)
-        acc, share = torch.empty(2, 3, R, D, device=q_id.device, dtype=torch.float32).unbind(0)
-        # dQ by cuBLAS: each slab's share in the inputs' dtype, added in float32
-        share = torch.empty(3, R, D, device=q_id.device, dtype=q_id.dtype) if dq_off else share
+        acc = torch.empty(3, R, D, device=q_id.device, dtype=torch.float32)
+        # a slab's dQ share: float32 from the kernel, or the inputs' dtype from cuBLAS (dq_off)
+        share = torch.empty(3, R, D, device=q_id.device, dtype=q_id.dtype if dq_off else torch.float32)
         zeroed = tuple(_ignored_rows_zeroed(q, valid) for q in (q_id, q_text, q_image))
+        scaled = q_id.dtype == torch.float16
         for k in range(n_slab):
             lo, hi = k * width, min(N, (k + 1) * width)
             cfg_dq = launch_dq(cfg_dq, lo, hi, share if k or dq_off else acc, dz, dq_off)
-            for m in range(3):
-                if dq_off:
-                    torch.mm(dz[m, :, : hi - lo], cs[m][lo:hi], out=share[m])
-                torch.mm(dz[m, :, : hi - lo].t(), zeroed[m], out=dc[m, lo:hi])
-                if q_id.dtype == torch.float16:
-                    dc[m, lo:hi].mul_(gmax)
+            _slab_products(dz, lo, hi, cs, zeroed, dc, share, gmax, dq_off, scaled)
             if k:
                 acc.add_(share)
             elif dq_off:
                 acc.copy_(share)
-        if dq_off and q_id.dtype == torch.float16:
+        if dq_off and scaled:
             acc.mul_(gmax)
         dq.copy_(acc)
         return dq, dc
