@@ -104,6 +104,7 @@ def aot_report() -> int:
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     length = 81
+    pairs = 12 * 1664  # the anchors' 12-head configuration: the persistent one-chunk backward
     kernels = [
         ("fwd_short", attention._attn_fwd_short_kernel),
         ("bwd_short", attention._attn_bwd_short_kernel),
@@ -126,11 +127,11 @@ def aot_report() -> int:
                         store_ds = dict(zip(("BLA", "BLB"), attention._key_blocks(length, 128), strict=True))
                     configs = [
                         dict(BL=128, BD=c[0], num_warps=c[1], num_stages=c[2], **store_ds)
-                        for c in attention._short_configs(kind, length, dim)[:1]
+                        for c in attention._short_configs(kind, length, dim, pairs)[:1]
                     ]
                     configs += [dict(configs[0], num_warps=w) for w in extra if w != configs[0]["num_warps"]]
-                elif kind == "dqdk":
-                    if not split or dropout:  # only with several chunks; no dropout inside
+                elif kind == "dqdk":  # the split backward's second kernel, default or not
+                    if dim <= chunk or dropout:  # only with several chunks; no dropout inside
                         continue
                     group, warps, stages = attention._dqdk_configs(dim, chunk)[0]
                     configs = [dict(BL=128, BD=chunk, GROUP_D=group * chunk, num_warps=warps, num_stages=stages)]
@@ -265,6 +266,39 @@ def record(key: str, fn, **kw) -> float | None:
     return t * 1000.0
 
 
+def graphed(key: str, fn, grads: tuple) -> None:
+    """Times ``fn`` (forward + backward) replayed from a CUDA graph: the device's own time,
+    without the host's per-call work (Python, the custom ops' dispatch, the launches), which
+    a user removes the same way (``torch.cuda.graph`` around the training step, or
+    ``torch.compile(mode="reduce-overhead")``). Nothing in our op syncs with the host. The
+    gradients are the graph's own buffers, rewritten each replay. Skipped in DRY / CAPTURE."""
+    if DRY or CAPTURE:
+        return
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            for _ in range(3):
+                for g in grads:
+                    g.grad = None
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        for g in grads:
+            g.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        res[key] = do_bench(graph.replay, warmup=10, rep=100, return_mode="median") * 1000.0
+        print(f"{key:44s} {res[key]:10.1f} us", flush=True)
+        del graph
+    except Exception as e:  # an anchor that cannot be captured must not kill the run
+        res[key] = f"ERR {type(e).__name__}: {str(e)[:200]}"
+        print(f"{key:44s} ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
+    finally:
+        for g in grads:
+            g.grad = None
+
+
 # ---------------------------------------------------------------------------------- ceilings
 def ceilings() -> None:
     """Copy bandwidth (1 GiB device copy, bytes read + written) and bf16 matmul rate."""
@@ -300,22 +334,24 @@ def sweep_configs(dim: int) -> dict[str, list[tuple[int, ...]]]:
     """
     out: dict[str, list[tuple[int, ...]]] = {}
     if dim <= 64:
-        # one head-dim chunk: the persistent, pipelined kernels against one program per pair
-        # (Run 5's form), other stage counts, two forward programs an SM at 128 registers
-        # (104 B of spills, 96 KB each). 16 warps: 128 registers, 0.7 KB of spills and the
-        # 128 x 128 tile's exponentials computed twice (sm_90 compile), left out.
-        out["fwd_short"] = [(64, 8, 1, 0, 0), (64, 8, 2, 1, 0), (64, 8, 2, 2, 128), (64, 8, 4, 1, 0)]
-        out["bwd_short"] = [(64, 8, 1, 0, 0), (64, 8, 3, 1, 0)]
+        # one head-dim chunk. Forward: the default is two programs an SM at 128 registers, two
+        # stages (Run 6); against it one persistent program of three / four stages (Run 6's
+        # runner-up, 418 / 161 us) and two programs of one stage. Backward: the default is one
+        # program a pair below attention._SHORT_BWD_PERSISTENT_PAIRS pairs (4 heads), else
+        # persistent with three stages (12 heads); both forms at both sizes, and persistent
+        # with one stage / one program a pair with two, which tell the form from the stages.
+        out["fwd_short"] = [(64, 8, 3, 1, 0), (64, 8, 1, 2, 128), (64, 8, 4, 1, 0)]
+        out["bwd_short"] = [(64, 8, 1, 0, 0), (64, 8, 3, 1, 0), (64, 8, 1, 1, 0), (64, 8, 2, 0, 0), (64, 8, 4, 1, 0)]
     else:
         chunk = 64 if dim % 64 == 0 else 16
         # two programs an SM at 128 registers (sm_90 compile: forward 24 B of spills at two
         # stages, 64 KB; the split backward's first kernel 520 B at one stage, 64 KB); other
         # stage and warp counts (Run 5 at 2 x 384: 16 warps slower both ways, 2 stages slower
-        # than 3)
+        # than 3; Run 6: the split backward at four stages 1,103 us, unsplit at three 1,077)
         out["fwd_short"] = [(chunk, 8, 2, 0, 128), (chunk, 8, 4, 0, 0), (chunk, 4, 3, 0, 0)]
-        out["bwd_short"] = [(chunk, 8, 1, 0, 128), (chunk, 8, 2, 0, 0), (chunk, 8, 4, 0, 0)]
-        # the split backward's dQ/dK kernel: chunks a program, warps, stages
-        out["dqdk"] = [(1, 8, 1), (3, 8, 2), (dim // chunk, 8, 3), (2, 4, 2)]
+        out["bwd_short"] = [(chunk, 8, 4, 0, 0), (chunk, 8, 2, 0, 0), (chunk, 8, 1, 0, 128)]
+        if attention._SPLIT_BWD:  # the split backward's dQ/dK kernel: chunks a program, warps, stages
+            out["dqdk"] = [(1, 8, 1), (3, 8, 2), (dim // chunk, 8, 3), (2, 4, 2)]
     if dim > 128:
         rows = [(64, 32, 8, 2), (16, 32, 4, 2), (64, 64, 8, 1)]
         out.update(fwd=rows, dq=rows, dkdv=[(32, 32, 8, 2), (16, 16, 4, 2), (64, 16, 8, 2)])
@@ -489,6 +525,7 @@ def case(heads: int, dim: int, tag: str) -> None:
 
     slow = dim > 128  # FlexAttention at D=384 takes ~55 ms a call: fewer repetitions
     timed = (("ours", ours), ("eager", eager), ("sdpa_boolmask", sdpa), ("flex_compiled", flex))
+    graphs = []  # fwd+bwd from CUDA graphs, after the profiler's session (record_breakdown)
     for name, fn in timed[: 4 if FLEX else 3] if ANCHORS else timed[:1]:
         rep = 60 if (slow and name == "flex_compiled") else 200
 
@@ -504,6 +541,10 @@ def case(heads: int, dim: int, tag: str) -> None:
         q.grad = k.grad = v.grad = None
         if name == "ours" and not CAPTURE:
             record_breakdown(res, f"{tag}_ours_fwdbwd", fwd_bwd, (q, k, v))
+        if name != "flex_compiled":
+            graphs.append((f"{tag}_{name}_fwdbwd_graphed", fwd_bwd))
+    for key, fn in graphs:
+        graphed(key, fn, (q, k, v))
 
     def fwd_dropout():
         with torch.no_grad():
@@ -633,6 +674,17 @@ for _, _, tag in CONFIGS:
         row += f" | {fmt(af):>7s}/{fmt(afb):<7s} {fmt(rf, '.1f'):>5s}/{fmt(rfb, '.1f'):<5s}"
     res[f"{tag}_fastest_anchor_fwdbwd_over_ours"] = ratio(best_anchor_fb, ofb)
     print(row)
+for _, _, tag in CONFIGS:  # the device's own time: every call replayed from a CUDA graph
+    times = {a: num(f"{tag}_{a}_fwdbwd_graphed") for a in ("ours", "eager", "sdpa_boolmask")}
+    anchors = [t for a, t in times.items() if a != "ours" and t is not None]
+    if times["ours"] is not None:
+        best = ratio(min(anchors), times["ours"]) if anchors else None
+        res[f"{tag}_fastest_anchor_fwdbwd_over_ours_graphed"] = best
+        print(
+            f"{tag:8s} fwd+bwd in CUDA graphs (no host work): ours {fmt(times['ours'])}, eager "
+            f"{fmt(times['eager'])}, sdpa {fmt(times['sdpa_boolmask'])} us; fastest anchor / ours "
+            f"{fmt(best, '.2f')}"
+        )
 print("x = anchor time / our time (fwd / fwd+bwd); frac = roofline time / our time; p.1 = dropout 0.1;")
 print("blocked = the FlashAttention-2 style kernels that sequences longer than 128 take;")
 print("bF+sB = blocked forward + short backward, sF+bB = short forward + blocked backward (fwd+bwd)")

@@ -383,18 +383,24 @@ def correctness() -> bool:
             K._DL_MIN_PAIRS = default
         errs[f"{tag}_loss"] = abs(loss.item() - ref.item()) / max(abs(ref.item()), 1e-30)
         errs.update({f"{tag}_grad_{n}": rel_err(a, b) for n, a, b in zip(("q", "c"), grads, ref_grads, strict=True)})
-    # three branches, gradients through the teachers too (every backward path)
-    for detach in (True, False):
-        out = K.mutual_distillation_loss(*Hs, *Ds, target, cand, hist, log_pop, T, detach, "kl", PAD, IGNORE, "mean")
-        total = out.ce + out.kl
-        grads = torch.autograd.grad(total, Hs + Ds)
+    # three branches, gradients through the teachers too (every backward path), the forward
+    # with the drop lists once
+    for detach, least in ((True, default), (False, default), (True, 0)):
+        K._DL_MIN_PAIRS = least
+        try:
+            out = K.mutual_distillation_loss(
+                *Hs, *Ds, target, cand, hist, log_pop, T, detach, "kl", PAD, IGNORE, "mean"
+            )
+            grads = torch.autograd.grad(out.ce + out.kl, Hs + Ds)
+        finally:
+            K._DL_MIN_PAIRS = default
         q64 = {m: h.detach().double().requires_grad_(True) for m, h in zip(BRANCHES, Hs, strict=True)}
         c64 = {m: c.detach().double().requires_grad_(True) for m, c in zip(BRANCHES, Ds, strict=True)}
         ref = mutual_distillation_reference(
             q64, c64, target, cand, hist, log_pop.double(), temperature=T, detach_teacher=detach, pad_id=PAD
         )
         ref_grads = torch.autograd.grad(ref.ce + ref.kl, [*q64.values(), *c64.values()])
-        tag = "odmt_detach" if detach else "odmt_through_teacher"
+        tag = ("odmt_detach" if detach else "odmt_through_teacher") + ("_lists" if least == 0 else "")
         for name, a, b in zip(out._fields, out, ref, strict=True):
             errs[f"{tag}_{name}"] = abs(a.item() - b.item()) / max(abs(b.item()), 1e-3)
         names = [f"q_{m}" for m in BRANCHES] + [f"c_{m}" for m in BRANCHES]
@@ -578,38 +584,23 @@ def kernel_report(tag: str) -> None:
 # Alternative tiles timed per kernel at R = N = 16,384 when the run has time left (data for
 # the next tuning round; the defaults come from kernels.inbatch_loss._config).
 SWEEP = [  # most informative first: the run's time budget usually cuts the list
-    # dC by the column-wise kernels (recomputing every score tile, as in Run 5) instead of
-    # cuBLAS over the dz slabs the dQ kernel stores: the default's "dc" part is the whole
-    # backward, these the dC kernels alone (A/B in the same run)
-    ("ce", "dc", "dc", {"_DC_GEMM": False}),
-    ("odmt3", "dc", "dc3", {"_DC_GEMM": False}),
-    # the whole backward with dQ by the dQ kernels' own dots (storing dz for the dC GEMM)
-    # instead of a second cuBLAS GEMM over the stored dz (``_DQ_GEMM``, the default)
-    ("odmt3", "dc", "dc3", {"_DQ_GEMM": False}),
-    ("ce", "dc", "dc", {"_DQ_GEMM": False}),
-    # the dz-only kernel takes the forward's tiles: three resident 64 x 256 query tiles and
-    # the candidate stages fill the shared memory (196 KB), one 4-warp program an SM; d in
-    # 64-wide chunks leaves room for several (the forward's sweep times the same change)
-    ("odmt3", "dc", "dz3", {"FULL_D": False, "BLOCK_DO": 64}),
-    # the single-branch kernels without drop lists (every flagged tile runs the id test, as
-    # in Run 5): the lists' effect in the same run. Keys starting with "_" set the module's
-    # variable of that name instead of a tile key.
+    # the single-branch forward without drop lists (every flagged tile runs the id test):
+    # the lists' effect, now that one launch builds them (Run 6 built them from ~50 small
+    # operations: the 16k CE call took 7.3 ms of wall time for 2.7 ms of kernels). Keys
+    # starting with "_" set the module's variable of that name instead of a tile key.
     ("ce", "fwd", "fwd", {"_DL_MIN_PAIRS": 1 << 62}),
-    ("ce", "dq", "dq", {"_DL_MIN_PAIRS": 1 << 62}),
-    ("ce", "dc", "dc", {"_DL_MIN_PAIRS": 1 << 62, "_DC_GEMM": False}),
-    # the rule now runs one warpgroup per 64 rows of the score dot (with 8 warps on 64 rows
-    # the two warpgroups split the columns and every row reduction crosses them: 71 CTA
-    # barriers in the three-branch forward's sm_90 SASS); Run 5 measured the same change on
-    # the CE dQ (8 -> 4 warps: 5.11 -> 3.27 ms) and the forward at 8 only: time 8 against it
+    # the three-branch forward (Run 6: 3.1 ms at 16k, one 4-warp program an SM, 2.9 cycles
+    # an instruction: one warp a scheduler issues a third of the time) with more warps an SM:
+    # 8 warps on the same tile, 32 x 32 tiles (sm_90, Triton 3.6: 254 registers, no spills,
+    # 96 KB: two programs an SM), or d in 64-wide chunks (24 KB: two programs an SM, or one
+    # of 8 warps at 128 rows); the dz kernel at 32 x 32 (192 B of spills) after them
     ("odmt3", "fwd", "fwd3", {"num_warps": 8}),
-    # d streamed in 64-wide chunks instead of whole resident query tiles: the resident three
-    # 64 x 256 query tiles (96 KB, 192 KB with the candidate stages) leave room for one
-    # 4-warp program an SM, one warp a scheduler to cover every latency (Run 5: 7.3 ms where
-    # the tile's instruction count predicts ~1 ms); chunked, 24 KB and 255 registers (no
-    # spills) give two programs an SM, or one of 8 warps at 128 rows -- for three times the
-    # L2 reads (each column tile re-reads the query chunks)
+    ("odmt3", "fwd", "fwd3", {"BLOCK_T": 32, "BLOCK_W": 32}),
     ("odmt3", "fwd", "fwd3", {"FULL_D": False, "BLOCK_DO": 64}),
     ("odmt3", "fwd", "fwd3", {"FULL_D": False, "BLOCK_DO": 64, "BLOCK_T": 128, "num_warps": 8}),
+    ("odmt3", "dc", "dz3", {"BLOCK_T": 32, "BLOCK_W": 32}),
+    # the whole backward (dz kernel and GEMMs; "dc" is the whole backward) without lists
+    ("ce", "dc", "dc", {"_DL_MIN_PAIRS": 1 << 62}),
     # two CTAs an SM (96 KB, 166 registers x 128 threads): one's softmax beside the other's
     # tensor-core work (the rule's 128-row tile holds the SM alone, its wgmma waited on at once)
     ("ce", "fwd", "fwd", {"BLOCK_T": 64, "BLOCK_W": 64, "num_warps": 4, "num_stages": 2}),
@@ -915,6 +906,18 @@ def aot_report() -> int:
         )
         RES[f"aot_dense_{br}x{bn}"] = info
         print(f"{'dense_' + str(br) + 'x' + str(bn):28s} {info}", flush=True)
+    info = _aot_compile(  # the drop lists' builder at the 16k tiles (one launch a direction)
+        "lists",
+        K._row_lists_kernel,
+        dict(num_warps=4, num_stages=1),
+        dict(
+            DL_K=K._dl_width(HIST), IDS=triton.next_power_of_2(HIST + 1), BLOCK=K._lists_block(K._dl_width(HIST)),
+            BLOCK_N=64, TILE_LISTS=True,
+        ),  # fmt: skip
+        cuobjdump,
+    )
+    RES["aot_lists"] = info
+    print(f"{'lists':28s} {info}", flush=True)
     dump()
     return 0
 

@@ -47,16 +47,15 @@ block. With the whole row in registers the softmax needs no online rescaling::
 
 The backward writes dQ, dK, dV once; no atomics, no ``delta`` tensor. With one chunk (``D <=
 64``) each tile is a single load, read once, all in one kernel; nothing inside a pair can be
-pipelined, so the programs are persistent: one an SM, each walking the pairs ``pid, pid +
+pipelined, so the programs can be persistent: a few an SM, each walking the pairs ``pid, pid +
 programs, ...``, and Triton's software pipeline issues the next pairs' loads (asynchronous
-copies into shared memory) while this pair's math runs. With several chunks (``D > 64``),
-one pair a program and the chunk loops software-pipelined (three stages), the backward is
-split in two launches (``_SPLIT_BWD``):
-the pair's kernel runs up to dS and stores it (input dtype, ``(B*H, L, BL)`` scratch, freed
-after the call), then ``_attn_bwd_dqdk_kernel`` runs the last loop over (pair, group of
-chunks) programs, each reading dS once: the first kernel has the forward's shape, the second
-is small and several to an SM. ``_SPLIT_BWD = False`` keeps the one-kernel form (its last
-loop re-reads K, Q from L2).
+copies into shared memory) while this pair's math runs (the forward always; the backward
+from 12,288 pairs: Run 6, ``_short_configs``). With several chunks (``D > 64``),
+one pair a program and the chunk loops software-pipelined (three stages). ``_SPLIT_BWD``
+splits that backward in two launches: the pair's kernel runs up to dS and stores it (input
+dtype, ``(B*H, L, BL)`` scratch, freed after the call), then ``_attn_bwd_dqdk_kernel`` runs
+the last loop over (pair, group of chunks) programs, each reading dS once. Run 6 measured the
+one-kernel form faster (its last loop re-reads K, Q from L2), so it is the default.
 
 The two ``(BL x BL)`` float32 tiles (S, then dP; P kept in 16 bits between them) take 8 warps
 at ``BL = 128``. If no configuration fits the card (shared memory), the blocked kernels below
@@ -829,9 +828,9 @@ _SHORT_MAX_BWD = 128
 # bf16): at D = 384 the short forward took 308 us against the blocked one's 504 us (its
 # head-dim chunks pipeline, three stages); at D = 64, one program per pair and nothing to
 # pipeline, the blocked forward won, 487 vs 696 us (12 heads) and 176 vs 249 us (4 heads), so
-# this was 128. The one-chunk short kernels are now persistent and pipelined across pairs
-# (``_short_configs``; unmeasured), which removes that reason; the benchmark times both
-# families at every configuration. The short backward won everywhere in Run 5 (blocked
+# this was 128. The one-chunk short forward is now persistent and pipelined across pairs
+# (``_short_configs``): Run 6 timed it at 410 / 149 us against the blocked forward's 497 /
+# 178 us; the benchmark times both families at every configuration. The short backward won everywhere in Run 5 (blocked
 # forward + short backward 2,270 / 1,100 us against 2,632 / 1,484 us for the blocked pair at
 # 12 x 64 / 4 x 64).
 _SHORT_FWD_MIN_HEAD_DIM = 0
@@ -843,10 +842,10 @@ def _head_chunk(head_dim: int) -> int:
     return max(16, min(64, head_dim & -head_dim))
 
 
-def _short_configs(kind: str, length: int, head_dim: int) -> list[tuple[int, int, int, int, int]]:
-    """Candidate ``(BD, num_warps, num_stages, programs_per_sm, maxnreg)`` of a short kernel,
-    in order of preference (``programs_per_sm = 0``: one program per ``(b, h)`` pair;
-    ``maxnreg = 0``: the compiler's register count).
+def _short_configs(kind: str, length: int, head_dim: int, pairs: int) -> list[tuple[int, int, int, int, int]]:
+    """Candidate ``(BD, num_warps, num_stages, programs_per_sm, maxnreg)`` of a short kernel
+    over ``pairs`` (b, h) pairs, in order of preference (``programs_per_sm = 0``: one program
+    per pair; ``maxnreg = 0``: the compiler's register count).
 
     The ``(BL, BL)`` float32 score tile (and, in the backward, the dP tile beside it) decides
     the warps: 8 at BL = 128 (64 registers a thread per tile), 4 below. With several head-dim
@@ -855,14 +854,18 @@ def _short_configs(kind: str, length: int, head_dim: int) -> list[tuple[int, int
     with three stages against 513 us with two; backward about 190 us faster).
 
     With one chunk (``D <= 64``) there is nothing to pipeline inside a pair, and one program
-    per pair ran its loads and its math one after the other, at most two programs an SM (Run
-    5: the short forward at 12 x 64 took 696 us, 2.5x the memory roofline). Persistent
-    programs, one an SM, walk the pairs instead, and the software pipeline issues the next
-    pairs' loads during this pair's math: ``num_stages - 1`` pairs ahead, three stages in the
-    forward (137 KB of shared memory), two in the backward (four tiles: 161 KB). Unmeasured:
-    chosen on that reasoning and the sm_90 compile (forward 184 registers, backward 255 with
-    208 B of spills, loop-invariant addresses; two programs an SM would need 128 registers,
-    which the benchmark's sweep tries with ``maxnreg``).
+    per pair ran its loads and its math one after the other (Run 5: the short forward at 12 x
+    64 took 696 us, 2.5x the memory roofline). Persistent programs walk the pairs instead, and
+    the software pipeline issues the next pairs' loads during this pair's math. Run 6 (H100,
+    L = 81, bf16) chose among them:
+
+    - forward: two programs an SM at 128 registers, two stages: 410 / 149 us at 12 / 4 heads
+      (one program of three stages: 418 / 161; two stages: 549 / 200);
+    - backward: persistent with three stages at 12 heads (19,968 pairs; fwd+bwd 1,346 us
+      against 1,457 with two stages and 1,728 with one program a pair), but one program a
+      pair and one stage at 4 heads (6,656 pairs: 600 us against 881 persistent): below
+      :data:`_SHORT_BWD_PERSISTENT_PAIRS` pairs the one-program-a-pair form comes first.
+
     The fallbacks (fewer stages, one program per pair, then 16-wide chunks) shrink shared
     memory for cards that refuse the first.
     """
@@ -871,13 +874,20 @@ def _short_configs(kind: str, length: int, head_dim: int) -> list[tuple[int, int
     chunk = _head_chunk(head_dim)
     if head_dim > chunk:
         out = [(chunk, warps, 3, 0, 0), (chunk, warps, 2, 0, 0), (chunk, warps, 1, 0, 0)]
+    elif kind == "fwd_short":
+        out = [(chunk, warps, 2, 2, 128), (chunk, warps, 3, 1, 0), (chunk, warps, 2, 1, 0), (chunk, warps, 1, 0, 0)]
+    elif pairs < _SHORT_BWD_PERSISTENT_PAIRS:
+        out = [(chunk, warps, 1, 0, 0), (chunk, warps, 3, 1, 0), (chunk, warps, 2, 1, 0)]
     else:
-        stages = 3 if kind == "fwd_short" else 2
-        out = [(chunk, warps, stages, 1, 0), (chunk, warps, 2, 1, 0), (chunk, warps, 1, 0, 0)]
-        out = list(dict.fromkeys(out))
+        out = [(chunk, warps, 3, 1, 0), (chunk, warps, 2, 1, 0), (chunk, warps, 1, 0, 0)]
     if chunk > 16:
         out.append((16, warps, 1, 0, 0))
     return out
+
+
+# The one-chunk short backward runs persistent from this many (b, h) pairs on (Run 6: one
+# program a pair won at 6,656 pairs, persistent at 19,968; the threshold lies between).
+_SHORT_BWD_PERSISTENT_PAIRS = 12_288
 
 
 @functools.cache
@@ -905,13 +915,14 @@ def _launch_short(
     """Launch a short kernel with the first configuration that fits and return it; None if
     none does."""
     block_len = max(16, triton.next_power_of_2(length))
-    cache_key = (kind, block_len, head_dim, args[0].dtype, meta["DROPOUT"])
+    persistent_bwd = bh >= _SHORT_BWD_PERSISTENT_PAIRS
+    cache_key = (kind, block_len, head_dim, args[0].dtype, meta["DROPOUT"], persistent_bwd)
     if kind in _OVERRIDE:
         candidates = [_OVERRIDE[kind]]
     elif cache_key in _CHOSEN:
         candidates = [_CHOSEN[cache_key]]
     else:
-        candidates = _short_configs(kind, length, head_dim)
+        candidates = _short_configs(kind, length, head_dim, bh)
     for config in candidates:
         chunk, warps, stages, per_sm, maxnreg = config
         persistent = per_sm > 0 and head_dim <= chunk  # the chunked path takes one pair a program
@@ -930,15 +941,14 @@ def _launch_short(
     return None
 
 
-# The short backward with several head-dim chunks runs split in two launches: the pair's
+# With several head-dim chunks the short backward can run split in two launches: the pair's
 # kernel computes S, P, dP, dV and stores dS (input dtype, ``(B*H, L, BL)``, 69 MB at 2 x 384,
 # freed after the call) instead of running the dQ / dK pass itself; ``_attn_bwd_dqdk_kernel``
-# then computes dQ and dK over (pair, group of chunks) programs. Run 5 measured the fused form
-# at 2 x 384 at 1,431 us, ~3x its share of the memory roofline: one 255-register program an SM
-# ran its three passes in turn. Split, the first kernel has the forward's shape (0.90 of the
-# roofline at 2 x 384) and the second small programs, several an SM. Unmeasured; False runs
-# the fused form (the benchmark times both).
-_SPLIT_BWD = True
+# then computes dQ and dK over (pair, group of chunks) programs. Run 6 (H100, 2 x 384, bf16)
+# timed both: fwd+bwd 1,077 us fused against 1,140 us split (1,103 with four stages, 1,122
+# with the best dQ/dK tiles), so the fused form is the default; True runs the split one
+# (the benchmark times both).
+_SPLIT_BWD = False
 
 
 def _dqdk_configs(head_dim: int, chunk: int) -> list[tuple[int, int, int]]:

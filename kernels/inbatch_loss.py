@@ -160,9 +160,10 @@ _S_CHUNK = 16
 # Padding of the drop lists (``_drop_lists``): above every column index.
 _DL_END = tl.constexpr(2**31 - 1)
 # Smallest R * N whose kernels read drop lists (``_lists_on``). Below it (the paper's 1,536 x
-# 1,664) a call is bound by the host's launches, which the lists' small operations (~25 in
-# the forward, ~45 in the backward) would lengthen. None: 2**24 on a GPU, 0 under the
-# interpreter (the kernel tests set 0 on a GPU too, and one sets it high for the id test).
+# 1,664) a call is bound by the host's launches, which the lists' own (a list launch and a
+# dense-pair launch each way, ``_row_lists``, ``_list_flags``) would lengthen. None: 2**24 on a
+# GPU, 0 under the interpreter (the kernel tests set 0 on a GPU too, and one sets it high for
+# the id test).
 _DL_MIN_PAIRS: int | None = None
 # Per-kind overrides of the launch heuristic (keys of ``_config``'s dict); the benchmark's
 # tile sweep and the tests set it, nothing else does.
@@ -329,6 +330,99 @@ def _dense_cols_kernel(
     at = fl_ptr + (r2 // BLOCK_R).to(tl.int64) * n_ct + c2 // BLOCK_N
     f = tl.load(at, mask=three, other=0)
     tl.store(at, tl.full((BLOCK,), 2, tl.int8), mask=three & (f != 0))
+
+
+@triton.jit
+def _row_lists_kernel(
+    tgt_ptr,
+    tid_ptr,
+    ex_ptr,
+    ex_sr,
+    ex_ss,
+    vals_ptr,
+    order_ptr,
+    dl_ptr,
+    tot_ptr,
+    tile_ptr,
+    st_ptr,
+    R,
+    N,
+    S,
+    pad_id,
+    n_iter,
+    n_split,
+    split_cols,
+    DL_K: tl.constexpr,
+    IDS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TILE_LISTS: tl.constexpr,
+):
+    """Per row, its drop list (``_drop_lists``): the sorted columns whose id is the row's
+    target item or one of its excluded ids, but the target column itself (``(R, DL_K)``
+    int32, ``_DL_END`` after the last, empty when the row drops more than ``DL_K - 2``), and
+    the count before that cap; with ``TILE_LISTS`` also its tile list for column tiles of
+    ``BLOCK_N`` (``_tile_lists``: entries past the second in one tile removed) and where its
+    walk starts in each of ``n_split`` column ranges ``split_cols`` wide (``_split_starts``:
+    the entries below the range's first column). One launch instead of ~50 small tensor
+    operations, each a launch of its own.
+
+    Program ``i`` takes rows ``i * BLOCK ...`` and all ``S + 1`` ids of each (``IDS`` lanes,
+    a power of two): the id's run ``[lo, hi)`` in the sorted candidate ids by one binary
+    search a lane, the runs laid end to end by a cumulative count along the row, entry ``k``
+    of the list read from the run that holds it (``order[lo + k - start]``), then stored at
+    its rank along the row (a ``(BLOCK, DL_K, DL_K)`` comparison: ``tl.sort``'s bitonic
+    network took ~0.6 s a call under the interpreter). ``BLOCK`` keeps that tile at 8K
+    elements (:func:`_lists_block`)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_in = rows < R
+    tgt = tl.load(tgt_ptr + rows, mask=row_in, other=-1)
+    valid = tgt >= 0
+    slot = tl.arange(0, IDS)[None, :]
+    tid = tl.load(tid_ptr + rows, mask=valid, other=0).to(tl.int64)
+    ex_in = valid[:, None] & (slot >= 1) & (slot <= S)
+    ex_at = ex_ptr + rows.to(tl.int64)[:, None] * ex_sr + (slot - 1) * ex_ss
+    ids = tl.where(slot == 0, tid[:, None], tl.load(ex_at, mask=ex_in, other=pad_id).to(tl.int64))
+    ok = valid[:, None] & (slot <= S) & (ids != pad_id)
+    lo = _lower_bound(vals_ptr, ids, N, n_iter, False)
+    cnt = tl.where(ok, _lower_bound(vals_ptr, ids, N, n_iter, True) - lo, 0)
+    upto = tl.cumsum(cnt, axis=1)
+    start = upto - cnt
+    total = tl.sum(cnt, axis=1)
+    k = tl.arange(0, DL_K)[None, :]
+    pos = tl.zeros((BLOCK, DL_K), tl.int64)
+    for s in range(0, S + 1):  # registers only: slot s's run, taken out of the row's lanes
+        own = slot == s
+        lo_s = tl.sum(tl.where(own, lo, 0), axis=1)[:, None]
+        start_s = tl.sum(tl.where(own, start, 0), axis=1)[:, None]
+        end_s = tl.sum(tl.where(own, upto, 0), axis=1)[:, None]
+        pos = tl.where((k >= start_s) & (k < end_s), lo_s + k - start_s, pos)
+    held = k < total[:, None]
+    col = tl.load(order_ptr + pos, mask=held, other=0).to(tl.int32)
+    keep = held & (col != tgt[:, None]) & (total[:, None] <= DL_K - 2)
+    key = tl.where(keep, col, _DL_END)
+    # sorted by rank: the entries with a smaller key, ties (_DL_END, a column two ids share)
+    # by position -- a permutation, so the store writes every slot of the row once
+    j = k[:, None, :]
+    smaller = (key[:, None, :] < key[:, :, None]) | ((key[:, None, :] == key[:, :, None]) & (j < k[:, :, None]))
+    rank = tl.sum(smaller.to(tl.int32), axis=2)
+    row_at = rows.to(tl.int64)[:, None] * DL_K
+    tl.store(dl_ptr + row_at + rank, key, mask=row_in[:, None])
+    tl.store(tot_ptr + rows, total.to(tl.int32), mask=row_in)
+    if TILE_LISTS:
+        tl.debug_barrier()  # the sorted lists, stored above by other threads, read back
+        lists = tl.load(dl_ptr + row_at + k, mask=row_in[:, None], other=_DL_END)
+        two_before = tl.load(dl_ptr + row_at + k - 2, mask=row_in[:, None] & (k >= 2), other=_DL_END)
+        # sorted, so an entry is its tile's third or later when the entry two before shares
+        # its tile; the rest keep their order at the front, _DL_END after them
+        third = (k >= 2) & (lists != _DL_END) & (two_before // BLOCK_N == lists // BLOCK_N)
+        kept = (lists != _DL_END) & ~third
+        n_kept = tl.sum(kept.to(tl.int32), axis=1)[:, None]
+        at = tl.where(kept, tl.cumsum(kept.to(tl.int32), axis=1), n_kept + tl.cumsum((~kept).to(tl.int32), axis=1)) - 1
+        tl.store(tile_ptr + row_at + at, tl.where(kept, lists, _DL_END), mask=row_in[:, None])
+        for i in range(0, n_split):
+            below = tl.sum((kept & (lists < i * split_cols)).to(tl.int32), axis=1)
+            tl.store(st_ptr + i * R + rows, below, mask=row_in)
 
 
 @triton.jit
@@ -2630,32 +2724,12 @@ def _drop_lists(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
     with ``_DL_END``): every column whose id is the row's target item or one of its excluded
     ids, but the target column itself (padding is the column bias's). Also each row's count
     before the cap (with its target column and repeats; ``> DL_K - 2``: overflow, the list
-    left empty, so that every list ends in two ``_DL_END`` at least). From the
-    sorted candidate ids: one search per (row, id), each id's run of sorted positions laid
-    out by a per-row cumulative count. Fixed-size tensors, no host sync; cached in ``p``.
-    Most rows drop a handful of columns spread over many tiles, so on a sparse flagged pair
-    each row needs only its next two (:func:`_dl_drop`)."""
+    left empty, so that every list ends in two ``_DL_END`` at least). Built by
+    ``_row_lists_kernel`` from the sorted candidate ids (:func:`_row_lists`); no host sync;
+    cached in ``p``. Most rows drop a handful of columns spread over many tiles, so on a
+    sparse flagged pair each row needs only its next two (:func:`_dl_drop`)."""
     if "drop_lists" not in p:
-        tgt, tid = p["rows"][:2]
-        vals, order = p["sorted"]
-        R, N, S = tgt.numel(), vals.numel(), p["S"]
-        width = _dl_width(S)
-        ids = tid[:, None]
-        if S:
-            ids = torch.cat([ids, p["exclude"].to(torch.int64)], 1)
-        ok = (tgt >= 0)[:, None] & (ids != p["pad_id"])
-        lo = torch.searchsorted(vals, ids)
-        cnt = torch.where(ok, torch.searchsorted(vals, ids, right=True) - lo, 0)
-        upto = cnt.cumsum(1)
-        k = torch.arange(width, device=tgt.device).expand(R, width).contiguous()
-        slot = torch.searchsorted(upto, k, right=True).clamp_(max=S)  # the id whose run holds entry k
-        pos = lo.gather(1, slot) + k - (upto - cnt).gather(1, slot)
-        col = order[pos.clamp_(0, N - 1)].to(torch.int32)
-        # a row holding more than width - 2 overflows: its list is left empty (its row tile's
-        # flagged pairs are dense) and every list ends in two _DL_END (see _dl_pair)
-        keep = (k < upto[:, -1:]) & (col != tgt[:, None]) & (upto[:, -1:] <= width - 2)
-        lists = torch.where(keep, col, _DL_END.value).sort(1).values.contiguous()
-        p["drop_lists"] = (lists, upto[:, -1].to(torch.int32).contiguous())
+        _row_lists(p, None)
     return p["drop_lists"]
 
 
@@ -2665,14 +2739,62 @@ def _tile_lists(p: dict, block_n: int) -> torch.Tensor:
     (:func:`_list_flags`) and tests the ids, so the list needs only enough to step past it,
     and the cursor advances by its pair on every flagged tile, with no per-tile search.
     Cached per width."""
-    key = ("lists", block_n)
-    if key not in p["groups"]:
-        lists = _drop_lists(p)[0]
-        tile = lists // block_n
-        third = torch.zeros_like(lists, dtype=torch.bool)
-        third[:, 2:] = (lists[:, 2:] != _DL_END.value) & (tile[:, 2:] == tile[:, :-2])
-        p["groups"][key] = _compact(lists, ~third, 1)
-    return p["groups"][key]
+    if ("lists", block_n) not in p["groups"]:
+        _row_lists(p, block_n)
+    return p["groups"][("lists", block_n)]
+
+
+def _lists_block(width: int) -> int:
+    """Rows a ``_row_lists_kernel`` program takes: its ``(BLOCK, DL_K, DL_K)`` rank tile at
+    8K elements (32 rows at ``DL_K = 16``, 8 at 32, 2 at 64)."""
+    return max(1, 8192 // (width * width))
+
+
+def _row_lists(p: dict, block_n: int | None, n_split: int = 0, split_cols: int = 0) -> None:
+    """One ``_row_lists_kernel`` launch: caches in ``p`` the drop lists and counts (if not
+    yet there) and, for ``block_n``, the tile lists and the ``(n_split, R)`` starts of
+    :func:`_split_starts` (``n_split`` column ranges ``split_cols`` wide)."""
+    tgt, tid, _, _, ex, ex_sr, ex_ss = p["rows"][:7]
+    vals, order = p["sorted"]
+    R, N, S = tgt.numel(), vals.numel(), p["S"]
+    width = _dl_width(S)
+    lists = torch.empty(R, width, dtype=torch.int32, device=tgt.device)
+    total = torch.empty(R, dtype=torch.int32, device=tgt.device)
+    tiles = torch.empty_like(lists) if block_n else lists
+    starts = torch.empty(max(n_split, 1), R, dtype=torch.int32, device=tgt.device)
+    block = _lists_block(width)
+    grid = (triton.cdiv(R, block),)
+    compiled = _row_lists_kernel[grid](
+        tgt,
+        tid,
+        ex,
+        ex_sr,
+        ex_ss,
+        vals,
+        order,
+        lists,
+        total,
+        tiles,
+        starts,
+        R,
+        N,
+        S,
+        p["pad_id"],
+        N.bit_length(),
+        n_split if block_n else 0,
+        split_cols,
+        DL_K=width,
+        IDS=max(2, triton.next_power_of_2(S + 1)),
+        BLOCK=block,
+        BLOCK_N=block_n or 1,
+        TILE_LISTS=bool(block_n),
+    )
+    _record("lists", compiled, dict(BLOCK_N=block_n), grid)
+    p.setdefault("drop_lists", (lists, total))
+    if block_n:
+        p["groups"][("lists", block_n)] = tiles
+        if n_split:
+            p["groups"][("starts", block_n, n_split, split_cols)] = starts
 
 
 def _compact(x: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
@@ -2794,14 +2916,22 @@ def _row_list_args(p: dict, block_r: int, block_n: int) -> tuple[torch.Tensor, t
 
 
 def _split_starts(p: dict, block_n: int, n_split: int, split_cols: int) -> torch.Tensor:
-    """``(n_split, R)`` int32: where each row's walk of its list starts in each forward
-    split (the entries below the split's first column), by one batched search here."""
+    """``(n_split, R)`` int32: where each row's walk of its tile list starts in each of
+    ``n_split`` column ranges ``split_cols`` wide (the entries below the range's first
+    column). Built with the tile lists when they are not there yet (ask for the starts
+    first: one launch); else by one batched search of the cached ones."""
     if not p["lists_on"]:
         return p["rows"][0]
-    lists = _tile_lists(p, block_n)
-    R = lists.shape[0]
-    firsts = torch.arange(n_split, device=lists.device, dtype=torch.int32) * split_cols
-    return torch.searchsorted(lists, firsts.expand(R, n_split).contiguous()).T.to(torch.int32).contiguous()
+    key = ("starts", block_n, n_split, split_cols)
+    if key not in p["groups"]:
+        if ("lists", block_n) not in p["groups"]:
+            _row_lists(p, block_n, n_split, split_cols)
+        else:
+            lists = p["groups"][("lists", block_n)]
+            firsts = torch.arange(n_split, device=lists.device, dtype=torch.int32) * split_cols
+            found = torch.searchsorted(lists, firsts.expand(lists.shape[0], n_split).contiguous())
+            p["groups"][key] = found.T.to(torch.int32).contiguous()
+    return p["groups"][key]
 
 
 def _col_list_args(p: dict, block_r: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -2858,6 +2988,8 @@ def _ce_op(
             per = _fwd_split(row_tiles, col_tiles, n_sm)
             n_split = triton.cdiv(col_tiles, per)
             part = torch.empty(3, n_split, R, device=queries.device, dtype=torch.float32)
+            # the starts first: with the tile lists in the same launch (_row_lists)
+            starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])
             args = (
                 queries,
                 queries.stride(0),
@@ -2870,7 +3002,7 @@ def _ce_op(
                 _cid32_tensor(p),
                 p["fit"],
                 *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"]),
-                _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"]),
+                starts,
                 part,
                 R,
                 N,
@@ -3166,8 +3298,8 @@ def _odmt_op(
             per = _fwd_split(row_tiles, col_tiles, n_sm)
             n_split = triton.cdiv(col_tiles, per)
             part = torch.empty(_N_SPLIT_STATS, n_split, R, device=q_id.device, dtype=torch.float32)
+            starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])  # first: see _ce_op
             fl, lists = _row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])
-            starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])
             args = (*head, *p["rows"], *p["lq"], p["fit"], fl, lists, starts, part, R, N, D, p["S"], pad_id)
             args += (float(temperature), per * c["BLOCK_W"])
             meta = dict(

@@ -1176,6 +1176,24 @@ def test_tile_lists_keep_two_entries_a_column_tile(case):
             assert got[r].tolist() == kept + [end] * (full.shape[1] - len(kept)), (r, block_n)
 
 
+@pytest.mark.parametrize("case", FLAG_CASES)
+@pytest.mark.parametrize("first", ["starts", "tile_lists"])
+def test_split_starts_count_each_rows_entries_below_each_range(case, first):
+    """Where each row's walk starts in each column range: built in the tile lists' launch
+    (the starts asked for first) or searched in the cached tile lists, both the count by
+    definition."""
+    _, _, target, cand, exclude, _ = _flag_case(case, torch.float32, 1)
+    p = K._prep(target, cand, exclude, None, PAD, IGNORE)
+    p["lists_on"] = True  # (a case whose ids overflow every list has the lists off)
+    block_n, n_split, cols = 4, 3, 8
+    if first == "tile_lists":
+        K._tile_lists(p, block_n)
+    got = K._split_starts(p, block_n, n_split, cols).cpu()
+    tiles = K._tile_lists(p, block_n).cpu().tolist()
+    want = [[sum(v < i * cols for v in row) for row in tiles] for i in range(n_split)]
+    assert got.dtype == torch.int32 and got.tolist() == want
+
+
 @pytest.mark.parametrize("case", ["sequences", "dup_target_far", "expanded", "excl_some_tiles"])
 def test_ce_dense_path_everywhere_matches_reference(monkeypatch, case):
     """Every flagged pair forced dense (the id test) in the kernels that read drop lists (the
