@@ -104,7 +104,6 @@ def aot_report() -> int:
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     length = 81
-    pairs = 12 * 1664  # the anchors' 12-head configuration: the persistent one-chunk backward
     kernels = [
         ("fwd_short", attention._attn_fwd_short_kernel),
         ("bwd_short", attention._attn_bwd_short_kernel),
@@ -127,7 +126,7 @@ def aot_report() -> int:
                         store_ds = dict(zip(("BLA", "BLB"), attention._key_blocks(length, 128), strict=True))
                     configs = [
                         dict(BL=128, BD=c[0], num_warps=c[1], num_stages=c[2], **store_ds)
-                        for c in attention._short_configs(kind, length, dim, pairs)[:1]
+                        for c in attention._short_configs(kind, length, dim)[:1]
                     ]
                     configs += [dict(configs[0], num_warps=w) for w in extra if w != configs[0]["num_warps"]]
                 elif kind == "dqdk":  # the split backward's second kernel, default or not
@@ -335,11 +334,11 @@ def sweep_configs(dim: int) -> dict[str, list[tuple[int, ...]]]:
     out: dict[str, list[tuple[int, ...]]] = {}
     if dim <= 64:
         # one head-dim chunk. Forward: the default is two programs an SM at 128 registers, two
-        # stages (Run 6); against it one persistent program of three / four stages (Run 6's
-        # runner-up, 418 / 161 us) and two programs of one stage. Backward: the default is one
-        # program a pair below attention._SHORT_BWD_PERSISTENT_PAIRS pairs (4 heads), else
-        # persistent with three stages (12 heads); both forms at both sizes, and persistent
-        # with one stage / one program a pair with two, which tell the form from the stages.
+        # stages (Run 6); against it one persistent program of three / four stages and two
+        # programs of one stage. Backward: the default is one persistent program an SM with
+        # three stages; against it one program a pair, persistent with one stage, one program
+        # a pair with two, and four stages (at 4 heads the calls wait on the host: compare the
+        # kernels' own times there, from the CUDA graphs and the profile)
         out["fwd_short"] = [(64, 8, 3, 1, 0), (64, 8, 1, 2, 128), (64, 8, 4, 1, 0)]
         out["bwd_short"] = [(64, 8, 1, 0, 0), (64, 8, 3, 1, 0), (64, 8, 1, 1, 0), (64, 8, 2, 0, 0), (64, 8, 4, 1, 0)]
     else:

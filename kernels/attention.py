@@ -49,8 +49,7 @@ The backward writes dQ, dK, dV once; no atomics, no ``delta`` tensor. With one c
 64``) each tile is a single load, read once, all in one kernel; nothing inside a pair can be
 pipelined, so the programs can be persistent: a few an SM, each walking the pairs ``pid, pid +
 programs, ...``, and Triton's software pipeline issues the next pairs' loads (asynchronous
-copies into shared memory) while this pair's math runs (the forward always; the backward
-from 12,288 pairs: Run 6, ``_short_configs``). With several chunks (``D > 64``),
+copies into shared memory) while this pair's math runs (``_short_configs``). With several chunks (``D > 64``),
 one pair a program and the chunk loops software-pipelined (three stages). ``_SPLIT_BWD``
 splits that backward in two launches: the pair's kernel runs up to dS and stores it (input
 dtype, ``(B*H, L, BL)`` scratch, freed after the call), then ``_attn_bwd_dqdk_kernel`` runs
@@ -842,29 +841,31 @@ def _head_chunk(head_dim: int) -> int:
     return max(16, min(64, head_dim & -head_dim))
 
 
-def _short_configs(kind: str, length: int, head_dim: int, pairs: int) -> list[tuple[int, int, int, int, int]]:
-    """Candidate ``(BD, num_warps, num_stages, programs_per_sm, maxnreg)`` of a short kernel
-    over ``pairs`` (b, h) pairs, in order of preference (``programs_per_sm = 0``: one program
-    per pair; ``maxnreg = 0``: the compiler's register count).
+def _short_configs(kind: str, length: int, head_dim: int) -> list[tuple[int, int, int, int, int]]:
+    """Candidate ``(BD, num_warps, num_stages, programs_per_sm, maxnreg)`` of a short kernel,
+    in order of preference (``programs_per_sm = 0``: one program per (b, h) pair; ``maxnreg =
+    0``: the compiler's register count).
 
     The ``(BL, BL)`` float32 score tile (and, in the backward, the dP tile beside it) decides
     the warps: 8 at BL = 128 (64 registers a thread per tile), 4 below. With several head-dim
     chunks (``D > 64``) a program takes one pair and pipeline stages overlap the next chunk's
-    loads with the current chunk's dots: three (Run 5 on an H100 at 2 x 384: forward 308 us
-    with three stages against 513 us with two; backward about 190 us faster).
+    loads with the current chunk's dots: three in the forward (Run 5 on an H100 at 2 x 384:
+    308 us with three stages against 513 us with two), four in the backward (Runs 6 and 7:
+    fwd+bwd 1,103 / 1,057 us against 1,140 / 1,088 with three).
 
     With one chunk (``D <= 64``) there is nothing to pipeline inside a pair, and one program
     per pair ran its loads and its math one after the other (Run 5: the short forward at 12 x
     64 took 696 us, 2.5x the memory roofline). Persistent programs walk the pairs instead, and
-    the software pipeline issues the next pairs' loads during this pair's math. Run 6 (H100,
-    L = 81, bf16) chose among them:
+    the software pipeline issues the next pairs' loads during this pair's math (H100, L = 81,
+    bf16):
 
-    - forward: two programs an SM at 128 registers, two stages: 410 / 149 us at 12 / 4 heads
-      (one program of three stages: 418 / 161; two stages: 549 / 200);
-    - backward: persistent with three stages at 12 heads (19,968 pairs; fwd+bwd 1,346 us
-      against 1,457 with two stages and 1,728 with one program a pair), but one program a
-      pair and one stage at 4 heads (6,656 pairs: 600 us against 881 persistent): below
-      :data:`_SHORT_BWD_PERSISTENT_PAIRS` pairs the one-program-a-pair form comes first.
+    - forward: two programs an SM at 128 registers, two stages (Run 6: 410 / 149 us at 12 /
+      4 heads; one program of three stages 418 / 161, of two 549 / 200);
+    - backward: one program an SM, three stages (Run 6 at 12 heads: fwd+bwd 1,346 us against
+      1,457 with two stages and 1,728 with one program a pair). At 4 heads the calls wait on
+      the host, so their timings did not rank the forms (Run 6 put one program a pair first,
+      Run 7 every form at 920-1,000 us); the kernels' own time did: 354 us persistent with two
+      stages (Run 6) against 444 us one program a pair (Run 7).
 
     The fallbacks (fewer stages, one program per pair, then 16-wide chunks) shrink shared
     memory for cards that refuse the first.
@@ -874,20 +875,15 @@ def _short_configs(kind: str, length: int, head_dim: int, pairs: int) -> list[tu
     chunk = _head_chunk(head_dim)
     if head_dim > chunk:
         out = [(chunk, warps, 3, 0, 0), (chunk, warps, 2, 0, 0), (chunk, warps, 1, 0, 0)]
+        if kind == "bwd_short":
+            out.insert(0, (chunk, warps, 4, 0, 0))
     elif kind == "fwd_short":
         out = [(chunk, warps, 2, 2, 128), (chunk, warps, 3, 1, 0), (chunk, warps, 2, 1, 0), (chunk, warps, 1, 0, 0)]
-    elif pairs < _SHORT_BWD_PERSISTENT_PAIRS:
-        out = [(chunk, warps, 1, 0, 0), (chunk, warps, 3, 1, 0), (chunk, warps, 2, 1, 0)]
     else:
         out = [(chunk, warps, 3, 1, 0), (chunk, warps, 2, 1, 0), (chunk, warps, 1, 0, 0)]
     if chunk > 16:
         out.append((16, warps, 1, 0, 0))
     return out
-
-
-# The one-chunk short backward runs persistent from this many (b, h) pairs on (Run 6: one
-# program a pair won at 6,656 pairs, persistent at 19,968; the threshold lies between).
-_SHORT_BWD_PERSISTENT_PAIRS = 12_288
 
 
 @functools.cache
@@ -915,14 +911,13 @@ def _launch_short(
     """Launch a short kernel with the first configuration that fits and return it; None if
     none does."""
     block_len = max(16, triton.next_power_of_2(length))
-    persistent_bwd = bh >= _SHORT_BWD_PERSISTENT_PAIRS
-    cache_key = (kind, block_len, head_dim, args[0].dtype, meta["DROPOUT"], persistent_bwd)
+    cache_key = (kind, block_len, head_dim, args[0].dtype, meta["DROPOUT"])
     if kind in _OVERRIDE:
         candidates = [_OVERRIDE[kind]]
     elif cache_key in _CHOSEN:
         candidates = [_CHOSEN[cache_key]]
     else:
-        candidates = _short_configs(kind, length, head_dim, bh)
+        candidates = _short_configs(kind, length, head_dim)
     for config in candidates:
         chunk, warps, stages, per_sm, maxnreg = config
         persistent = per_sm > 0 and head_dim <= chunk  # the chunked path takes one pair a program

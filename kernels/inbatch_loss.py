@@ -159,11 +159,13 @@ _SM_OVERRIDE: int | None = None
 _S_CHUNK = 16
 # Padding of the drop lists (``_drop_lists``): above every column index.
 _DL_END = tl.constexpr(2**31 - 1)
-# Smallest R * N whose kernels read drop lists (``_lists_on``). Below it (the paper's 1,536 x
-# 1,664) a call is bound by the host's launches, which the lists' own (a list launch and a
-# dense-pair launch each way, ``_row_lists``, ``_list_flags``) would lengthen. None: 2**24 on a
-# GPU, 0 under the interpreter (the kernel tests set 0 on a GPU too, and one sets it high for
-# the id test).
+# Smallest R * N whose kernels read drop lists (``_lists_on``). Below it a call is bound by
+# the host's launches, which the lists' own (a list launch and a dense-pair launch each way,
+# ``_row_lists``, ``_list_flags``) lengthen more than the lists shorten the kernels: Run 7
+# (H100) timed the single-branch call at R = N = 16,384 (2^28 pairs) at 5.29 ms with lists and
+# 4.91 without, and at 65,536 (2^32) at 27.2 with and 35.8 without; the three-branch call at
+# 16k 9.36 / 9.37. None: 2**30 on a GPU, 0 under the interpreter (the kernel tests set 0 on a
+# GPU too, and one sets it high for the id test).
 _DL_MIN_PAIRS: int | None = None
 # Per-kind overrides of the launch heuristic (keys of ``_config``'s dict); the benchmark's
 # tile sweep and the tests set it, nothing else does.
@@ -2707,7 +2709,7 @@ def _lists_on(t: torch.Tensor, R: int, N: int, S: int) -> bool:
     forward and dC): ``R * N`` at least ``_DL_MIN_PAIRS``, a row's ``S + 1`` ids fit its list
     (from ``S = 62`` on, a row whose ids are all present overflows and the lists would only
     cost), and ``R * 64 < 2^31`` (the kernels' cursors into them are int32)."""
-    least = _DL_MIN_PAIRS if _DL_MIN_PAIRS is not None else (0 if _interpreting(t) else 1 << 24)
+    least = _DL_MIN_PAIRS if _DL_MIN_PAIRS is not None else (0 if _interpreting(t) else 1 << 30)
     return R * N >= least and S + 1 <= _dl_width(S) - 2 and R * 64 < 2**31
 
 

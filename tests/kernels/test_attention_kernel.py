@@ -70,9 +70,7 @@ def _assert_matches_reference(q, k, v, pad, id_index, dtype, **kw):
 # here by setting the thresholds to 0 so that tiny shapes exercise it); "mixed" = the blocked
 # forward followed by the short backward (the thresholds are separate: both save one lse);
 # "short" runs the short backward split at several head-dim chunks (dS scratch + the dQ/dK
-# kernel, ``attn._SPLIT_BWD``) and persistent at one chunk whatever the pair count; "fused" =
-# the defaults: unsplit, and one program a pair at the tests' few pairs
-# (``attn._SHORT_BWD_PERSISTENT_PAIRS``).
+# kernel, ``attn._SPLIT_BWD``); "fused" unsplit, the default.
 PATHS = ("short", "blocked", "mixed", "fused")
 _THRESHOLDS = {"short": (128, 128), "blocked": (0, 0), "mixed": (0, 128), "fused": (128, 128)}
 
@@ -85,21 +83,14 @@ class _kernel_path:
         self.split = path != "fused"
 
     def __enter__(self):
-        self.saved = (
-            attn._SHORT_MAX_FWD, attn._SHORT_MAX_BWD, attn._SHORT_FWD_MIN_HEAD_DIM, attn._SPLIT_BWD,
-            attn._SHORT_BWD_PERSISTENT_PAIRS,
-        )  # fmt: skip
+        self.saved = (attn._SHORT_MAX_FWD, attn._SHORT_MAX_BWD, attn._SHORT_FWD_MIN_HEAD_DIM, attn._SPLIT_BWD)
         # the tests' head dims are small: the short forward is forced regardless of D
         attn._SHORT_MAX_FWD, attn._SHORT_MAX_BWD = self.thresholds
         attn._SHORT_FWD_MIN_HEAD_DIM = 0
         attn._SPLIT_BWD = self.split
-        attn._SHORT_BWD_PERSISTENT_PAIRS = 0 if self.split else self.saved[-1]
 
     def __exit__(self, *exc):
-        (
-            attn._SHORT_MAX_FWD, attn._SHORT_MAX_BWD, attn._SHORT_FWD_MIN_HEAD_DIM, attn._SPLIT_BWD,
-            attn._SHORT_BWD_PERSISTENT_PAIRS,
-        ) = self.saved  # fmt: skip
+        attn._SHORT_MAX_FWD, attn._SHORT_MAX_BWD, attn._SHORT_FWD_MIN_HEAD_DIM, attn._SPLIT_BWD = self.saved
 
 
 def _padding(pattern: str, batch: int, length: int, seed: int) -> torch.Tensor | None:
@@ -480,18 +471,15 @@ def test_launch_falls_back_when_out_of_resources():
 def test_short_kernel_rule():
     assert [attn._head_chunk(d) for d in (16, 24, 64, 80, 96, 384, 512)] == [16, 16, 64, 16, 32, 64, 64]
     # 8 warps for the 128 x 128 score tile of L = 81 (no spills in an sm_90 compile), 4 below;
-    # three pipeline stages where the head dim has several chunks (measured at 384), one pair
-    # a program there; one chunk (Run 6): the forward two programs an SM at 128 registers, the
-    # backward one program a pair below _SHORT_BWD_PERSISTENT_PAIRS pairs, persistent above
-    few, many = 4 * 1664, 12 * 1664
-    assert few < attn._SHORT_BWD_PERSISTENT_PAIRS <= many
-    assert attn._short_configs("fwd_short", 81, 384, many)[:2] == [(64, 8, 3, 0, 0), (64, 8, 2, 0, 0)]
-    assert attn._short_configs("fwd_short", 81, 64, few)[0] == (64, 8, 2, 2, 128)
-    assert attn._short_configs("fwd_short", 81, 64, many)[:2] == [(64, 8, 2, 2, 128), (64, 8, 3, 1, 0)]
-    assert attn._short_configs("bwd_short", 81, 64, few)[:2] == [(64, 8, 1, 0, 0), (64, 8, 3, 1, 0)]
-    assert attn._short_configs("bwd_short", 81, 64, many)[:2] == [(64, 8, 3, 1, 0), (64, 8, 2, 1, 0)]
-    assert attn._short_configs("bwd_short", 33, 80, many)[0] == (16, 4, 3, 0, 0)
-    assert attn._short_configs("fwd_short", 81, 384, few)[-1] == (16, 8, 1, 0, 0)
+    # several head-dim chunks (measured at 384): one pair a program, three pipeline stages in
+    # the forward, four in the backward; one chunk: persistent, the forward two programs an SM
+    # at 128 registers with two stages, the backward one program an SM with three
+    assert attn._short_configs("fwd_short", 81, 384)[:2] == [(64, 8, 3, 0, 0), (64, 8, 2, 0, 0)]
+    assert attn._short_configs("bwd_short", 81, 384)[:2] == [(64, 8, 4, 0, 0), (64, 8, 3, 0, 0)]
+    assert attn._short_configs("fwd_short", 81, 64)[:2] == [(64, 8, 2, 2, 128), (64, 8, 3, 1, 0)]
+    assert attn._short_configs("bwd_short", 81, 64)[:2] == [(64, 8, 3, 1, 0), (64, 8, 2, 1, 0)]
+    assert attn._short_configs("bwd_short", 33, 80)[0] == (16, 4, 4, 0, 0)
+    assert attn._short_configs("fwd_short", 81, 384)[-1] == (16, 8, 1, 0, 0)
 
 
 @pytest.mark.parametrize(("head_dim", "kinds"), [(128, {"fwd_short", "bwd_short"}), (64, {"fwd_short", "bwd_short"})])
@@ -526,7 +514,7 @@ def test_short_launch_reports_when_nothing_fits():
     assert not attn._launch_short("fwd_short", RefusingKernel(), 6, 81, 384, args, meta)
     assert tried == [((6,), 128, 64, 8, 3), ((6,), 128, 64, 8, 2), ((6,), 128, 64, 8, 1), ((6,), 128, 16, 8, 1)]
     # one chunk (the interpreter's nominal 2 SMs): the forward two programs an SM, then one;
-    # the backward at few pairs one program a pair, then persistent
+    # the backward persistent, then one program a pair
     tried.clear()
     assert not attn._launch_short("fwd_short", RefusingKernel(), 6, 81, 64, args, {"HEAD_DIM": 64, "DROPOUT": False})
     assert tried == [
@@ -535,7 +523,7 @@ def test_short_launch_reports_when_nothing_fits():
     ]  # fmt: skip
     tried.clear()
     assert not attn._launch_short("bwd_short", RefusingKernel(), 6, 81, 64, args, {"HEAD_DIM": 64, "DROPOUT": False})
-    assert tried == [((6,), 128, 64, 8, 1), ((2,), 128, 64, 8, 3), ((2,), 128, 64, 8, 2), ((6,), 128, 16, 8, 1)]
+    assert tried == [((2,), 128, 64, 8, 3), ((2,), 128, 64, 8, 2), ((6,), 128, 64, 8, 1), ((6,), 128, 16, 8, 1)]
     assert not any(key[0] in ("fwd_short", "bwd_short") for key in attn._CHOSEN)
 
 

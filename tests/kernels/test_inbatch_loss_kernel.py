@@ -32,7 +32,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(autouse=True)
 def _drop_lists_at_every_size(monkeypatch):
-    """The single-branch kernels read drop lists from R * N = 2^24 on a GPU (always in the
+    """The single-branch kernels read drop lists from R * N = 2^30 on a GPU (always in the
     interpreter): the tests' tiny batches take them on a GPU too, unless a test says not."""
     monkeypatch.setattr(K, "_DL_MIN_PAIRS", 0)
 
