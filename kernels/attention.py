@@ -47,11 +47,11 @@ block. With the whole row in registers the softmax needs no online rescaling::
 
 The backward writes dQ, dK, dV once; no atomics, no ``delta`` tensor. With one chunk (``D <=
 64``) each tile is a single load, read once, all in one kernel; nothing inside a pair can be
-pipelined, so the programs can be persistent: a few an SM, each walking the pairs ``pid, pid +
+pipelined, so the programs are persistent: a few an SM, each walking the pairs ``pid, pid +
 programs, ...``, and Triton's software pipeline issues the next pairs' loads (asynchronous
-copies into shared memory) while this pair's math runs (``_short_configs``). With several chunks (``D > 64``),
-one pair a program and the chunk loops software-pipelined (three stages). ``_SPLIT_BWD``
-splits that backward in two launches: the pair's kernel runs up to dS and stores it (input
+copies into shared memory) while this pair's math runs (``_short_configs``). With several
+chunks (``D > 64``), one pair a program and the chunk loops software-pipelined (three stages
+forward, four backward). ``_SPLIT_BWD`` splits that backward in two launches: the pair's kernel runs up to dS and stores it (input
 dtype, ``(B*H, L, BL)`` scratch, freed after the call), then ``_attn_bwd_dqdk_kernel`` runs
 the last loop over (pair, group of chunks) programs, each reading dS once. Run 6 measured the
 one-kernel form faster (its last loop re-reads K, Q from L2), so it is the default.
