@@ -79,7 +79,7 @@ attention, reference = _load_kernels()
 
 CAPTURE = os.environ.get("CAPTURE", "")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from device_time import record_breakdown  # noqa: E402
+from device_time import graphed_ms, record_breakdown  # noqa: E402
 
 if CAPTURE:
     import precompile  # noqa: E402
@@ -266,36 +266,17 @@ def record(key: str, fn, **kw) -> float | None:
 
 
 def graphed(key: str, fn, grads: tuple) -> None:
-    """Times ``fn`` (forward + backward) replayed from a CUDA graph: the device's own time,
-    without the host's per-call work (Python, the custom ops' dispatch, the launches), which
-    a user removes the same way (``torch.cuda.graph`` around the training step, or
-    ``torch.compile(mode="reduce-overhead")``). Nothing in our op syncs with the host. The
-    gradients are the graph's own buffers, rewritten each replay. Skipped in DRY / CAPTURE."""
+    """Times ``fn`` (forward + backward) replayed from a CUDA graph
+    (:func:`device_time.graphed_ms`): the device's own time, without the host's per-call work
+    (Python, the custom ops' dispatch, the launches). Skipped in DRY / CAPTURE."""
     if DRY or CAPTURE:
         return
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-            for _ in range(3):
-                for g in grads:
-                    g.grad = None
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        for g in grads:
-            g.grad = None
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        res[key] = do_bench(graph.replay, warmup=10, rep=100, return_mode="median") * 1000.0
+        res[key] = graphed_ms(fn, grads) * 1000.0
         print(f"{key:44s} {res[key]:10.1f} us", flush=True)
-        del graph
     except Exception as e:  # an anchor that cannot be captured must not kill the run
         res[key] = f"ERR {type(e).__name__}: {str(e)[:200]}"
         print(f"{key:44s} ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
-    finally:
-        for g in grads:
-            g.grad = None
 
 
 # ---------------------------------------------------------------------------------- ceilings

@@ -83,7 +83,7 @@ if not DRY and not AOT and not torch.cuda.is_available():
 from odmt_components.kernels import inbatch_loss as K  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from device_time import elapsed_ms, record_breakdown  # noqa: E402
+from device_time import elapsed_ms, graphed_ms, record_breakdown  # noqa: E402
 
 if CAPTURE:
     import precompile  # noqa: E402
@@ -423,38 +423,19 @@ def correctness() -> bool:
 
 
 def graphed(key: str, fn, grads) -> None:
-    """Times ``fn`` (forward + backward) replayed from a CUDA graph: the device's own time,
-    without the host's per-call work (Python, ~10 Triton launches, ~70 small PyTorch ops),
-    which a user removes the same way (``torch.cuda.graph`` around the training step, or
-    ``torch.compile(mode="reduce-overhead")``). Nothing in our ops syncs with the host, so a
-    call can be captured. The gradients are the graph's own buffers, rewritten each replay."""
+    """Times ``fn`` (forward + backward) replayed from a CUDA graph
+    (:func:`device_time.graphed_ms`): the device's own time, without the host's per-call work
+    (Python, ~10 Triton launches, ~70 small PyTorch ops). Nothing in our ops syncs with the
+    host, so a call can be captured."""
     if UNTIMED or DRY:
         RES[f"{key}_ms"] = "skipped: no CUDA graph on this run" if DRY else "skipped"
         return
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-            for _ in range(3):
-                for g in grads:
-                    g.grad = None
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        for g in grads:
-            g.grad = None
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        RES[f"{key}_ms"] = do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
+        RES[f"{key}_ms"] = graphed_ms(fn, grads)
         print(f"{key:48s} {RES[f'{key}_ms'] * 1000:11.1f} us", flush=True)
-        del graph
     except Exception as exc:
         RES[f"{key}_ms"] = f"ERR {type(exc).__name__}: {str(exc)[:200]}"
         print(f"{key:48s} ERROR {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-    finally:
-        for g in grads:
-            g.grad = None
-        torch.cuda.synchronize()
 
 
 def lib_timings(tag: str, Hs, Ds, target, log_pop, grads) -> None:
