@@ -2914,25 +2914,20 @@ def _row_list_args(p: dict, block_r: int, block_n: int) -> tuple[torch.Tensor, t
     without lists (``_lists_on``) the 0/1 grid and a placeholder never read."""
     if not p["lists_on"]:
         return _tile_flags(p, block_r, block_n), p["rows"][0]
-    return _list_flags(p, block_r, block_n), _tile_lists(p, block_n)
+    lists = _tile_lists(p, block_n)  # first: its launch also leaves the full lists for the flags
+    return _list_flags(p, block_r, block_n), lists
 
 
 def _split_starts(p: dict, block_n: int, n_split: int, split_cols: int) -> torch.Tensor:
     """``(n_split, R)`` int32: where each row's walk of its tile list starts in each of
     ``n_split`` column ranges ``split_cols`` wide (the entries below the range's first
-    column). Built with the tile lists when they are not there yet (ask for the starts
-    first: one launch); else by one batched search of the cached ones."""
+    column). Built in the tile lists' launch (:func:`_row_lists`): ask for the starts before
+    the tile lists and one launch gives both."""
     if not p["lists_on"]:
         return p["rows"][0]
     key = ("starts", block_n, n_split, split_cols)
     if key not in p["groups"]:
-        if ("lists", block_n) not in p["groups"]:
-            _row_lists(p, block_n, n_split, split_cols)
-        else:
-            lists = p["groups"][("lists", block_n)]
-            firsts = torch.arange(n_split, device=lists.device, dtype=torch.int32) * split_cols
-            found = torch.searchsorted(lists, firsts.expand(lists.shape[0], n_split).contiguous())
-            p["groups"][key] = found.T.to(torch.int32).contiguous()
+        _row_lists(p, block_n, n_split, split_cols)
     return p["groups"][key]
 
 

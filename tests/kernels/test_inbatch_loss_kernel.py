@@ -1179,8 +1179,8 @@ def test_tile_lists_keep_two_entries_a_column_tile(case):
 @pytest.mark.parametrize("case", FLAG_CASES)
 @pytest.mark.parametrize("first", ["starts", "tile_lists"])
 def test_split_starts_count_each_rows_entries_below_each_range(case, first):
-    """Where each row's walk starts in each column range: built in the tile lists' launch
-    (the starts asked for first) or searched in the cached tile lists, both the count by
+    """Where each row's walk starts in each column range: built in the tile lists' launch,
+    the starts asked for first or after the tile lists (a second launch), both the count by
     definition."""
     _, _, target, cand, exclude, _ = _flag_case(case, torch.float32, 1)
     p = K._prep(target, cand, exclude, None, PAD, IGNORE)
