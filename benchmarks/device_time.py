@@ -11,8 +11,10 @@ runs) the same code reports the CPU operators' own time, so the plumbing is exer
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -134,3 +136,19 @@ def graphed_ms(fn: Callable[[], object], grads: tuple = ()) -> float:
         for g in grads:
             g.grad = None
         torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def custom_op_route(*modules: ModuleType) -> Iterator[None]:
+    """Inside the block, the public entry points of the kernel ``modules`` (``attention``,
+    ``inbatch_loss``) take their registered custom ops, as under ``torch.compile``, instead of
+    the direct route an eager call on plain tensors takes (``kernels/_device.py``): the
+    benchmarks time both, so the host's share of a host-bound call shows."""
+    saved = [(module, module.direct_eager_call) for module in modules]
+    for module in modules:
+        module.direct_eager_call = lambda *tensors: False
+    try:
+        yield
+    finally:
+        for module, original in saved:
+            module.direct_eager_call = original

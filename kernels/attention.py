@@ -96,7 +96,14 @@ deterministic list, not an autotuner).
 Registered as the custom op ``odmt::id_masked_attention`` (returns the output and the
 log-sum-exp) with a fake implementation and an autograd formula that calls the custom op
 ``odmt::id_masked_attention_backward``; the public entry point is
-:func:`id_masked_attention`. CPU tensors work under ``TRITON_INTERPRET=1`` (tests).
+:func:`id_masked_attention`. It takes the custom op wherever tracing or a transform needs it
+(``torch.compile``, fake tensors, dispatch modes, functorch, tensor subclasses); an eager
+call on plain tensors runs the same launch functions through ``_DirectAttention``, a plain
+``torch.autograd.Function``, because the dispatcher's route costs host time on every call:
+about 40% of an eager fwd + bwd's host time at ODMT's sizes on this project's CPU, where at 4
+heads the call waits on the host, not on the kernels (:func:`~._device.direct_eager_call`;
+tests check that both routes give the same bits). CPU tensors work under
+``TRITON_INTERPRET=1`` (tests).
 """
 
 from __future__ import annotations
@@ -107,9 +114,11 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 from triton.runtime.errors import OutOfResources
 
-from ._device import on_device_of
+from ._device import direct_eager_call, on_device_of
+from ._host import cdiv, next_power_of_2
 
 __all__ = ["dropout_keep_mask", "id_masked_attention"]
 
@@ -750,7 +759,7 @@ def _split_head_dim(head_dim: int) -> tuple[int, int]:
         return 16, 0
     bd0 = 1 << (head_dim.bit_length() - 1)
     rest = head_dim - bd0
-    bd1 = 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
+    bd1 = 0 if rest == 0 else max(16, next_power_of_2(rest))
     if bd1 == bd0:  # e.g. 24 -> 16 + 16: one 32-wide part is simpler and no bigger
         return 2 * bd0, 0
     return bd0, bd1
@@ -805,7 +814,7 @@ def _launch(kind: str, kernel, bh: int, length: int, width: int, dtype, args, me
     last_error: Exception | None = None
     for bm, bn, warps, stages in candidates:
         own = bm if kind in ("fwd", "dq") else bn
-        n_blk = triton.cdiv(length, own)
+        n_blk = cdiv(length, own)
         try:
             kernel[(bh * n_blk,)](*args(n_blk), BM=bm, BN=bn, num_warps=warps, num_stages=stages, **meta)
         except OutOfResources as err:  # shared memory / registers: try the next, smaller config
@@ -870,7 +879,7 @@ def _short_configs(kind: str, length: int, head_dim: int) -> list[tuple[int, int
     The fallbacks (fewer stages, one program per pair, then 16-wide chunks) shrink shared
     memory for cards that refuse the first.
     """
-    block_len = max(16, triton.next_power_of_2(length))
+    block_len = max(16, next_power_of_2(length))
     warps = 8 if block_len >= 128 else 4
     chunk = _head_chunk(head_dim)
     if head_dim > chunk:
@@ -910,7 +919,7 @@ def _launch_short(
 ) -> tuple[int, ...] | None:
     """Launch a short kernel with the first configuration that fits and return it; None if
     none does."""
-    block_len = max(16, triton.next_power_of_2(length))
+    block_len = max(16, next_power_of_2(length))
     cache_key = (kind, block_len, head_dim, args[0].dtype, meta["DROPOUT"])
     if kind in _OVERRIDE:
         candidates = [_OVERRIDE[kind]]
@@ -951,16 +960,16 @@ def _dqdk_configs(head_dim: int, chunk: int) -> list[tuple[int, int, int]]:
     two chunks a program (three programs a pair at 384 = 6 x 64), 8 warps (96 registers, no
     spills, 48 KB of shared memory at one stage in the sm_90 compile: two programs an SM),
     two stages; the fallback one stage."""
-    group = min(2, triton.cdiv(head_dim, chunk))
+    group = min(2, cdiv(head_dim, chunk))
     return [(group, 8, 2), (group, 8, 1)]
 
 
 def _launch_dqdk(q, k, ds, dq, dk, length: int, head_dim: int, chunk: int, scale: float) -> None:
-    block_len = max(16, triton.next_power_of_2(length))
+    block_len = max(16, next_power_of_2(length))
     candidates = [_OVERRIDE["dqdk"]] if "dqdk" in _OVERRIDE else _dqdk_configs(head_dim, chunk)
     last_error: Exception | None = None
     for group, warps, stages in candidates:
-        n_group = triton.cdiv(head_dim, group * chunk)
+        n_group = cdiv(head_dim, group * chunk)
         try:
             _attn_bwd_dqdk_kernel[(ds.shape[0] * n_group,)](
                 q, k, ds, dq, dk,
@@ -1071,7 +1080,7 @@ def _attention_backward(
     if length <= _SHORT_MAX_BWD:
         split = _SPLIT_BWD and head_dim > _head_chunk(head_dim)
         # dS scratch, rows padded to the kernels' BL: unmasked columns, vector loads and stores
-        block_len = max(16, triton.next_power_of_2(length))
+        block_len = max(16, next_power_of_2(length))
         ds = torch.empty((batch * heads, length, block_len), dtype=q.dtype, device=q.device) if split else dq
         short_meta = {key: meta[key] for key in ("HEAD_DIM", "HAS_PAD", "DROPOUT", "PREC")}
         short_args = (
@@ -1187,6 +1196,31 @@ def _backward(ctx, grad_out, grad_lse):
 _id_masked_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _DirectAttention(torch.autograd.Function):
+    """The custom op's forward and autograd formula without the dispatcher, for eager calls
+    on plain tensors (:func:`~._device.direct_eager_call`): same launch functions, same saved
+    tensors, less host time a call."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, id_index, dropout_p, scale, seed):
+        with on_device_of(q):
+            out, lse = _attention_forward(q, k, v, key_padding_mask, id_index, dropout_p, scale, seed)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
+        ctx.attrs = (id_index, dropout_p, scale)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
+        id_index, dropout_p, scale = ctx.attrs
+        with on_device_of(q):
+            dq, dk, dv = _attention_backward(
+                grad_out, q, k, v, out, lse, key_padding_mask, id_index, dropout_p, scale, seed
+            )
+        return dq, dk, dv, None, None, None, None, None
+
+
 # --------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------
@@ -1237,8 +1271,10 @@ def id_masked_attention(
     scale = head_dim**-0.5 if scale is None else float(scale)
     # without dropout the kernels never read the seed: an uninitialised element, no launch
     seed = _seed_tensor(seed, q.device) if dropout_p > 0.0 else torch.empty(1, dtype=torch.int64, device=q.device)
-    out, _ = _id_masked_attention_op(q, k, v, key_padding_mask, int(id_index), float(dropout_p), scale, seed)
-    return out
+    args = (q, k, v, key_padding_mask, int(id_index), float(dropout_p), scale, seed)
+    if direct_eager_call(q, k, v, key_padding_mask, seed):
+        return _DirectAttention.apply(*args)
+    return _id_masked_attention_op(*args)[0]
 
 
 def _seed_tensor(seed: int | torch.Tensor, device: torch.device | str) -> torch.Tensor:

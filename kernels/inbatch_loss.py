@@ -117,7 +117,13 @@ fallback chain when a GPU refuses a tile (``_launch``); small 16-wide tiles unde
 Public functions (registered as custom ops ``odmt::debiased_inbatch_ce`` and
 ``odmt::mutual_distillation``, with fake and autograd implementations; their backward
 kernels are the custom ops ``odmt::debiased_inbatch_ce_backward`` and
-``odmt::mutual_distillation_backward``):
+``odmt::mutual_distillation_backward``). As in ``attention.py``, eager calls on plain tensors
+run the same launch functions through a plain ``torch.autograd.Function`` (``_DirectCE``,
+``_DirectODMT``; :func:`~._device.direct_eager_call`), whose backward also reuses the
+forward's per-call preparation (:func:`_prep`: row targets, sorted ids, flag grids, drop
+lists) instead of building it again; ``torch.compile`` and the other tracing contexts take
+the custom ops. The host's share matters here: at the paper's batch a call's kernels take
+0.4-0.9 ms and its launches and small tensor operations took longer (Runs 6 and 7).
 
 * :func:`debiased_inbatch_cross_entropy`
 * :func:`mutual_distillation_loss`
@@ -132,10 +138,12 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
-from ._device import on_device_of
+from ._device import direct_eager_call, on_device_of
+from ._host import cdiv, next_power_of_2
 from .reference import DistillationLosses
 
 __all__ = ["KERNEL_STATS", "debiased_inbatch_cross_entropy", "mutual_distillation_loss"]
@@ -188,8 +196,16 @@ def _exp(x):
 
 
 @triton.jit
-def _row_prep_kernel(tgt_in_ptr, s_tg, cid_ptr, s_cid, tgt_ptr, tid_ptr, R, ignore_index, BLOCK: tl.constexpr):
-    """``tgt = target`` or -1 on ignored rows (int32); ``tid = candidate_ids[target]`` (int64)."""
+def _row_prep_kernel(
+    tgt_in_ptr, s_tg, cid_ptr, s_cid, tgt_ptr, tid_ptr, vals_ptr, fit_ptr, R, N, ignore_index, BLOCK: tl.constexpr
+):  # fmt: skip
+    """``tgt = target`` or -1 on ignored rows (int32); ``tid = candidate_ids[target]`` (int64);
+    and, from program 0, ``fit = 1`` when every candidate id fits in int32 (the first and the
+    last of the sorted ids ``vals``; the kernels then compare ids in int32), else 0."""
+    if tl.program_id(0) == 0:
+        lo = tl.load(vals_ptr).to(tl.int64)
+        hi = tl.load(vals_ptr + N - 1).to(tl.int64)
+        tl.store(fit_ptr, ((lo >= -2147483648) & (hi <= 2147483647)).to(tl.int32))
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_in = rows < R
     t = tl.load(tgt_in_ptr + rows.to(tl.int64) * s_tg, mask=row_in, other=ignore_index)
@@ -216,6 +232,32 @@ def _lower_bound(vals_ptr, x, N, n_iter, UPPER: tl.constexpr):
         lo = tl.where(right, mid + 1, lo)
         hi = tl.where(act & (~right), mid, hi)
     return lo
+
+
+@triton.jit
+def _groups_kernel(vals_ptr, order_ptr, pos_ptr, gstart_ptr, N, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr):
+    """The (id, column tile) grouping of the sorted candidate ids (:func:`_id_groups`), by one
+    program walking the ``N + 1`` sorted positions ``BLOCK`` at a time: position ``i`` starts
+    a group when it is 0 or ``N`` or its id or its column's tile differs from position ``i -
+    1``'s; ``pos[i]`` = the number of group starts up to ``i``, minus 1 (a block's inclusive
+    scan plus the count carried from the blocks before), and each start ``i`` writes
+    ``gstart[pos[i]] = i``. One program: ``N`` is a batch's candidates (a few thousand to
+    tens of thousands), so the walk is a few dozen dependent steps at most."""
+    carry = tl.zeros((), dtype=tl.int32)
+    for block_start in range(0, N + 1, BLOCK):
+        i = block_start + tl.arange(0, BLOCK)
+        in_n = i < N
+        has_prev = in_n & (i > 0)
+        v = tl.load(vals_ptr + i, mask=in_n, other=0)
+        v_prev = tl.load(vals_ptr + i - 1, mask=has_prev, other=0)
+        tile = tl.load(order_ptr + i, mask=in_n, other=0) // BLOCK_N
+        tile_prev = tl.load(order_ptr + i - 1, mask=has_prev, other=0) // BLOCK_N
+        first = (i <= N) & ((i == 0) | (i == N) | (v != v_prev) | (tile != tile_prev))
+        count = first.to(tl.int32)
+        pos = carry + tl.cumsum(count, 0) - 1
+        tl.store(pos_ptr + i, pos, mask=i <= N)
+        tl.store(gstart_ptr + pos, i, mask=first)
+        carry += tl.sum(count, 0)
 
 
 @triton.jit
@@ -2278,7 +2320,7 @@ def _config(kind: str, rows: int, cols: int, d: int, interpret: bool) -> dict:
 
 
 def _base_config(kind: str, rows: int, d: int, interpret: bool) -> dict:
-    p2d = max(16, triton.next_power_of_2(d))
+    p2d = max(16, next_power_of_2(d))
     full = p2d <= _FULL_D_MAX
     if interpret:
         return dict(
@@ -2457,16 +2499,19 @@ def _backward_plan(three: bool, R: int, N: int, D: int, itemsize: int, with_dc: 
 
 
 def _slab_products(dz, lo: int, hi: int, cs, zeroed, dc, share, gmax, dq_too: bool, scaled: bool) -> None:
-    """cuBLAS's part of one dz slab (columns ``[lo, hi)``), per branch ``m`` of ``dz (B, R,
-    width)``: ``dc[m, lo:hi] = dz_m^T zeroed_m`` and, with ``dq_too``, ``share[m] = dz_m
-    cs[m][lo:hi]``; ``scaled``: dz holds ``dz / gmax`` (fp16), so dC is multiplied back."""
-    for m in range(dz.shape[0]):
-        slab = dz[m, :, : hi - lo]
-        if dq_too:
-            torch.mm(slab, cs[m][lo:hi], out=share[m])
-        torch.mm(slab.t(), zeroed[m], out=dc[m, lo:hi])
-        if scaled:
-            dc[m, lo:hi].mul_(gmax)
+    """cuBLAS's part of one dz slab (columns ``[lo, hi)``), for the ``B`` branches of ``dz (B,
+    R, width)`` at once: ``dc[:, lo:hi] = dz^T zeroed`` and, with ``dq_too``, ``share = dz
+    cs[:, lo:hi]`` (``cs (B, N, d)``, ``zeroed (B, R, d)``, ``dc (B, N, d)``, ``share (B, R,
+    d)``); ``scaled``: dz holds ``dz / gmax`` (fp16), so dC is multiplied back. One batched
+    GEMM each (strided: the slab's rows of ``dc`` are written in place), not one a branch: a
+    third of the launches and of the views that feed them."""
+    slab = dz.narrow(2, 0, hi - lo)
+    if dq_too:
+        torch.bmm(slab, cs.narrow(1, lo, hi - lo), out=share)
+    dc_slab = dc.narrow(1, lo, hi - lo)
+    torch.bmm(slab.transpose(1, 2), zeroed, out=dc_slab)
+    if scaled:
+        dc_slab.mul_(gmax)
 
 
 def _dz_slab_width(R: int, N: int, branches: int, itemsize: int, block_w: int) -> int | None:
@@ -2475,12 +2520,12 @@ def _dz_slab_width(R: int, N: int, branches: int, itemsize: int, block_w: int) -
     tile. The slab holds ``branches x R x width`` values of the inputs' dtype: at most
     ``_DZ_BUDGET`` bytes (one tile wide at least) and at most half the columns, so that no
     ``R x N`` tensor is ever held; slabs of equal width."""
-    tiles = triton.cdiv(N, block_w)
+    tiles = cdiv(N, block_w)
     if not _DC_GEMM or tiles < 2:
         return None
     by_budget = max(1, _DZ_BUDGET // (branches * max(R, 1) * itemsize * block_w))
-    per = min(by_budget, triton.cdiv(tiles, 2))
-    per = triton.cdiv(tiles, triton.cdiv(tiles, per))  # equal slabs
+    per = min(by_budget, cdiv(tiles, 2))
+    per = cdiv(tiles, cdiv(tiles, per))  # equal slabs
     return per * block_w
 
 
@@ -2488,10 +2533,10 @@ def _split_walk(programs: int, extent: int, step: int, n_sm: int, allowed: bool)
     """``(n_split, walk_per_split)`` of a backward launch over ``extent`` walked ``step`` at
     a time (one split and the whole extent when not ``allowed``: the drop lists' cursors
     start at each row's or column's first entry)."""
-    tiles = triton.cdiv(extent, step)
+    tiles = cdiv(extent, step)
     n_split = _bwd_split(programs, tiles, n_sm) if allowed and _BWD_SPLIT else 1
-    per = triton.cdiv(tiles, n_split)
-    return triton.cdiv(tiles, per), per * step
+    per = cdiv(tiles, n_split)
+    return cdiv(tiles, per), per * step
 
 
 def _split_out(out: torch.Tensor, n_split: int) -> tuple[torch.Tensor, int]:
@@ -2510,7 +2555,7 @@ def _sum_splits(part: torch.Tensor, out: torch.Tensor) -> None:
     numel = out.numel()
     if part.numel() >= 2**31:
         raise ValueError(f"split partial gradients of {part.numel()} elements exceed int32 indexing")
-    grid = (triton.cdiv(numel, _SUM_BLOCK),)
+    grid = (cdiv(numel, _SUM_BLOCK),)
     compiled = _sum_splits_kernel[grid](part, out, part.shape[0], numel, BLOCK=_SUM_BLOCK)
     _record("sum_splits", compiled, {}, grid)
 
@@ -2524,7 +2569,7 @@ def _excl_args(exclude_ids: torch.Tensor | None, candidate_ids: torch.Tensor):
     if exclude_ids is None or exclude_ids.shape[1] == 0:
         return candidate_ids, 0, 0, 0, 0, True
     S = exclude_ids.shape[1]
-    s_pad = min(_S_CHUNK, max(2, triton.next_power_of_2(S)))
+    s_pad = min(_S_CHUNK, max(2, next_power_of_2(S)))
     return exclude_ids, exclude_ids.stride(0), exclude_ids.stride(1), S, s_pad, S <= s_pad
 
 
@@ -2534,22 +2579,26 @@ def _lq_args(log_q: torch.Tensor | None, candidate_ids: torch.Tensor):
     return log_q, log_q.stride(0), True
 
 
-def _row_targets(target: torch.Tensor, candidate_ids: torch.Tensor, ignore_index: int):
+def _row_targets(target: torch.Tensor, candidate_ids: torch.Tensor, sorted_ids: torch.Tensor, ignore_index: int):
     """Per-row target column (int32, -1 on ignored rows) and target item id (int64), by one
-    small kernel launch here instead of a dependent load chain in every tile loop."""
+    small kernel launch here instead of a dependent load chain in every tile loop; the same
+    launch writes the ``(1,)`` int32 device flag, 1 when every candidate id fits in int32
+    (from the first and the last of ``sorted_ids``; no host sync)."""
     R = target.shape[0]
     tgt = torch.empty(R, device=target.device, dtype=torch.int32)
     tid = torch.empty(R, device=target.device, dtype=torch.int64)
-    grid = (triton.cdiv(R, _ROW_BLOCK),)
+    fit = torch.empty(1, device=target.device, dtype=torch.int32)
+    grid = (max(1, cdiv(R, _ROW_BLOCK)),)  # program 0 writes the flag, rows or not
     _row_prep_kernel[grid](
-        target, target.stride(0), candidate_ids, candidate_ids.stride(0), tgt, tid, R, ignore_index, BLOCK=_ROW_BLOCK
-    )
-    return tgt, tid
+        target, target.stride(0), candidate_ids, candidate_ids.stride(0), tgt, tid, sorted_ids, fit, R,
+        sorted_ids.numel(), ignore_index, BLOCK=_ROW_BLOCK,
+    )  # fmt: skip
+    return tgt, tid, fit
 
 
 def _ids32(pad_id: int) -> bool:
     """int32 comparisons are possible only if the pad id fits (and, per call, every candidate
-    id: :func:`_ids_fit`)."""
+    id: :func:`_row_targets`)."""
     return -(2**31) <= pad_id < 2**31
 
 
@@ -2576,26 +2625,23 @@ def _cid32_tensor(p: dict) -> torch.Tensor:
     return p["cid32"]
 
 
-def _ids_fit(sorted_ids: torch.Tensor) -> torch.Tensor:
-    """``(1,)`` int32 device flag, 1 when every candidate id fits in int32 (the kernels then
-    compare in int32): the first and last of the sorted ids, no host sync."""
-    lo, hi = sorted_ids[:1], sorted_ids[-1:]
-    return ((lo >= -(2**31)) & (hi < 2**31)).to(torch.int32)
-
-
 def _gmax(g: torch.Tensor) -> torch.Tensor:
     """Largest |upstream weight| (device scalar, no sync): dz is scaled by its inverse."""
     return g.detach().abs().amax().reshape(1).to(torch.float32)
 
 
-def _ignored_rows_zeroed(queries: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``queries`` with the rows of ignored targets (``valid`` False) set to 0, for the
-    column-wise dC kernels: a row's weight there is 0, but its values times that weight reach every
+def _ignored_rows_zeroed(queries: torch.Tensor, valid: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+    """``queries`` (``(R, d)``, or ``(B, R, d)`` for ``B`` branches) with the rows of ignored
+    targets (``valid (R,)`` False) set to 0, for dC (the column-wise kernels or the dz-slab
+    GEMMs): a row's weight there is 0, but its values times that weight reach every
     candidate's gradient (``0 x NaN``: a backbone's padding positions may hold NaN or inf), and
     masking the loads by the rows' targets inside those kernels would make each step's query
     load wait on its target load. The row-wise kernels mask the loads (a row tile is loaded
-    once). One elementwise pass over ``(R, d)``."""
-    return torch.where(valid[:, None], queries, queries.new_zeros(()))
+    once). One elementwise pass over the queries; ``scratch``: ``queries`` is this call's own
+    copy, zeroed in place (only the ignored rows are written)."""
+    if scratch:
+        return queries.masked_fill_(~valid[:, None], 0.0)
+    return torch.where(valid[:, None], queries, 0.0)
 
 
 def _excl_flags(exclude_ids, candidate_ids, pad_id: int):
@@ -2610,14 +2656,14 @@ _ROW_BLOCK = 256
 def _prep(target, candidate_ids, exclude_ids, log_q, pad_id: int, ignore_index: int) -> dict:
     """Everything the kernels share about the batch: per-row targets, excluded ids, log Q,
     and the candidate ids sorted once (values, original columns) for :func:`_tile_flags`."""
-    tgt, tid = _row_targets(target, candidate_ids, ignore_index)
+    vals, order = torch.sort(candidate_ids.to(torch.int64), stable=True)
+    tgt, tid, fit = _row_targets(target, candidate_ids, vals, ignore_index)
     ex_args, S, xflags = _excl_flags(exclude_ids, candidate_ids, pad_id)
     lq, s_lq, has_lq = _lq_args(log_q, candidate_ids)
-    vals, order = torch.sort(candidate_ids.to(torch.int64), stable=True)
     lists_on = _lists_on(target, target.shape[0], candidate_ids.shape[0], S)
     return dict(
         rows=(tgt, tid, candidate_ids, candidate_ids.stride(0), *ex_args),
-        fit=_ids_fit(vals),
+        fit=fit,
         lq=(lq, s_lq),
         has_lq=has_lq,
         candidates=(candidate_ids, log_q),
@@ -2636,26 +2682,25 @@ def _prep(target, candidate_ids, exclude_ids, log_q, pad_id: int, ignore_index: 
 
 
 _FLAG_BLOCK = 128
+_GROUPS_BLOCK = 1024
 _MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (the flag kernel's id slots)
 
 
 def _id_groups(p: dict, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The (id, column tile) grouping of the sorted candidate ids for column tiles of
     ``block_n``: ``pos (N+1,)`` gives each sorted position its group (``pos[N]`` = number of
-    groups) and ``gstart`` each group its first sorted position (``gstart[n_groups] = N``).
-    Sorting is stable, so within one id the columns, hence their tiles, ascend and every
-    group is a contiguous run. Fixed-size tensors, no host sync; cached per ``block_n``."""
+    groups) and ``gstart (N+1,)`` each group its first sorted position (``gstart[n_groups] =
+    N``; the entries past it are not written). Sorting is stable, so within one id the
+    columns, hence their tiles, ascend and every group is a contiguous run. Both int32, built
+    by one ``_groups_kernel`` launch (it replaced some twenty small tensor operations), no
+    host sync; cached per ``block_n``."""
     if block_n not in p["groups"]:
         vals, order = p["sorted"]
         N = vals.numel()
-        ct = order // block_n
-        first = torch.ones(N + 1, dtype=torch.bool, device=vals.device)
-        first[1:N] = (vals[1:] != vals[:-1]) | (ct[1:] != ct[:-1])
-        pos = torch.cumsum(first, 0) - 1
-        ar = torch.arange(N, device=vals.device)
-        # firsts go to their group's slot, the others to distinct spare slots (no duplicates)
-        idx = torch.where(first[:N], pos[:N], N + 1 + ar)
-        gstart = torch.full((2 * N + 1,), N, dtype=torch.int64, device=vals.device).scatter_(0, idx, ar)
+        pos = torch.empty(N + 1, dtype=torch.int32, device=vals.device)
+        gstart = torch.empty(N + 1, dtype=torch.int32, device=vals.device)
+        compiled = _groups_kernel[(1,)](vals, order, pos, gstart, N, BLOCK_N=block_n, BLOCK=_GROUPS_BLOCK)
+        _record("groups", compiled, dict(BLOCK_N=block_n), (1,))
         p["groups"][block_n] = (pos, gstart)
     return p["groups"][block_n]
 
@@ -2675,8 +2720,8 @@ def _tile_flags(p: dict, block_r: int, block_n: int) -> torch.Tensor:
         vals, order = p["sorted"]
         R, N = tgt.numel(), vals.numel()
         pos, gstart = _id_groups(p, block_n)
-        flags = torch.zeros(triton.cdiv(R, block_r), triton.cdiv(N, block_n), dtype=torch.int8, device=tgt.device)
-        grid = (triton.cdiv(R, _FLAG_BLOCK), p["S"] + 1)
+        flags = torch.zeros(cdiv(R, block_r), cdiv(N, block_n), dtype=torch.int8, device=tgt.device)
+        grid = (cdiv(R, _FLAG_BLOCK), p["S"] + 1)
         compiled = _flag_kernel[grid](
             tgt,
             tid,
@@ -2718,7 +2763,7 @@ def _dl_width(S: int) -> int:
     16 to 64. A row with more than ``width - 2`` dropped columns (with its target column and
     repeats) overflows: its list is left empty and its row tile's flagged pairs take the id
     test."""
-    return min(64, max(16, triton.next_power_of_2(2 * (S + 1))))
+    return min(64, max(16, next_power_of_2(2 * (S + 1))))
 
 
 def _drop_lists(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2765,7 +2810,7 @@ def _row_lists(p: dict, block_n: int | None, n_split: int = 0, split_cols: int =
     tiles = torch.empty_like(lists) if block_n else lists
     starts = torch.empty(max(n_split, 1), R, dtype=torch.int32, device=tgt.device)
     block = _lists_block(width)
-    grid = (triton.cdiv(R, block),)
+    grid = (cdiv(R, block),)
     compiled = _row_lists_kernel[grid](
         tgt,
         tid,
@@ -2786,7 +2831,7 @@ def _row_lists(p: dict, block_n: int | None, n_split: int = 0, split_cols: int =
         n_split if block_n else 0,
         split_cols,
         DL_K=width,
-        IDS=max(2, triton.next_power_of_2(S + 1)),
+        IDS=max(2, next_power_of_2(S + 1)),
         BLOCK=block,
         BLOCK_N=block_n or 1,
         TILE_LISTS=bool(block_n),
@@ -2818,7 +2863,7 @@ def _list_flags(p: dict, block_r: int, block_n: int) -> torch.Tensor:
         flags = _tile_flags(p, block_r, block_n).clone()
         lists, total = _drop_lists(p)
         R, width = lists.shape
-        grid = (triton.cdiv(R, _DENSE_BLOCK),)
+        grid = (cdiv(R, _DENSE_BLOCK),)
         compiled = _dense_kernel[grid](
             lists,
             total,
@@ -2877,7 +2922,7 @@ def _col_list_flags(p: dict, block_r: int, block_n: int) -> torch.Tensor:
         lists, total = _drop_lists(p)
         R, width = lists.shape
         N = p["sorted"][0].numel()
-        grid = (triton.cdiv(R, _DENSE_BLOCK),)
+        grid = (cdiv(R, _DENSE_BLOCK),)
         _dense_kernel[grid](
             lists,
             total,
@@ -2892,7 +2937,7 @@ def _col_list_flags(p: dict, block_r: int, block_n: int) -> torch.Tensor:
             ROWWISE=False,
         )
         cols, rows = _col_pairs(p)
-        grid = (triton.cdiv(cols.numel(), _DENSE_BLOCK),)
+        grid = (cdiv(cols.numel(), _DENSE_BLOCK),)
         compiled = _dense_cols_kernel[grid](
             rows,
             cols,
@@ -2952,7 +2997,7 @@ def _tile_meta(c: dict, grid_over_rows: bool, with_do: bool) -> dict:
 
 
 def _bwd_grid(c: dict, extent: int, d: int) -> tuple[int, int]:
-    return (triton.cdiv(extent, c["BLOCK_T"]), triton.cdiv(d, c["BLOCK_DO"]))
+    return (cdiv(extent, c["BLOCK_T"]), cdiv(d, c["BLOCK_DO"]))
 
 
 # ======================================================================================
@@ -2973,59 +3018,66 @@ def _ce_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses (0 on ignored rows) and per-row log-sum-exp, both fp32 ``(R,)``."""
     with on_device_of(queries):
-        R, D = queries.shape
-        N = candidates.shape[0]
-        p = _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
-        cfg = _config("fwd", R, N, D, _interpreting(queries))
-        n_sm = _num_sms(queries)
-        p2d = max(16, triton.next_power_of_2(D))
-
-        def make(c):
-            row_tiles, col_tiles = triton.cdiv(R, c["BLOCK_T"]), triton.cdiv(N, c["BLOCK_W"])
-            per = _fwd_split(row_tiles, col_tiles, n_sm)
-            n_split = triton.cdiv(col_tiles, per)
-            part = torch.empty(3, n_split, R, device=queries.device, dtype=torch.float32)
-            # the starts first: with the tile lists in the same launch (_row_lists)
-            starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])
-            args = (
-                queries,
-                queries.stride(0),
-                queries.stride(1),
-                candidates,
-                candidates.stride(0),
-                candidates.stride(1),
-                *p["rows"],
-                _col_bias_tensor(p),
-                _cid32_tensor(p),
-                p["fit"],
-                *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"]),
-                starts,
-                part,
-                R,
-                N,
-                D,
-                p["S"],
-                pad_id,
-                per * c["BLOCK_W"],
-            )
-            meta = dict(
-                **p["flags"],
-                **p["hoist"],
-                DL_K=p["dl_k"],
-                **_tile_meta(c, True, False),
-                PREC=_prec(queries.dtype),
-                D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
-            )
-            return (row_tiles, n_split), args, meta
-
-        _, args = _launch("ce_fwd", _ce_fwd_kernel, cfg, make, with_do=False)
-        part = args[-7]
-        loss = torch.empty(R, device=queries.device, dtype=torch.float32)
-        lse = torch.empty(R, device=queries.device, dtype=torch.float32)
-        grid = (triton.cdiv(R, _COMBINE_BLOCK),)
-        compiled = _ce_combine_kernel[grid](part, p["rows"][0], loss, lse, R, part.shape[1], BLOCK=_COMBINE_BLOCK)
-        _record("ce_combine", compiled, {}, grid)
+        loss, lse, _ = _ce_forward(queries, candidates, target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
         return loss, lse
+
+
+def _ce_forward(queries, candidates, target, candidate_ids, exclude_ids, log_q, pad_id: int, ignore_index: int):
+    """The single-branch forward's launches: ``(loss, lse, p)`` with ``p`` the call's
+    :func:`_prep` (flag grids, drop lists), which the eager backward reuses."""
+    R, D = queries.shape
+    N = candidates.shape[0]
+    p = _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
+    cfg = _config("fwd", R, N, D, _interpreting(queries))
+    n_sm = _num_sms(queries)
+    p2d = max(16, next_power_of_2(D))
+
+    def make(c):
+        row_tiles, col_tiles = cdiv(R, c["BLOCK_T"]), cdiv(N, c["BLOCK_W"])
+        per = _fwd_split(row_tiles, col_tiles, n_sm)
+        n_split = cdiv(col_tiles, per)
+        part = torch.empty(3, n_split, R, device=queries.device, dtype=torch.float32)
+        # the starts first: with the tile lists in the same launch (_row_lists)
+        starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])
+        args = (
+            queries,
+            queries.stride(0),
+            queries.stride(1),
+            candidates,
+            candidates.stride(0),
+            candidates.stride(1),
+            *p["rows"],
+            _col_bias_tensor(p),
+            _cid32_tensor(p),
+            p["fit"],
+            *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"]),
+            starts,
+            part,
+            R,
+            N,
+            D,
+            p["S"],
+            pad_id,
+            per * c["BLOCK_W"],
+        )
+        meta = dict(
+            **p["flags"],
+            **p["hoist"],
+            DL_K=p["dl_k"],
+            **_tile_meta(c, True, False),
+            PREC=_prec(queries.dtype),
+            D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
+        )
+        return (row_tiles, n_split), args, meta
+
+    _, args = _launch("ce_fwd", _ce_fwd_kernel, cfg, make, with_do=False)
+    part = args[-7]
+    loss = torch.empty(R, device=queries.device, dtype=torch.float32)
+    lse = torch.empty(R, device=queries.device, dtype=torch.float32)
+    grid = (cdiv(R, _COMBINE_BLOCK),)
+    compiled = _ce_combine_kernel[grid](part, p["rows"][0], loss, lse, R, part.shape[1], BLOCK=_COMBINE_BLOCK)
+    _record("ce_combine", compiled, {}, grid)
+    return loss, lse, p
 
 
 @_ce_op.register_fake
@@ -3046,9 +3098,11 @@ def _ce_backward_impl(
     pad_id: int,
     ignore_index: int,
     parts=("dq", "dc"),
+    prep: dict | None = None,
 ):
     """Launches the backward kernels named in ``parts`` (the benchmark times them one by
-    one); returns ``(dq, dc)``, an uncomputed one left uninitialised. With the GEMM dC
+    one); returns ``(dq, dc)``, an uncomputed one left uninitialised. ``prep``: the forward's
+    :func:`_prep` of the same inputs (its flag grids and lists are reused), or None. With the GEMM dC
     (:func:`_dz_slab_width`), ``"dc"`` computes both: the dQ kernel stores ``dz`` slab by slab
     and cuBLAS forms ``dC = dz^T Q``."""
     R, D = queries.shape
@@ -3057,7 +3111,7 @@ def _ce_backward_impl(
     gmax = _gmax(g)
     dq = torch.empty(R, D, device=queries.device, dtype=queries.dtype)
     dc = torch.empty(N, D, device=candidates.device, dtype=candidates.dtype)
-    p = _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
+    p = prep if prep is not None else _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
     interp = _interpreting(queries)
     head = (
         queries,
@@ -3083,7 +3137,7 @@ def _ce_backward_impl(
             _ce_dq_kernel,
             cfg,
             lambda c: (
-                (triton.cdiv(R, c["BLOCK_T"]), 1) if dq_off else _bwd_grid(c, R, D),
+                (cdiv(R, c["BLOCK_T"]), 1) if dq_off else _bwd_grid(c, R, D),
                 (*head, *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"]), holder if starts is None else starts)
                 + (lse, g, gmax, out, out.stride(0), out.stride(1))
                 + (holder if dz is None else dz, 0 if dz is None else dz.stride(0))
@@ -3106,18 +3160,19 @@ def _ce_backward_impl(
 
     if width is not None:
         # dz slab by slab; dQ: the slabs' shares summed in float32, in slab order; dC = dz^T Q
-        n_slab = triton.cdiv(N, width)
+        n_slab = cdiv(N, width)
         dz = torch.empty(1, R, width, device=queries.device, dtype=queries.dtype)
         acc = torch.empty(R, D, device=queries.device, dtype=torch.float32)
         # a slab's dQ share: float32 from the kernel, or the inputs' dtype from cuBLAS (dq_off)
         share = torch.empty(R, D, device=queries.device, dtype=queries.dtype if dq_off else torch.float32)
-        zeroed = _ignored_rows_zeroed(queries, p["rows"][0] >= 0)
+        zeroed = _ignored_rows_zeroed(queries[None], p["rows"][0] >= 0)
+        batched = (candidates[None], zeroed, dc[None], share[None])  # _slab_products' (B, ...) operands
         starts = _split_starts(p, cfg_dq["BLOCK_W"], n_slab, width)
         for k in range(n_slab):
             lo, hi = k * width, min(N, (k + 1) * width)
             later = starts[k] if k and p["lists_on"] else None  # (the first slab's start at 0)
             cfg_dq = launch_dq(cfg_dq, lo, hi, share if k or dq_off else acc, dz[0], later)
-            _slab_products(dz, lo, hi, (candidates,), (zeroed,), dc[None], share[None], gmax, dq_off, not dz_true)
+            _slab_products(dz, lo, hi, *batched, gmax, dq_off, not dz_true)
             if k:
                 acc.add_(share)
             elif dq_off:
@@ -3199,6 +3254,35 @@ def _ce_backward(ctx, grad_loss, grad_lse):
 _ce_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 
 
+class _DirectCE(torch.autograd.Function):
+    """``odmt::debiased_inbatch_ce`` and its autograd formula without the dispatcher, for eager
+    calls on plain tensors (:func:`~._device.direct_eager_call`); the backward also reuses the
+    forward's :func:`_prep` (one row-target launch, one sort, the flag grids and lists fewer)."""
+
+    @staticmethod
+    def forward(ctx, queries, candidates, target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index):
+        with on_device_of(queries):
+            loss, lse, p = _ce_forward(
+                queries, candidates, target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index
+            )
+        ctx.save_for_backward(queries, candidates, target, candidate_ids, exclude_ids, log_q, lse)
+        ctx.args = (pad_id, ignore_index, p)
+        ctx.mark_non_differentiable(lse)
+        return loss, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_lse):
+        queries, candidates, target, candidate_ids, exclude_ids, log_q, lse = ctx.saved_tensors
+        pad_id, ignore_index, p = ctx.args
+        with on_device_of(queries):
+            dq, dc = _ce_backward_impl(
+                queries, candidates, target, candidate_ids, exclude_ids, log_q, lse, grad_loss, pad_id,
+                ignore_index, prep=p,
+            )  # fmt: skip
+        return dq, dc, None, None, None, None, None, None
+
+
 def _valid_count(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (target != ignore_index).sum().clamp(min=1).to(torch.float32)
 
@@ -3226,7 +3310,11 @@ def debiased_inbatch_cross_entropy(
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    per_row, _ = _ce_op(queries, candidates, target, candidate_ids, exclude_ids, log_q, int(pad_id), int(ignore_index))
+    args = (queries, candidates, target, candidate_ids, exclude_ids, log_q, int(pad_id), int(ignore_index))
+    if direct_eager_call(queries, candidates, target, candidate_ids, exclude_ids, log_q):
+        per_row, _ = _DirectCE.apply(*args)
+    else:
+        per_row, _ = _ce_op(*args)
     if reduction == "none":
         return per_row
     if reduction == "sum":
@@ -3282,53 +3370,66 @@ def _odmt_op(
     kl_ensemble_id; 0 on ignored rows) and per-row statistics ``(10, R)``, both fp32.
     ``detach_teacher`` only matters to the backward."""
     with on_device_of(q_id):
-        R, D = q_id.shape
-        N = c_id.shape[0]
-        p = _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
-        cfg = _config("fwd3", R, N, D, _interpreting(q_id))
-        n_sm = _num_sms(q_id)
-        p2d = max(16, triton.next_power_of_2(D))
-        head = _branch_args((q_id, q_text, q_image), (c_id, c_text, c_image))
-
-        def make(c):
-            row_tiles, col_tiles = triton.cdiv(R, c["BLOCK_T"]), triton.cdiv(N, c["BLOCK_W"])
-            per = _fwd_split(row_tiles, col_tiles, n_sm)
-            n_split = triton.cdiv(col_tiles, per)
-            part = torch.empty(_N_SPLIT_STATS, n_split, R, device=q_id.device, dtype=torch.float32)
-            starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])  # first: see _ce_op
-            fl, lists = _row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])
-            args = (*head, *p["rows"], *p["lq"], p["fit"], fl, lists, starts, part, R, N, D, p["S"], pad_id)
-            args += (float(temperature), per * c["BLOCK_W"])
-            meta = dict(
-                **p["flags"],
-                **p["hoist"],
-                DL_K=p["dl_k"],
-                **_tile_meta(c, True, False),
-                HAS_LQ=p["has_lq"],
-                FORM_KL=bool(form_kl),
-                PREC=_prec(q_id.dtype),
-                D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
-            )
-            return (row_tiles, n_split), args, meta
-
-        _, args = _launch("odmt_fwd", _odmt_fwd_kernel, cfg, make, with_do=False)
-        part = args[-8]
-        loss = torch.empty(_N_PARTS, R, device=q_id.device, dtype=torch.float32)
-        stats = torch.empty(_N_STATS, R, device=q_id.device, dtype=torch.float32)
-        grid = (triton.cdiv(R, _COMBINE_BLOCK),)
-        compiled = _odmt_combine_kernel[grid](
-            part,
-            p["rows"][0],
-            loss,
-            stats,
-            R,
-            part.shape[1],
-            float(temperature),
-            FORM_KL=bool(form_kl),
-            BLOCK=_COMBINE_BLOCK,
-        )
-        _record("odmt_combine", compiled, {}, grid)
+        loss, stats, _ = _odmt_forward(
+            q_id, q_text, q_image, c_id, c_text, c_image, target, candidate_ids, exclude_ids, log_q, temperature,
+            form_kl, pad_id, ignore_index,
+        )  # fmt: skip
         return loss, stats
+
+
+def _odmt_forward(
+    q_id, q_text, q_image, c_id, c_text, c_image, target, candidate_ids, exclude_ids, log_q, temperature: float,
+    form_kl: bool, pad_id: int, ignore_index: int,
+):  # fmt: skip
+    """The three-branch forward's launches: ``(loss, stats, p)`` with ``p`` the call's
+    :func:`_prep`, which the eager backward reuses."""
+    R, D = q_id.shape
+    N = c_id.shape[0]
+    p = _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
+    cfg = _config("fwd3", R, N, D, _interpreting(q_id))
+    n_sm = _num_sms(q_id)
+    p2d = max(16, next_power_of_2(D))
+    head = _branch_args((q_id, q_text, q_image), (c_id, c_text, c_image))
+
+    def make(c):
+        row_tiles, col_tiles = cdiv(R, c["BLOCK_T"]), cdiv(N, c["BLOCK_W"])
+        per = _fwd_split(row_tiles, col_tiles, n_sm)
+        n_split = cdiv(col_tiles, per)
+        part = torch.empty(_N_SPLIT_STATS, n_split, R, device=q_id.device, dtype=torch.float32)
+        starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])  # first: see _ce_op
+        fl, lists = _row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])
+        args = (*head, *p["rows"], *p["lq"], p["fit"], fl, lists, starts, part, R, N, D, p["S"], pad_id)
+        args += (float(temperature), per * c["BLOCK_W"])
+        meta = dict(
+            **p["flags"],
+            **p["hoist"],
+            DL_K=p["dl_k"],
+            **_tile_meta(c, True, False),
+            HAS_LQ=p["has_lq"],
+            FORM_KL=bool(form_kl),
+            PREC=_prec(q_id.dtype),
+            D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
+        )
+        return (row_tiles, n_split), args, meta
+
+    _, args = _launch("odmt_fwd", _odmt_fwd_kernel, cfg, make, with_do=False)
+    part = args[-8]
+    loss = torch.empty(_N_PARTS, R, device=q_id.device, dtype=torch.float32)
+    stats = torch.empty(_N_STATS, R, device=q_id.device, dtype=torch.float32)
+    grid = (cdiv(R, _COMBINE_BLOCK),)
+    compiled = _odmt_combine_kernel[grid](
+        part,
+        p["rows"][0],
+        loss,
+        stats,
+        R,
+        part.shape[1],
+        float(temperature),
+        FORM_KL=bool(form_kl),
+        BLOCK=_COMBINE_BLOCK,
+    )
+    _record("odmt_combine", compiled, {}, grid)
+    return loss, stats, p
 
 
 @_odmt_op.register_fake
@@ -3372,17 +3473,18 @@ def _odmt_backward_impl(
     pad_id: int,
     ignore_index: int,
     parts=("dq", "dc"),
+    prep: dict | None = None,
 ):
     """Launches the backward kernels named in ``parts``; returns ``(dq, dc)`` of shapes
     ``(3, R, d)`` and ``(3, N, d)``, an uncomputed one left uninitialised (with the GEMM dC,
-    ``"dc"`` computes both, as in :func:`_ce_backward_impl`)."""
+    ``"dc"`` computes both, as in :func:`_ce_backward_impl`; ``prep`` as there)."""
     R, D = q_id.shape
     N = c_id.shape[0]
     g = grad_rows.to(torch.float32).contiguous()
     gmax = _gmax(g)
     dq = torch.empty(3, R, D, device=q_id.device, dtype=q_id.dtype)
     dc = torch.empty(3, N, D, device=c_id.device, dtype=c_id.dtype)
-    p = _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
+    p = prep if prep is not None else _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
     interp = _interpreting(q_id)
     cs, shared = (c_id, c_text, c_image), (*p["rows"], *p["lq"], p["fit"])
     head = (*_branch_args((q_id, q_text, q_image), cs), *shared)
@@ -3400,7 +3502,7 @@ def _odmt_backward_impl(
         holder = p["rows"][0]  # never read where a flag says so
 
         def make_dq(c):
-            grid = (triton.cdiv(R, c["BLOCK_T"]), 1) if dq_off else _bwd_grid(c, R, D)
+            grid = (cdiv(R, c["BLOCK_T"]), 1) if dq_off else _bwd_grid(c, R, D)
             n_split, per = _split_walk(grid[0] * grid[1], n_end - n_begin, c["BLOCK_W"], n_sm, True)
             # without dQ dots the splits only share the walk: no partial sums
             out, split_stride = used["dq"] = (target_out, 0) if dq_off else _split_out(target_out, n_split)
@@ -3428,17 +3530,19 @@ def _odmt_backward_impl(
     if width is not None:
         # dz slab by slab; dQ: the slabs' shares summed in float32, in slab order; dC = dz^T Q
         # per slab and branch
-        n_slab = triton.cdiv(N, width)
+        n_slab = cdiv(N, width)
         dz = torch.empty(3, R, width, device=q_id.device, dtype=q_id.dtype)
         acc = torch.empty(3, R, D, device=q_id.device, dtype=torch.float32)
         # a slab's dQ share: float32 from the kernel, or the inputs' dtype from cuBLAS (dq_off)
         share = torch.empty(3, R, D, device=q_id.device, dtype=q_id.dtype if dq_off else torch.float32)
-        zeroed = tuple(_ignored_rows_zeroed(q, valid) for q in (q_id, q_text, q_image))
+        zeroed = _ignored_rows_zeroed(torch.stack((q_id, q_text, q_image)), valid, scratch=True)
+        # the candidates in one (3, N, d) tensor for the batched dQ GEMMs (one copy a call)
+        cs3 = torch.stack(cs) if dq_off else None
         scaled = q_id.dtype == torch.float16
         for k in range(n_slab):
             lo, hi = k * width, min(N, (k + 1) * width)
             cfg_dq = launch_dq(cfg_dq, lo, hi, share if k or dq_off else acc, dz, dq_off)
-            _slab_products(dz, lo, hi, cs, zeroed, dc, share, gmax, dq_off, scaled)
+            _slab_products(dz, lo, hi, cs3, zeroed, dc, share, gmax, dq_off, scaled)
             if k:
                 acc.add_(share)
             elif dq_off:
@@ -3562,6 +3666,30 @@ def _odmt_backward(ctx, grad_loss, grad_stats):
 _odmt_op.register_autograd(_odmt_backward, setup_context=_odmt_setup_context)
 
 
+class _DirectODMT(torch.autograd.Function):
+    """``odmt::mutual_distillation`` and its autograd formula without the dispatcher, for eager
+    calls on plain tensors (as :class:`_DirectCE`)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        tensors, (temperature, form_kl, detach_teacher, pad_id, ignore_index) = args[:10], args[10:]
+        with on_device_of(tensors[0]):
+            loss, stats, p = _odmt_forward(*tensors, temperature, form_kl, pad_id, ignore_index)
+        ctx.save_for_backward(*tensors, stats)
+        ctx.args = (temperature, form_kl, detach_teacher, pad_id, ignore_index, p)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_stats):
+        saved = ctx.saved_tensors
+        *flags, p = ctx.args
+        with on_device_of(saved[0]):
+            dq, dc = _odmt_backward_impl(*saved, grad_loss, *flags, prep=p)
+        return (*dq.unbind(0), *dc.unbind(0)) + (None,) * 9
+
+
 def mutual_distillation_loss(
     q_id: torch.Tensor,
     q_text: torch.Tensor,
@@ -3609,23 +3737,12 @@ def mutual_distillation_loss(
         q_id, q_text, q_image, c_id, c_text, c_image = (
             torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in (q_id, q_text, q_image, c_id, c_text, c_image)
         )
-    per_row, _ = _odmt_op(
-        q_id,
-        q_text,
-        q_image,
-        c_id,
-        c_text,
-        c_image,
-        target,
-        candidate_ids,
-        exclude_ids,
-        log_q,
-        float(temperature),
-        form == "kl",
-        bool(detach_teacher),
-        int(pad_id),
-        int(ignore_index),
-    )
+    tensors = (q_id, q_text, q_image, c_id, c_text, c_image, target, candidate_ids, exclude_ids, log_q)
+    args = (*tensors, float(temperature), form == "kl", bool(detach_teacher), int(pad_id), int(ignore_index))
+    if direct_eager_call(*tensors):
+        per_row, _ = _DirectODMT.apply(*args)
+    else:
+        per_row, _ = _odmt_op(*args)
     parts = per_row.sum(dim=1)
     if reduction == "mean":
         parts = parts / _valid_count(target, ignore_index)

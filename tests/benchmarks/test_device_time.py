@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 _PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "device_time.py"
@@ -46,3 +47,18 @@ def test_elapsed_ms_times_one_call_on_the_wall_clock_without_cuda():
     calls = []
     ms = device_time.elapsed_ms(lambda: (calls.append(1), time.sleep(0.02)), torch.device("cpu"))
     assert calls == [1] and 20.0 <= ms < 2000.0
+
+
+def test_custom_op_route_switches_the_entry_points_and_restores_them():
+    from odmt_components.kernels import attention as A
+    from odmt_components.kernels import inbatch_loss as K
+
+    plain = torch.zeros(2)
+    assert A.direct_eager_call(plain) and K.direct_eager_call(plain)
+    with pytest.raises(KeyError), device_time.custom_op_route(A, K):
+        assert not A.direct_eager_call(plain) and not K.direct_eager_call(plain)
+        q = torch.randn(1, 1, 5, 16, requires_grad=True)
+        out = A.id_masked_attention(q, q, q, None, None, 0.0, None, 0)
+        assert "_DirectAttention" not in type(out.grad_fn).__name__
+        raise KeyError("the block left by an error")
+    assert A.direct_eager_call(plain) and K.direct_eager_call(plain)

@@ -968,6 +968,55 @@ def _pad_only_ids(cand: torch.Tensor) -> torch.Tensor:
     return torch.where(cand == PAD, PAD, torch.arange(1, cand.numel() + 1, device=cand.device))
 
 
+def _groups_by_definition(cand: torch.Tensor, block_n: int) -> tuple[list[int], list[int]]:
+    """``(pos, gstart)`` of :func:`K._id_groups` by its definition, in Python: the sorted
+    positions (stable) grouped by (id, column tile)."""
+    order = sorted(range(cand.numel()), key=lambda j: (int(cand[j]), j))
+    keys = [(int(cand[j]), j // block_n) for j in order] + [None]
+    pos, gstart = [], []
+    for i, key in enumerate(keys):
+        if i == 0 or key is None or key != keys[i - 1]:
+            gstart.append(i)
+        pos.append(len(gstart) - 1)
+    return pos, gstart
+
+
+@pytest.mark.parametrize("block", [16, 1024])
+def test_id_groups_match_their_definition(monkeypatch, block):
+    """The one-program scan of ``_groups_kernel`` against the definition, at the default
+    block and at 16, so that the count carried across blocks is exercised (N = 70: five
+    blocks, the last holding position N alone when N + 1 is a block's multiple plus one)."""
+    monkeypatch.setattr(K, "_GROUPS_BLOCK", block)
+    gen = torch.Generator().manual_seed(11)
+    for N, n_ids in [(70, 9), (63, 63), (64, 1), (1, 1)]:
+        cand = torch.randint(-3, n_ids, (N,), generator=gen) * 7 + 2**33  # repeats, ids past int32
+        target = torch.zeros(3, dtype=torch.int64)
+        p = K._prep(target, cand, None, None, PAD, IGNORE)
+        for block_n in (1, 4, 16):
+            pos, gstart = K._id_groups(p, block_n)
+            want_pos, want_gstart = _groups_by_definition(cand, block_n)
+            assert pos.tolist() == want_pos, (N, block_n)
+            assert gstart[: len(want_gstart)].tolist() == want_gstart, (N, block_n)
+
+
+@pytest.mark.parametrize(
+    "ids,fits",
+    [
+        ([0, 5, 2**31 - 1], 1),
+        ([-(2**31), 3], 1),
+        ([1, 2**31], 0),
+        ([-(2**31) - 1, 1], 0),
+        ([2**40, 2**40 + 1], 0),
+    ],
+)
+def test_ids_fit_flag(ids, fits):
+    """The int32 flag the row-target launch writes: 1 exactly when every candidate id fits."""
+    cand = torch.tensor(ids, dtype=torch.int64)
+    p = K._prep(torch.tensor([0, IGNORE]), cand, None, None, PAD, IGNORE)
+    assert p["fit"].tolist() == [fits]
+    assert p["rows"][0].tolist() == [0, -1] and p["rows"][1][0].item() == ids[0]
+
+
 @pytest.mark.parametrize("case", FLAG_CASES)
 def test_tile_flags_are_the_minimal_grid(case):
     """The flag builder against its definition, at the interpreter's tile and at uneven ones
