@@ -29,8 +29,9 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 def direct_eager_call(*tensors: torch.Tensor | None) -> bool:
     """Whether a public kernel entry point may run its kernels through a plain
     ``torch.autograd.Function`` instead of its registered custom op: plain tensors only, no
-    ``torch.compile`` tracing, no dispatch mode (fake tensors, ``opcheck``'s checks, flop
-    counters) and no functorch transform active.
+    ``torch.compile`` or ``torch.jit.trace`` tracing (a trace records the custom op, not the
+    launches inside a Python function), no dispatch mode (fake tensors, ``opcheck``'s checks,
+    flop counters) and no functorch transform active.
 
     Both routes run the same launch functions on the same inputs, so they compute the same
     thing; the custom op's dispatcher route costs host time on every call (argument
@@ -38,7 +39,7 @@ def direct_eager_call(*tensors: torch.Tensor | None) -> bool:
     time of an eager attention fwd + bwd at ODMT's sizes on a CPU like the CI's), which at the
     sizes ODMT trains with is the call's wall time, not the kernels'. Under ``torch.compile``
     (and wherever the checks above fail) the custom op runs, which is what tracing needs."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
         return False
     if _get_current_dispatch_mode() is not None:
         return False

@@ -90,7 +90,8 @@ each program owns the full width: the candidate (resp. query) tile loaded for th
 the very operand of the gradient dot. For d > 256 the grid adds chunks of ``BLOCK_DO`` output features (the scores
 are recomputed per chunk). ``dz`` is cast to the input dtype for the tensor-core dot; to keep
 fp16 from underflowing (``g = 1/n_valid`` times ``p ~ 1/N``), the per-row weights are divided
-by their largest magnitude inside the kernels and the accumulators multiplied back at the end.
+by their largest magnitude inside the kernels and the accumulators multiplied back at the end
+(fp16 inputs only: bf16 and fp32 take a scale of 1, :func:`_gmax`).
 A three-branch grid smaller than two programs an SM (the paper scale: 144 / 156 programs of
 one SM each) also splits its walk (``_bwd_split``, grid axis 2): each split writes float32
 partials, which ``_sum_splits_kernel`` adds in split order -- still deterministic.
@@ -2625,8 +2626,13 @@ def _cid32_tensor(p: dict) -> torch.Tensor:
     return p["cid32"]
 
 
-def _gmax(g: torch.Tensor) -> torch.Tensor:
-    """Largest |upstream weight| (device scalar, no sync): dz is scaled by its inverse."""
+def _gmax(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(1,)`` float32 device scalar by whose inverse the kernels scale dz: for fp16 inputs
+    the largest |upstream weight| (no sync), so that dz keeps clear of fp16's underflow in
+    its 16-bit dot operand and store; 1 for bf16 and fp32, whose exponent range holds dz
+    as it is (one small operation a backward instead of four)."""
+    if dtype != torch.float16:
+        return torch.ones(1, device=g.device, dtype=torch.float32)
     return g.detach().abs().amax().reshape(1).to(torch.float32)
 
 
@@ -3108,7 +3114,7 @@ def _ce_backward_impl(
     R, D = queries.shape
     N = candidates.shape[0]
     g = grad_rows.to(torch.float32).contiguous()
-    gmax = _gmax(g)
+    gmax = _gmax(g, queries.dtype)
     dq = torch.empty(R, D, device=queries.device, dtype=queries.dtype)
     dc = torch.empty(N, D, device=candidates.device, dtype=candidates.dtype)
     p = prep if prep is not None else _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
@@ -3481,7 +3487,7 @@ def _odmt_backward_impl(
     R, D = q_id.shape
     N = c_id.shape[0]
     g = grad_rows.to(torch.float32).contiguous()
-    gmax = _gmax(g)
+    gmax = _gmax(g, q_id.dtype)
     dq = torch.empty(3, R, D, device=q_id.device, dtype=q_id.dtype)
     dc = torch.empty(3, N, D, device=c_id.device, dtype=c_id.dtype)
     p = prep if prep is not None else _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)

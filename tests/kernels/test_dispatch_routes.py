@@ -41,7 +41,8 @@ def test_direct_route_only_for_plain_eager_tensors():
 
     torch.compile(probe, backend="eager", fullgraph=True)(plain)
     torch.func.vmap(probe)(torch.zeros(3, 2))
-    assert seen == [False, False]
+    torch.jit.trace(probe, (plain,), check_trace=False)  # (its check runs probe again, untraced)
+    assert seen == [False, False, False]
 
 
 def _forced_op_route(monkeypatch, module):
@@ -117,3 +118,17 @@ def test_loss_routes_agree_and_the_direct_backward_reuses_the_forwards_prep(monk
     assert torch.equal(direct[0], via_op[0])
     for a, b in zip(direct[1], via_op[1], strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_jit_trace_records_the_custom_op():
+    """Traced, the entry point must leave the op in the graph (a trace of the direct route
+    would hold the output's allocation and not the launch that fills it)."""
+
+    def attend(q):
+        return A.id_masked_attention(q, q, q, None, 1, 0.0, None, 0)
+
+    q = torch.randn(1, 2, 5, 16)
+    traced = torch.jit.trace(attend, (q,))
+    assert "odmt::id_masked_attention" in str(traced.graph)
+    other = torch.randn(1, 2, 5, 16)
+    assert torch.equal(traced(other), attend(other))
