@@ -122,8 +122,8 @@ def aot_report() -> int:
                 if kind.endswith("short"):
                     if kind == "bwd_short":
                         store_ds = {"STORE_DS": split}
-                    else:  # the forward's key blocks (64 + 32 at L = 81)
-                        store_ds = dict(zip(("BLA", "BLB"), attention._key_blocks(length, 128), strict=True))
+                    else:  # the forward's key blocks (64 + 32 at L = 81) and query blocks
+                        store_ds = attention._fwd_blocks(length, 128)
                     configs = [
                         dict(BL=128, BD=c[0], num_warps=c[1], num_stages=c[2], **store_ds)
                         for c in attention._short_configs(kind, length, dim)[:1]
@@ -205,14 +205,21 @@ MAX_REL_ERR = 2e-2
 SHORT_MAX = (attention._SHORT_MAX_FWD, attention._SHORT_MAX_BWD)
 SHORT_FWD_MIN_HEAD_DIM = attention._SHORT_FWD_MIN_HEAD_DIM
 SPLIT_BWD = attention._SPLIT_BWD
+# the one-chunk short forward's query rows in two blocks (64 + 32 at L = 81) or one
+SPLIT_QUERIES = attention._SPLIT_QUERIES
 
 
 def set_paths(
-    fwd_max: int, bwd_max: int, fwd_min_head_dim: int = SHORT_FWD_MIN_HEAD_DIM, split: bool = SPLIT_BWD
+    fwd_max: int,
+    bwd_max: int,
+    fwd_min_head_dim: int = SHORT_FWD_MIN_HEAD_DIM,
+    split: bool = SPLIT_BWD,
+    split_queries: bool = SPLIT_QUERIES,
 ) -> None:
     attention._SHORT_MAX_FWD, attention._SHORT_MAX_BWD = fwd_max, bwd_max
     attention._SHORT_FWD_MIN_HEAD_DIM = fwd_min_head_dim
     attention._SPLIT_BWD = split
+    attention._SPLIT_QUERIES = split_queries
 
 
 res: dict = {
@@ -321,6 +328,10 @@ def sweep_configs(dim: int) -> dict[str, list[tuple[int, ...]]]:
         # a pair with two, and four stages (at 4 heads the calls wait on the host: compare the
         # kernels' own times there, from the CUDA graphs and the profile)
         out["fwd_short"] = [(64, 8, 3, 1, 0), (64, 8, 1, 2, 128), (64, 8, 4, 1, 0)]
+        # the query rows in 64 + 32 (``_SPLIT_QUERIES``; its own first choice is 4 warps, two
+        # programs an SM at 254 registers): four programs at 128 registers (328 B of spills),
+        # three stages, and 8 warps (the 64-row dots then fall back to mma.sync)
+        out["fwd_short_rows2"] = [(64, 4, 2, 4, 128), (64, 4, 3, 2, 0), (64, 8, 2, 2, 128)]
         out["bwd_short"] = [(64, 8, 1, 0, 0), (64, 8, 3, 1, 0), (64, 8, 1, 1, 0), (64, 8, 2, 0, 0), (64, 8, 4, 1, 0)]
     else:
         chunk = 64 if dim % 64 == 0 else 16
@@ -358,9 +369,10 @@ def sweep(tag: str, dim: int, fwd, fwd_bwd, outputs=None, grads: tuple = ()) -> 
             if time.time() - T0 > SWEEP_BUDGET_S and not CAPTURE:
                 res[f"{tag}_sweep_skipped"] = f"time budget {SWEEP_BUDGET_S} s reached"
                 return
-            attention._OVERRIDE[kind] = cfg
-            if kind.endswith("_short") or kind == "dqdk":
-                set_paths(*SHORT_MAX, 0)  # the short kernels at any head dim
+            rows2 = kind.endswith("_rows2")  # the short forward with its query rows split
+            attention._OVERRIDE[kind.removesuffix("_rows2")] = cfg
+            if kind.endswith("_short") or kind == "dqdk" or rows2:
+                set_paths(*SHORT_MAX, 0, split_queries=rows2 or SPLIT_QUERIES)  # the short kernels at any head dim
             else:
                 set_paths(0, 0)
             try:
@@ -382,6 +394,11 @@ def sweep(tag: str, dim: int, fwd, fwd_bwd, outputs=None, grads: tuple = ()) -> 
             finally:
                 attention._OVERRIDE.clear()
                 set_paths(*SHORT_MAX)
+
+
+def _other_rows() -> str:
+    """Label of the short forward's query-row form that is not the default."""
+    return "rows1_" if SPLIT_QUERIES else "rows2_"
 
 
 def case(heads: int, dim: int, tag: str) -> None:
@@ -420,6 +437,8 @@ def case(heads: int, dim: int, tag: str) -> None:
         paths.append(("shortfwd_", SHORT_MAX + (0,)))
     if dim > attention._head_chunk(dim):  # several chunks: check the other form of the short backward
         paths.append(("unsplit_" if SPLIT_BWD else "split_", SHORT_MAX + (SHORT_FWD_MIN_HEAD_DIM, not SPLIT_BWD)))
+    else:  # one chunk: check the other form of the short forward's query rows
+        paths.append((_other_rows(), SHORT_MAX + (SHORT_FWD_MIN_HEAD_DIM, SPLIT_BWD, not SPLIT_QUERIES)))
     for path, thresholds in paths:
         set_paths(*thresholds)
         try:
@@ -523,6 +542,15 @@ def case(heads: int, dim: int, tag: str) -> None:
             record_breakdown(res, f"{tag}_ours_fwdbwd", fwd_bwd, (q, k, v))
             with custom_op_route(attention):  # the dispatcher's route, as torch.compile takes it
                 record(f"{tag}_ours_fwdbwd_via_op", fwd_bwd, rep=100, grads=(q, k, v))
+        if name == "ours":
+            # (in CAPTURE mode too: its compile requests are recorded for the precompile)
+            if dim <= attention._head_chunk(dim):  # the other form of the short forward's query rows
+                set_paths(*SHORT_MAX, split_queries=not SPLIT_QUERIES)
+                try:
+                    record(f"{tag}_{_other_rows()}fwd", fwd, rep=rep)
+                    record(f"{tag}_{_other_rows()}fwdbwd", fwd_bwd, rep=100, grads=(q, k, v))
+                finally:
+                    set_paths(*SHORT_MAX)
             q.grad = k.grad = v.grad = None
         if name != "flex_compiled":
             graphs.append((f"{tag}_{name}_fwdbwd_graphed", fwd_bwd))
@@ -563,7 +591,10 @@ def case(heads: int, dim: int, tag: str) -> None:
     finally:
         set_paths(*SHORT_MAX)
     q.grad = k.grad = v.grad = None
-    res[f"{tag}_block_configs"] = {key[0]: list(cfg) for key, cfg in attention._CHOSEN.items()}
+    res[f"{tag}_block_configs"] = {
+        key[0] + ("_rows2" if key[0] == "fwd_short" and key[-1] else ""): list(cfg)
+        for key, cfg in attention._CHOSEN.items()
+    }
 
 
 for heads, dim, tag in CONFIGS:
@@ -678,6 +709,7 @@ for _, _, tag in CONFIGS:
     line = f"  {tag:8s} used " + ", ".join(f"{kind}={'x'.join(map(str, cfg))}" for kind, cfg in used.items())
     for kind, base in (
         ("fwd_short", num(f"{tag}_ours_fwd")),
+        ("fwd_short_rows2", num(f"{tag}_ours_fwd")),
         ("bwd_short", num(f"{tag}_ours_fwdbwd")),
         ("dqdk", num(f"{tag}_ours_fwdbwd")),
         ("fwd", num(f"{tag}_blocked_fwd")),
@@ -693,6 +725,12 @@ for _, _, tag in CONFIGS:
     other = "unsplit" if SPLIT_BWD else "split"
     if num(f"{tag}_{other}_fwdbwd") is not None:
         line += f" | short backward {other}: fwd+bwd {num(f'{tag}_{other}_fwdbwd'):.0f} us"
+    rows = _other_rows()
+    if num(f"{tag}_{rows}fwd") is not None and num(f"{tag}_{rows}fwdbwd") is not None:
+        form = "one block" if SPLIT_QUERIES else "64 + 32"
+        line += f" | query rows {form}: fwd {num(f'{tag}_{rows}fwd'):.0f} / fwd+bwd {num(f'{tag}_{rows}fwdbwd'):.0f} us"
+    if num(f"{tag}_ours_fwdbwd_via_op") is not None:
+        line += f" | custom-op route fwd+bwd {num(f'{tag}_ours_fwdbwd_via_op'):.0f} us"
     print(line)
 dump()
 if failures:

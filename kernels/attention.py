@@ -32,7 +32,10 @@ A program holds every query and every key of one ``(b, h)`` (``BL = next_power_o
 ``S`` is accumulated over head-dim chunks of ``BD`` columns (the largest power of two dividing
 ``D``, clamped to 16..64: 384 = 6 x 64), so Q, K, V are each read exactly once and O written
 once -- the memory roofline's traffic, where a blocked kernel re-reads K and V once per query
-block. With the whole row in registers the softmax needs no online rescaling::
+block. With the whole row in registers the softmax needs no online rescaling. With one chunk the
+keys are loaded in blocks of ``BL / 2 + BL / 4`` where ``L <= 3 BL / 4`` (64 + 32 at L = 81:
+the tile's padding quarter is never computed) and, with ``_SPLIT_QUERIES`` (off by default,
+untimed), the query rows likewise::
 
     forward, per (b, h)                         backward, per (b, h)
     ---------------------------------------     ----------------------------------------------
@@ -534,6 +537,39 @@ def _short_ds(p, p_drop, dp, dropout_p, DROPOUT: tl.constexpr):
     return (p32 * (dp - delta[:, None])).to(p.dtype)
 
 
+@triton.jit
+def _short_fwd_rows(q, rows, k, v, ok_a, offs_a, k_b, v_b, ok_b, offs_b, o_base, sol, sod, lse_base, cols, bh, L, ID,
+                    qk_scale, dropout_p, seed, HEAD_DIM: tl.constexpr, BLA: tl.constexpr, BLB: tl.constexpr,
+                    DROPOUT: tl.constexpr, PREC: tl.constexpr):
+    """One-chunk forward of the query rows ``rows`` (their tile ``q``) of pair ``bh`` against
+    its keys in one block (``k``, ``v``) or two (``BLB > 0``: ``k_b``, ``v_b`` too): scores,
+    plain softmax, ``O`` and the log-sum-exp of those rows, stored."""
+    s_a = tl.dot(q, tl.trans(k), input_precision=PREC)
+    s_a = _scaled_scores(s_a, ok_a, rows, offs_a, ID, qk_scale)
+    m = tl.max(s_a, 1)
+    if BLB > 0:
+        s_b = tl.dot(q, tl.trans(k_b), input_precision=PREC)
+        s_b = _scaled_scores(s_b, ok_b, rows, offs_b, ID, qk_scale)
+        m = tl.maximum(m, tl.max(s_b, 1))
+    m_safe = _safe_max(m)
+    e_a = tl.exp2(s_a - m_safe[:, None])
+    l_sum = tl.sum(e_a, 1)
+    if DROPOUT:
+        e_a = tl.where(_dropout_keep(seed, bh, rows, 0, L, dropout_p, BLA), e_a, 0.0)
+    # normalised after the dot: the (rows, BD) output is smaller than the score tile
+    o = tl.dot(e_a.to(v.dtype), v, input_precision=PREC)
+    if BLB > 0:
+        e_b = tl.exp2(s_b - m_safe[:, None])
+        l_sum += tl.sum(e_b, 1)
+        if DROPOUT:
+            e_b = tl.where(_dropout_keep(seed, bh, rows, BLA, L, dropout_p, BLB), e_b, 0.0)
+        o = tl.dot(e_b.to(v_b.dtype), v_b, acc=o, input_precision=PREC)
+    inv_l, lse = _softmax_norm(m_safe, l_sum, dropout_p, DROPOUT)
+    o = o * inv_l[:, None]
+    _store_tile(o_base, o.to(o_base.dtype.element_ty), rows, sol, cols, sod, L, HEAD_DIM)
+    tl.store(lse_base + rows, lse, mask=rows < L)
+
+
 @triton.jit(do_not_specialize=["ID"])
 def _attn_fwd_short_kernel(
     Q, K, V, O, LSE, PAD,
@@ -544,7 +580,7 @@ def _attn_fwd_short_kernel(
     spb, spl,
     BH, H, L, ID, qk_scale, dropout_p, SEED,
     HEAD_DIM: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr, BLA: tl.constexpr, BLB: tl.constexpr,
-    HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    BQA: tl.constexpr, BQB: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
 ):
     seed = _load_seed(SEED, DROPOUT)
     first = tl.program_id(0)
@@ -557,39 +593,30 @@ def _attn_fwd_short_kernel(
         # of the 128 x 128 tile's work is padding that is never computed).
         cols = tl.arange(0, BD)
         offs_a = tl.arange(0, BLA)
+        rows_a = tl.arange(0, BQA)
         for i in range(0, tl.cdiv(BH - first, step)):
             bh = first + i * step  # a tensor in the interpreter too (a range variable is an int)
-            q = _pair_tile(Q, bh, H, sqb, sqh, sql, sqd, offs, cols, L, HEAD_DIM)
+            q = _pair_tile(Q, bh, H, sqb, sqh, sql, sqd, rows_a, cols, L, HEAD_DIM)
             k = _pair_tile(K, bh, H, skb, skh, skl, skd, offs_a, cols, L, HEAD_DIM)
             v = _pair_tile(V, bh, H, svb, svh, svl, svd, offs_a, cols, L, HEAD_DIM)
             pad_row = PAD + (bh // H).to(tl.int64) * spb
-            s_a = tl.dot(q, tl.trans(k), input_precision=PREC)
-            s_a = _scaled_scores(s_a, _key_ok(pad_row, offs_a, L, HAS_PAD), offs, offs_a, ID, qk_scale)
-            m = tl.max(s_a, 1)
+            ok_a = _key_ok(pad_row, offs_a, L, HAS_PAD)
             if BLB > 0:
                 offs_b = BLA + tl.arange(0, BLB)
                 k_b = _pair_tile(K, bh, H, skb, skh, skl, skd, offs_b, cols, L, HEAD_DIM)
                 v_b = _pair_tile(V, bh, H, svb, svh, svl, svd, offs_b, cols, L, HEAD_DIM)
-                s_b = tl.dot(q, tl.trans(k_b), input_precision=PREC)
-                s_b = _scaled_scores(s_b, _key_ok(pad_row, offs_b, L, HAS_PAD), offs, offs_b, ID, qk_scale)
-                m = tl.maximum(m, tl.max(s_b, 1))
-            m_safe = _safe_max(m)
-            e_a = tl.exp2(s_a - m_safe[:, None])
-            l_sum = tl.sum(e_a, 1)
-            if DROPOUT:
-                e_a = tl.where(_dropout_keep(seed, bh, offs, 0, L, dropout_p, BLA), e_a, 0.0)
-            # normalised after the dot: the (BL, BD) output is smaller than the score tile
-            o = tl.dot(e_a.to(v.dtype), v, input_precision=PREC)
-            if BLB > 0:
-                e_b = tl.exp2(s_b - m_safe[:, None])
-                l_sum += tl.sum(e_b, 1)
-                if DROPOUT:
-                    e_b = tl.where(_dropout_keep(seed, bh, offs, BLA, L, dropout_p, BLB), e_b, 0.0)
-                o = tl.dot(e_b.to(v_b.dtype), v_b, acc=o, input_precision=PREC)
-            inv_l, lse = _softmax_norm(m_safe, l_sum, dropout_p, DROPOUT)
-            o = o * inv_l[:, None]
-            _store_tile(_pair_ptr(O, bh, H, sob, soh), o.to(O.dtype.element_ty), offs, sol, cols, sod, L, HEAD_DIM)
-            tl.store(LSE + bh.to(tl.int64) * L + offs, lse, mask=offs < L)
+                ok_b = _key_ok(pad_row, offs_b, L, HAS_PAD)
+            else:  # never read (BLB = 0)
+                offs_b, k_b, v_b, ok_b = offs_a, k, v, ok_a
+            o_base = _pair_ptr(O, bh, H, sob, soh)
+            lse_base = LSE + bh.to(tl.int64) * L
+            _short_fwd_rows(q, rows_a, k, v, ok_a, offs_a, k_b, v_b, ok_b, offs_b, o_base, sol, sod, lse_base, cols,
+                            bh, L, ID, qk_scale, dropout_p, seed, HEAD_DIM, BLA, BLB, DROPOUT, PREC)
+            if BQB > 0:
+                rows_b = BQA + tl.arange(0, BQB)
+                q_b = _pair_tile(Q, bh, H, sqb, sqh, sql, sqd, rows_b, cols, L, HEAD_DIM)
+                _short_fwd_rows(q_b, rows_b, k, v, ok_a, offs_a, k_b, v_b, ok_b, offs_b, o_base, sol, sod, lse_base,
+                                cols, bh, L, ID, qk_scale, dropout_p, seed, HEAD_DIM, BLA, BLB, DROPOUT, PREC)
     else:
         # Several chunks: one pair a program (launched with one program per pair; an outer
         # loop around the chunk loops cost ~100 registers a thread and spills at D = 384),
@@ -886,6 +913,10 @@ def _short_configs(kind: str, length: int, head_dim: int) -> list[tuple[int, int
         out = [(chunk, warps, 3, 0, 0), (chunk, warps, 2, 0, 0), (chunk, warps, 1, 0, 0)]
         if kind == "bwd_short":
             out.insert(0, (chunk, warps, 4, 0, 0))
+    elif kind == "fwd_short" and _query_blocks(length, block_len)[1]:
+        # query rows 64 + 32 (``_SPLIT_QUERIES``): one warpgroup a program, the 64-row block's
+        # dots on wgmma (8 warps split it over two warpgroups: mma.sync, 384 B of spills)
+        out = [(chunk, 4, 2, 2, 0), (chunk, 4, 2, 4, 128), (chunk, 4, 1, 2, 0), (chunk, 4, 1, 0, 0)]
     elif kind == "fwd_short":
         out = [(chunk, warps, 2, 2, 128), (chunk, warps, 3, 1, 0), (chunk, warps, 2, 1, 0), (chunk, warps, 1, 0, 0)]
     else:
@@ -914,13 +945,35 @@ def _key_blocks(length: int, block_len: int) -> tuple[int, int]:
     return block_len, 0
 
 
+# The one-chunk short forward splits its query rows like its keys (``_query_blocks``): at L =
+# 81, 96 x 96 scores a pair instead of 128 x 96. sm_90 compile (Triton 3.6), per pair: 328K
+# thread-instructions (4 warps, 254 registers, no spills; 10.4K exponentials) against the
+# default's 436K (8 warps at 128 registers, 48 B of spills; 13.6K), with dropout 524K against
+# 815K. Off until a GPU run times it (the benchmark times both forms: ``rows2_`` keys).
+_SPLIT_QUERIES = False
+
+
+def _query_blocks(length: int, block_len: int) -> tuple[int, int]:
+    """Query blocks ``(BQA, BQB)`` of the one-chunk short forward: the key split of
+    :func:`_key_blocks` applied to the rows when ``_SPLIT_QUERIES`` (ODMT's L = 81: rows 64 +
+    32 instead of 128, so 96 x 96 scores a pair instead of 128 x 96), else ``(BL, 0)``."""
+    return _key_blocks(length, block_len) if _SPLIT_QUERIES else (block_len, 0)
+
+
+def _fwd_blocks(length: int, block_len: int) -> dict:
+    """The key and query blocks of a one-chunk short forward launch (``BLA``, ``BLB``, ``BQA``,
+    ``BQB``); the chunked path ignores them."""
+    (bla, blb), (bqa, bqb) = _key_blocks(length, block_len), _query_blocks(length, block_len)
+    return dict(BLA=bla, BLB=blb, BQA=bqa, BQB=bqb)
+
+
 def _launch_short(
     kind: str, kernel, bh: int, length: int, head_dim: int, args: tuple, meta: dict
 ) -> tuple[int, ...] | None:
     """Launch a short kernel with the first configuration that fits and return it; None if
     none does."""
     block_len = max(16, next_power_of_2(length))
-    cache_key = (kind, block_len, head_dim, args[0].dtype, meta["DROPOUT"])
+    cache_key = (kind, block_len, head_dim, args[0].dtype, meta["DROPOUT"], kind == "fwd_short" and _SPLIT_QUERIES)
     if kind in _OVERRIDE:
         candidates = [_OVERRIDE[kind]]
     elif cache_key in _CHOSEN:
@@ -931,7 +984,7 @@ def _launch_short(
         chunk, warps, stages, per_sm, maxnreg = config
         persistent = per_sm > 0 and head_dim <= chunk  # the chunked path takes one pair a program
         programs = min(bh, per_sm * _num_sms(args[0].device)) if persistent else bh
-        blocks = dict(zip(("BLA", "BLB"), _key_blocks(length, block_len), strict=True)) if kind == "fwd_short" else {}
+        blocks = _fwd_blocks(length, block_len) if kind == "fwd_short" else {}
         try:
             kernel[(programs,)](
                 *args, BL=block_len, BD=chunk, num_warps=warps, num_stages=stages, maxnreg=maxnreg or None,

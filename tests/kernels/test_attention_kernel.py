@@ -172,12 +172,17 @@ def test_forward_and_backward_families_are_chosen_apart(path, kinds):
     assert launched == kinds, launched
 
 
-@pytest.mark.parametrize(("id_index", "dropout"), [(50, 0.0), (70, 0.2), (None, 0.0)])
-def test_two_key_blocks_at_odmt_length(id_index, dropout):
+@pytest.mark.parametrize("split_queries", [False, True])
+@pytest.mark.parametrize(("id_index", "dropout"), [(50, 0.0), (70, 0.2), (None, 0.0), (10, 0.2)])
+def test_two_key_blocks_at_odmt_length(id_index, dropout, split_queries, monkeypatch):
     """L = 81 with one head-dim chunk: keys in blocks of 64 + 32 (the 128 x 128 tile's last
     quarter is never computed); the ID key in either block, text padding in the second,
-    dropout drawn per block with the one-block counters (same mask)."""
+    dropout drawn per block with the one-block counters (same mask). With the query split
+    (``_SPLIT_QUERIES``) the rows too, the ID query in either row block."""
     assert attn._key_blocks(81, 128) == (64, 32) and attn._key_blocks(97, 128) == (128, 0)
+    monkeypatch.setattr(attn, "_SPLIT_QUERIES", split_queries)
+    blocks = attn._fwd_blocks(81, 128)
+    assert (blocks["BQA"], blocks["BQB"]) == ((64, 32) if split_queries else (128, 0))
     q, k, v = _inputs(2, 1, 81, 32, torch.float32, seed=81)
     pad = torch.zeros(2, 81, dtype=torch.bool, device=DEVICE)
     pad[0, 60:] = True
