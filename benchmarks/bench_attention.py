@@ -330,7 +330,7 @@ def sweep_configs(dim: int) -> dict[str, list[tuple[int, ...]]]:
         out["fwd_short"] = [(64, 8, 3, 1, 0), (64, 8, 1, 2, 128), (64, 8, 4, 1, 0)]
         # the query rows in 64 + 32 (``_SPLIT_QUERIES``; its own first choice is 4 warps, two
         # programs an SM at 254 registers): four programs at 128 registers (328 B of spills),
-        # three stages, and 8 warps (the 64-row dots then fall back to mma.sync)
+        # three stages, and 8 warps (twice the instructions a pair in the sm_90 compile)
         out["fwd_short_rows2"] = [(64, 4, 2, 4, 128), (64, 4, 3, 2, 0), (64, 8, 2, 2, 128)]
         out["bwd_short"] = [(64, 8, 1, 0, 0), (64, 8, 3, 1, 0), (64, 8, 1, 1, 0), (64, 8, 2, 0, 0), (64, 8, 4, 1, 0)]
     else:

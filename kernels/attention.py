@@ -914,8 +914,8 @@ def _short_configs(kind: str, length: int, head_dim: int) -> list[tuple[int, int
         if kind == "bwd_short":
             out.insert(0, (chunk, warps, 4, 0, 0))
     elif kind == "fwd_short" and _query_blocks(length, block_len)[1]:
-        # query rows 64 + 32 (``_SPLIT_QUERIES``): one warpgroup a program, the 64-row block's
-        # dots on wgmma (8 warps split it over two warpgroups: mma.sync, 384 B of spills)
+        # query rows 64 + 32 (``_SPLIT_QUERIES``): one warpgroup a program (sm_90 compile: at
+        # 8 warps twice the instructions a pair, 384 B of spills; kernels/DESIGN.md)
         out = [(chunk, 4, 2, 2, 0), (chunk, 4, 2, 4, 128), (chunk, 4, 1, 2, 0), (chunk, 4, 1, 0, 0)]
     elif kind == "fwd_short":
         out = [(chunk, warps, 2, 2, 128), (chunk, warps, 3, 1, 0), (chunk, warps, 2, 1, 0), (chunk, warps, 1, 0, 0)]

@@ -3028,6 +3028,13 @@ def _ce_op(
         return loss, lse
 
 
+def _ce_operands(queries: torch.Tensor, candidates: torch.Tensor, p: dict) -> tuple:
+    """The single-branch kernels' leading arguments: queries and candidates with their strides,
+    the rows' targets and excluded ids, the column bias."""
+    rows = (queries, queries.stride(0), queries.stride(1))
+    return (*rows, candidates, candidates.stride(0), candidates.stride(1), *p["rows"], _col_bias_tensor(p))
+
+
 def _ce_forward(queries, candidates, target, candidate_ids, exclude_ids, log_q, pad_id: int, ignore_index: int):
     """The single-branch forward's launches: ``(loss, lse, p)`` with ``p`` the call's
     :func:`_prep` (flag grids, drop lists), which the eager backward reuses."""
@@ -3046,14 +3053,7 @@ def _ce_forward(queries, candidates, target, candidate_ids, exclude_ids, log_q, 
         # the starts first: with the tile lists in the same launch (_row_lists)
         starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])
         args = (
-            queries,
-            queries.stride(0),
-            queries.stride(1),
-            candidates,
-            candidates.stride(0),
-            candidates.stride(1),
-            *p["rows"],
-            _col_bias_tensor(p),
+            *_ce_operands(queries, candidates, p),
             _cid32_tensor(p),
             p["fit"],
             *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"]),
@@ -3119,17 +3119,7 @@ def _ce_backward_impl(
     dc = torch.empty(N, D, device=candidates.device, dtype=candidates.dtype)
     p = prep if prep is not None else _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
     interp = _interpreting(queries)
-    head = (
-        queries,
-        queries.stride(0),
-        queries.stride(1),
-        candidates,
-        candidates.stride(0),
-        candidates.stride(1),
-        *p["rows"],
-        _col_bias_tensor(p),
-        p["fit"],
-    )
+    head = (*_ce_operands(queries, candidates, p), p["fit"])
     prec = _prec(queries.dtype)
     cfg_dq, width, dq_off = _backward_plan(False, R, N, D, queries.element_size(), "dc" in parts, interp)
     dz_true = queries.dtype != torch.float16
