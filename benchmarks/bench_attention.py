@@ -139,7 +139,7 @@ def aot_report() -> int:
                     bm, bn, warps, stages = attention._blocks(kind, length, bd0 + bd1)[0]
                     configs = [dict(BD0=bd0, BD1=bd1, BM=bm, BN=bn, num_warps=warps, num_stages=stages)]
                 for cfg in configs:
-                    consts = dict(HEAD_DIM=dim, HAS_PAD=True, DROPOUT=dropout, PREC="tf32", **cfg)
+                    consts = dict(HEAD_DIM=dim, HAS_PAD=True, DROPOUT=dropout, PREC="tf32", SCALE_IN_EXP=True, **cfg)
                     consts = {key: val for key, val in consts.items() if key in kernel.arg_names}
                     # what the launcher specialises on contiguous inputs: unit strides are
                     # constants, pointers and other strides divisible by 16 (vector loads)

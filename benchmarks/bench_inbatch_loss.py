@@ -758,7 +758,8 @@ def _aot_compile(label: str, kernel, cfg: dict, meta: dict, cuobjdump: str) -> d
 
     ptr = {"tgt_ptr": "*i32", "tid_ptr": "*i64", "cid_ptr": "*i64", "ex_ptr": "*i64", "fl_ptr": "*i8"}
     ptr.update({k: "*i32" for k in ("fit_ptr", "c32_ptr", "dl_ptr", "dl_start_ptr", "tot_ptr", "crow_ptr", "coff_ptr")})
-    ptr.update({k: "*i64" for k in ("vals_ptr", "order_ptr", "pos_ptr", "gstart_ptr")})
+    ptr.update({k: "*i32" for k in ("pos_ptr", "gstart_ptr")})
+    ptr.update({k: "*i64" for k in ("vals_ptr", "order_ptr")})
     fp32 = {"lq_ptr", "cb_ptr", "part_ptr", "loss_ptr", "lse_ptr", "stats_ptr", "g_ptr", "gmax_ptr", "acc_ptr"}
     if meta.get("SPLIT"):  # a split walk writes float32 partials
         fp32 |= {"dq_ptr", "dc_ptr"}

@@ -540,18 +540,35 @@ def _short_ds(p, p_drop, dp, dropout_p, DROPOUT: tl.constexpr):
 @triton.jit
 def _short_fwd_rows(q, rows, k, v, ok_a, offs_a, k_b, v_b, ok_b, offs_b, o_base, sol, sod, lse_base, cols, bh, L, ID,
                     qk_scale, dropout_p, seed, HEAD_DIM: tl.constexpr, BLA: tl.constexpr, BLB: tl.constexpr,
-                    DROPOUT: tl.constexpr, PREC: tl.constexpr):
+                    DROPOUT: tl.constexpr, PREC: tl.constexpr, SCALE_IN_EXP: tl.constexpr):
     """One-chunk forward of the query rows ``rows`` (their tile ``q``) of pair ``bh`` against
     its keys in one block (``k``, ``v``) or two (``BLB > 0``: ``k_b``, ``v_b`` too): scores,
-    plain softmax, ``O`` and the log-sum-exp of those rows, stored."""
+    plain softmax, ``O`` and the log-sum-exp of those rows, stored.
+
+    ``SCALE_IN_EXP`` (a positive scale, the launcher's check): the row maxima are taken of the
+    raw scores and the scale enters each exponential's FFMA, ``exp2(S c - max(S) c)``, one
+    instruction an element fewer than scaling every score first (a negative scale would turn
+    the raw maximum into the scaled minimum, hence the scaled form there)."""
     s_a = tl.dot(q, tl.trans(k), input_precision=PREC)
-    s_a = _scaled_scores(s_a, ok_a, rows, offs_a, ID, qk_scale)
+    if SCALE_IN_EXP:
+        s_a = tl.where(_allowed(ok_a, rows, offs_a, ID), s_a, float("-inf"))
+    else:
+        s_a = _scaled_scores(s_a, ok_a, rows, offs_a, ID, qk_scale)
     m = tl.max(s_a, 1)
     if BLB > 0:
         s_b = tl.dot(q, tl.trans(k_b), input_precision=PREC)
-        s_b = _scaled_scores(s_b, ok_b, rows, offs_b, ID, qk_scale)
+        if SCALE_IN_EXP:
+            s_b = tl.where(_allowed(ok_b, rows, offs_b, ID), s_b, float("-inf"))
+        else:
+            s_b = _scaled_scores(s_b, ok_b, rows, offs_b, ID, qk_scale)
         m = tl.maximum(m, tl.max(s_b, 1))
-    m_safe = _safe_max(m)
+    if SCALE_IN_EXP:
+        m_safe = _safe_max(m) * qk_scale
+        s_a = s_a * qk_scale  # (folded into the exponential's FFMA below)
+        if BLB > 0:
+            s_b = s_b * qk_scale
+    else:
+        m_safe = _safe_max(m)
     e_a = tl.exp2(s_a - m_safe[:, None])
     l_sum = tl.sum(e_a, 1)
     if DROPOUT:
@@ -581,6 +598,7 @@ def _attn_fwd_short_kernel(
     BH, H, L, ID, qk_scale, dropout_p, SEED,
     HEAD_DIM: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr, BLA: tl.constexpr, BLB: tl.constexpr,
     BQA: tl.constexpr, BQB: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    SCALE_IN_EXP: tl.constexpr = False,
 ):
     seed = _load_seed(SEED, DROPOUT)
     first = tl.program_id(0)
@@ -611,12 +629,13 @@ def _attn_fwd_short_kernel(
             o_base = _pair_ptr(O, bh, H, sob, soh)
             lse_base = LSE + bh.to(tl.int64) * L
             _short_fwd_rows(q, rows_a, k, v, ok_a, offs_a, k_b, v_b, ok_b, offs_b, o_base, sol, sod, lse_base, cols,
-                            bh, L, ID, qk_scale, dropout_p, seed, HEAD_DIM, BLA, BLB, DROPOUT, PREC)
+                            bh, L, ID, qk_scale, dropout_p, seed, HEAD_DIM, BLA, BLB, DROPOUT, PREC, SCALE_IN_EXP)
             if BQB > 0:
                 rows_b = BQA + tl.arange(0, BQB)
                 q_b = _pair_tile(Q, bh, H, sqb, sqh, sql, sqd, rows_b, cols, L, HEAD_DIM)
                 _short_fwd_rows(q_b, rows_b, k, v, ok_a, offs_a, k_b, v_b, ok_b, offs_b, o_base, sol, sod, lse_base,
-                                cols, bh, L, ID, qk_scale, dropout_p, seed, HEAD_DIM, BLA, BLB, DROPOUT, PREC)
+                                cols, bh, L, ID, qk_scale, dropout_p, seed, HEAD_DIM, BLA, BLB, DROPOUT, PREC,
+                                SCALE_IN_EXP)
     else:
         # Several chunks: one pair a program (launched with one program per pair; an outer
         # loop around the chunk loops cost ~100 registers a thread and spills at D = 384),
@@ -1090,6 +1109,7 @@ def _attention_forward(
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(out), spb, spl)
     if length <= _SHORT_MAX_FWD and head_dim >= _SHORT_FWD_MIN_HEAD_DIM:
         short_meta = {key: meta[key] for key in ("HEAD_DIM", "HAS_PAD", "DROPOUT", "PREC")}
+        short_meta["SCALE_IN_EXP"] = scale > 0.0  # (the one-chunk path's raw-score maxima)
         short_args = (q, k, v, out, lse, pad, *strides, batch * heads, heads, length, id_index, scale * _LOG2E, dropout_p, seed)
         config = _launch_short("fwd_short", _attn_fwd_short_kernel, batch * heads, length, head_dim, short_args, short_meta)
         if config is not None:

@@ -1421,28 +1421,62 @@ def _ce_dc_kernel(
 
 
 @triton.jit
-def _online_branch(s, keep, m, l1, lt, inv_t, NEED_L1: tl.constexpr):
+def _exp_affine(x, scale, offset):
+    """``exp(scale x - offset)`` of a tile (``offset`` per row) as ``exp2(x c - offset log2(e))``,
+    ``c = scale log2(e)``: one FFMA an element before the MUFU, where ``_exp(scale (x - m))``
+    takes a subtraction and one or two products (the compiler may not reassociate them). The
+    per-row rounding of ``offset log2(e)`` moves a row's exponents by ~1e-7 of the offset,
+    which 16-bit inputs do not notice; the kernels keep the exact forms for fp32 inputs
+    (``FAST_EXP``: fp32's tested accuracy, 1e-5, with logQ offsets in the hundreds)."""
+    log2e = 1.4426950408889634
+    return tl.exp2(x * (scale * log2e) - (offset * log2e)[:, None])
+
+
+@triton.jit
+def _online_branch(s, keep, m, l1, lt, inv_t, NEED_L1: tl.constexpr, FAST_EXP: tl.constexpr):
     """One branch's running max and the two exp-sums (T=1 and T); returns the new state,
     the rescale factor at temperature T and the tile's exp((z - M)/T) weights."""
     sm = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(sm, axis=1))
     delta = m - m_new
     if NEED_L1:
-        l1 = l1 * _exp(delta) + tl.sum(_exp(sm - m_new[:, None]), axis=1)
+        if FAST_EXP:
+            e_1 = _exp_affine(sm, 1.0, m_new)
+        else:
+            e_1 = _exp(sm - m_new[:, None])
+        l1 = l1 * _exp(delta) + tl.sum(e_1, axis=1)
     alpha_t = _exp(delta * inv_t)
-    e_t = _exp((sm - m_new[:, None]) * inv_t)
+    if FAST_EXP:
+        e_t = _exp_affine(sm, inv_t, m_new * inv_t)
+    else:
+        e_t = _exp((sm - m_new[:, None]) * inv_t)
     lt = lt * alpha_t + tl.sum(e_t, axis=1)
     return m_new, l1, lt, alpha_t, e_t
 
 
 @triton.jit
+def _pair_d(teacher, student, keep, FORM_KL: tl.constexpr):
+    """``w / _pair_scale`` of a teacher/student pair on kept entries, 0 elsewhere: ``teacher -
+    student`` (KL) or ``student`` (CE). The scale is applied per row where it can be (the
+    forward's sums), one product an element fewer."""
+    if FORM_KL:
+        return tl.where(keep, teacher - student, 0.0)
+    return tl.where(keep, student, 0.0)
+
+
+@triton.jit
+def _pair_scale(inv_t, FORM_KL: tl.constexpr):
+    """``w = _pair_d * _pair_scale``: ``w = a - b = (teacher - student) / T`` (KL) or ``-b =
+    -student / T`` (CE)."""
+    if FORM_KL:
+        return inv_t
+    return -inv_t
+
+
+@triton.jit
 def _pair_w(teacher, student, keep, inv_t, FORM_KL: tl.constexpr):
     """``w`` of a teacher/student pair on kept entries: ``a - b`` (KL) or ``-b`` (CE)."""
-    if FORM_KL:
-        w = (teacher - student) * inv_t
-    else:
-        w = -student * inv_t
-    return tl.where(keep, w, 0.0)
+    return _pair_d(teacher, student, keep, FORM_KL) * _pair_scale(inv_t, FORM_KL)
 
 
 @triton.jit
@@ -1558,6 +1592,7 @@ def _odmt_fwd_kernel(
         qt = _full_tile(qt_ptr, sq_t, sq_d, rows, row_in, D, D_PAD)
         qv = _full_tile(qv_ptr, sq_v, sq_d, rows, row_in, D, D_PAD)
     inv_t = 1.0 / temperature
+    w_scale = _pair_scale(inv_t, FORM_KL)
     zero = tl.zeros((BLOCK_R,), tl.float32)
     m_i = tl.full((BLOCK_R,), -1.0e30, tl.float32)
     m_t = m_i
@@ -1644,13 +1679,13 @@ def _odmt_fwd_kernel(
             zt_v += tl.sum(tl.where(is_t, s_v, 0.0), axis=1)
         else:
             keep = tl.broadcast_to((cid != pad_id)[None, :], (BLOCK_R, BLOCK_N))
-        m_i, l1_i, lt_i, a_i, e_i = _online_branch(s_i, keep, m_i, l1_i, lt_i, inv_t, True)
-        m_t, l1_t, lt_t, a_t, e_t = _online_branch(s_t, keep, m_t, l1_t, lt_t, inv_t, True)
-        m_v, l1_v, lt_v, a_v, e_v = _online_branch(s_v, keep, m_v, l1_v, lt_v, inv_t, True)
-        m_e, l1_e, lt_e, a_e, e_e = _online_branch(s_e, keep, m_e, l1_e, lt_e, inv_t, False)
-        w_it = w_it * a_i + tl.sum(e_i * _pair_w(s_i, s_t, keep, inv_t, FORM_KL), axis=1)
-        w_iv = w_iv * a_i + tl.sum(e_i * _pair_w(s_i, s_v, keep, inv_t, FORM_KL), axis=1)
-        w_ei = w_ei * a_e + tl.sum(e_e * _pair_w(s_e, s_i, keep, inv_t, FORM_KL), axis=1)
+        m_i, l1_i, lt_i, a_i, e_i = _online_branch(s_i, keep, m_i, l1_i, lt_i, inv_t, True, PREC != "ieee")
+        m_t, l1_t, lt_t, a_t, e_t = _online_branch(s_t, keep, m_t, l1_t, lt_t, inv_t, True, PREC != "ieee")
+        m_v, l1_v, lt_v, a_v, e_v = _online_branch(s_v, keep, m_v, l1_v, lt_v, inv_t, True, PREC != "ieee")
+        m_e, l1_e, lt_e, a_e, e_e = _online_branch(s_e, keep, m_e, l1_e, lt_e, inv_t, False, PREC != "ieee")
+        w_it = w_it * a_i + tl.sum(e_i * _pair_d(s_i, s_t, keep, FORM_KL), axis=1) * w_scale
+        w_iv = w_iv * a_i + tl.sum(e_i * _pair_d(s_i, s_v, keep, FORM_KL), axis=1) * w_scale
+        w_ei = w_ei * a_e + tl.sum(e_e * _pair_d(s_e, s_i, keep, FORM_KL), axis=1) * w_scale
     pp = part_ptr + split * R + rows
     step = n_splits * R
     tl.store(pp, m_i, mask=row_in)
@@ -1810,6 +1845,15 @@ def _odmt_row_stats(stats_ptr, g_ptr, gmax, rows, valid, R, temperature):
 
 
 @triton.jit
+def _masked_exp(s, keep, scale, offset, FAST_EXP: tl.constexpr):
+    """``exp(scale s - offset)`` on kept entries, 0 elsewhere (:func:`_exp_affine` with
+    ``FAST_EXP``, else the product and the difference first)."""
+    if FAST_EXP:
+        return tl.where(keep, _exp_affine(s, scale, offset), 0.0)
+    return _exp(tl.where(keep, s * scale - offset[:, None], -float("inf")))
+
+
+@triton.jit
 def _odmt_dz(
     s_i,
     s_t,
@@ -1835,19 +1879,20 @@ def _odmt_dz(
     inv_t,
     FORM_KL: tl.constexpr,
     DETACH: tl.constexpr,
+    FAST_EXP: tl.constexpr,
 ):
     """The three ``dL/dz`` tiles (see the module docstring), 0 on excluded entries."""
     oh = is_t.to(tl.float32)
     s_e = (s_i + s_t + s_v) / 3.0
-    # cross-entropy parts (T = 1)
-    dz_i = gc_i[:, None] * (_exp(tl.where(keep, s_i - lse_i[:, None], -float("inf"))) - oh)
-    dz_t = gc_t[:, None] * (_exp(tl.where(keep, s_t - lse_t[:, None], -float("inf"))) - oh)
-    dz_v = gc_v[:, None] * (_exp(tl.where(keep, s_v - lse_v[:, None], -float("inf"))) - oh)
-    # softmaxes at temperature T
-    p_i = _exp(tl.where(keep, s_i * inv_t - lt_i[:, None], -float("inf")))
-    p_t = _exp(tl.where(keep, s_t * inv_t - lt_t[:, None], -float("inf")))
-    p_v = _exp(tl.where(keep, s_v * inv_t - lt_v[:, None], -float("inf")))
-    p_e = _exp(tl.where(keep, s_e * inv_t - lt_e[:, None], -float("inf")))
+    # cross-entropy parts (T = 1); each exponential one FFMA and the MUFU (_exp_affine)
+    dz_i = gc_i[:, None] * (_masked_exp(s_i, keep, 1.0, lse_i, FAST_EXP) - oh)
+    dz_t = gc_t[:, None] * (_masked_exp(s_t, keep, 1.0, lse_t, FAST_EXP) - oh)
+    dz_v = gc_v[:, None] * (_masked_exp(s_v, keep, 1.0, lse_v, FAST_EXP) - oh)
+    # softmaxes at temperature T: exp(z / T - lseT)
+    p_i = _masked_exp(s_i, keep, inv_t, lt_i, FAST_EXP)
+    p_t = _masked_exp(s_t, keep, inv_t, lt_t, FAST_EXP)
+    p_v = _masked_exp(s_v, keep, inv_t, lt_v, FAST_EXP)
+    p_e = _masked_exp(s_e, keep, inv_t, lt_e, FAST_EXP)
     # student sides: T (q - p)
     dz_i += g_ei[:, None] * (p_i - p_e)
     dz_t += g_it[:, None] * (p_t - p_i)
@@ -2033,6 +2078,7 @@ def _odmt_dq_kernel(
             inv_t,
             FORM_KL,
             DETACH,
+            PREC != "ieee",
         )
         if STORE_DZ:  # the slab's dz for dC = dz^T Q (cuBLAS), once per row tile
             if tl.program_id(1) == 0:
@@ -2221,6 +2267,7 @@ def _odmt_dc_kernel(
             inv_t,
             FORM_KL,
             DETACH,
+            PREC != "ieee",
         )
         acc_i = tl.dot(tl.trans(dz_i.to(q_i.dtype)), q_i, acc=acc_i, input_precision=PREC)
         acc_t = tl.dot(tl.trans(dz_t.to(q_t.dtype)), q_t, acc=acc_t, input_precision=PREC)

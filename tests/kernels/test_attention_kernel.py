@@ -294,9 +294,16 @@ def test_non_contiguous_inputs_and_grad():
         _assert_close(got, want, torch.float32, "grad")
 
 
-def test_explicit_scale():
-    q, k, v = _inputs(1, 1, 10, 16, torch.float32)
-    _assert_matches_reference(q, k, v, None, 9, torch.float32, scale=0.7)
+@pytest.mark.parametrize("scale", [0.7, -0.45, 0.0])
+@pytest.mark.parametrize("length", [10, 81])
+def test_explicit_scale(scale, length):
+    """A positive scale takes the one-chunk forward's raw-score maxima with the scale in the
+    exponentials (``SCALE_IN_EXP``); a negative or zero one the scaled scores: both match,
+    with padding, at a one-block and a two-key-block length."""
+    q, k, v = _inputs(2, 1, length, 16, torch.float32)
+    pad = torch.zeros(2, length, dtype=torch.bool, device=DEVICE)
+    pad[1, length // 2 :] = True
+    _assert_matches_reference(q, k, v, pad, length - 1, torch.float32, scale=scale)
 
 
 # ------------------------------------------------------------------------------ dropout
