@@ -139,7 +139,8 @@ def aot_report() -> int:
                     bm, bn, warps, stages = attention._blocks(kind, length, bd0 + bd1)[0]
                     configs = [dict(BD0=bd0, BD1=bd1, BM=bm, BN=bn, num_warps=warps, num_stages=stages)]
                 for cfg in configs:
-                    consts = dict(HEAD_DIM=dim, HAS_PAD=True, DROPOUT=dropout, PREC="tf32", SCALE_IN_EXP=True, **cfg)
+                    consts = dict(HEAD_DIM=dim, HAS_PAD=True, DROPOUT=dropout, PREC="tf32", SCALE_IN_EXP=True,
+                                  MASK_DOT=attention._MASK_DOT, **cfg)
                     consts = {key: val for key, val in consts.items() if key in kernel.arg_names}
                     # what the launcher specialises on contiguous inputs: unit strides are
                     # constants, pointers and other strides divisible by 16 (vector loads)
@@ -207,6 +208,8 @@ SHORT_FWD_MIN_HEAD_DIM = attention._SHORT_FWD_MIN_HEAD_DIM
 SPLIT_BWD = attention._SPLIT_BWD
 # the one-chunk short forward's query rows in two blocks (64 + 32 at L = 81) or one
 SPLIT_QUERIES = attention._SPLIT_QUERIES
+# the one-chunk short kernels' mask: through the score dot (bf16, positive scale) or selected
+MASK_DOT = attention._MASK_DOT
 
 
 def set_paths(
@@ -215,11 +218,13 @@ def set_paths(
     fwd_min_head_dim: int = SHORT_FWD_MIN_HEAD_DIM,
     split: bool = SPLIT_BWD,
     split_queries: bool = SPLIT_QUERIES,
+    mask_dot: bool = MASK_DOT,
 ) -> None:
     attention._SHORT_MAX_FWD, attention._SHORT_MAX_BWD = fwd_max, bwd_max
     attention._SHORT_FWD_MIN_HEAD_DIM = fwd_min_head_dim
     attention._SPLIT_BWD = split
     attention._SPLIT_QUERIES = split_queries
+    attention._MASK_DOT = mask_dot
 
 
 res: dict = {
@@ -396,6 +401,11 @@ def sweep(tag: str, dim: int, fwd, fwd_bwd, outputs=None, grads: tuple = ()) -> 
                 set_paths(*SHORT_MAX)
 
 
+def _other_mask() -> str:
+    """Key prefix of the one-chunk kernels' other mask form."""
+    return "select_" if MASK_DOT else "maskdot_"
+
+
 def _other_rows() -> str:
     """Label of the short forward's query-row form that is not the default."""
     return "rows1_" if SPLIT_QUERIES else "rows2_"
@@ -437,8 +447,9 @@ def case(heads: int, dim: int, tag: str) -> None:
         paths.append(("shortfwd_", SHORT_MAX + (0,)))
     if dim > attention._head_chunk(dim):  # several chunks: check the other form of the short backward
         paths.append(("unsplit_" if SPLIT_BWD else "split_", SHORT_MAX + (SHORT_FWD_MIN_HEAD_DIM, not SPLIT_BWD)))
-    else:  # one chunk: check the other form of the short forward's query rows
+    else:  # one chunk: check the other form of the short forward's query rows, and of the mask
         paths.append((_other_rows(), SHORT_MAX + (SHORT_FWD_MIN_HEAD_DIM, SPLIT_BWD, not SPLIT_QUERIES)))
+        paths.append((_other_mask(), SHORT_MAX + (SHORT_FWD_MIN_HEAD_DIM, SPLIT_BWD, SPLIT_QUERIES, not MASK_DOT)))
     for path, thresholds in paths:
         set_paths(*thresholds)
         try:
@@ -549,6 +560,12 @@ def case(heads: int, dim: int, tag: str) -> None:
                 try:
                     record(f"{tag}_{_other_rows()}fwd", fwd, rep=rep)
                     record(f"{tag}_{_other_rows()}fwdbwd", fwd_bwd, rep=100, grads=(q, k, v))
+                finally:
+                    set_paths(*SHORT_MAX)
+                set_paths(*SHORT_MAX, mask_dot=not MASK_DOT)  # and the other form of the mask
+                try:
+                    record(f"{tag}_{_other_mask()}fwd", fwd, rep=rep)
+                    record(f"{tag}_{_other_mask()}fwdbwd", fwd_bwd, rep=100, grads=(q, k, v))
                 finally:
                     set_paths(*SHORT_MAX)
             q.grad = k.grad = v.grad = None
@@ -729,6 +746,10 @@ for _, _, tag in CONFIGS:
     if num(f"{tag}_{rows}fwd") is not None and num(f"{tag}_{rows}fwdbwd") is not None:
         form = "one block" if SPLIT_QUERIES else "64 + 32"
         line += f" | query rows {form}: fwd {num(f'{tag}_{rows}fwd'):.0f} / fwd+bwd {num(f'{tag}_{rows}fwdbwd'):.0f} us"
+    mask = _other_mask()
+    if num(f"{tag}_{mask}fwd") is not None and num(f"{tag}_{mask}fwdbwd") is not None:
+        form = "selected" if MASK_DOT else "in the score dot"
+        line += f" | mask {form}: fwd {num(f'{tag}_{mask}fwd'):.0f} / fwd+bwd {num(f'{tag}_{mask}fwdbwd'):.0f} us"
     if num(f"{tag}_ours_fwdbwd_via_op") is not None:
         line += f" | custom-op route fwd+bwd {num(f'{tag}_ours_fwdbwd_via_op'):.0f} us"
     print(line)

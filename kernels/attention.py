@@ -12,7 +12,10 @@ For one item ``b`` and head ``h`` with queries ``Q``, keys ``K``, values ``V`` o
 
 ``key_padding_mask`` ``(B, L)`` (True = padding) and ``id_index`` (``-1`` = no ID rule) are
 the only mask inputs: the rule ``A`` is evaluated in the kernel from a row of ``L`` flags and
-two integer comparisons, so no ``L x L`` tensor exists anywhere. The ID key is attended by the
+two integer comparisons, so no ``L x L`` tensor exists anywhere. The one-chunk short kernels
+(``D <= 64``, bf16 / fp32, positive scale: ``_MASK_DOT``) add it to the scores instead, as
+one more 16-wide step of the score dot: ``[1, i != id] . [-1e30 (j padding), -1e30 (j = id)]``
+is 0 on allowed pairs and at most ``-1e30`` elsewhere, which the exponentials turn into 0. The ID key is attended by the
 ID query alone; the ID query attends every non-padding key. A query with no attendable key
 (all keys padded) outputs zeros and receives zero gradient.
 
@@ -45,7 +48,7 @@ untimed), the query rows likewise::
     lse = m + log2(l)                           (P~ = P * keep / (1-p); dP~ likewise)
                                                 delta = rowsum(P * dP~)  (= rowsum(dO * O): O is
                                                                           never read)
-                                                dS = P (dP~ - delta)
+                                                dS = scale P (dP~ - delta)
                                                 for each chunk c: dQ_c = dS K_c, dK_c = dS^T Q_c
 
 The backward writes dQ, dK, dV once; no atomics, no ``delta`` tensor. With one chunk (``D <=
@@ -489,9 +492,30 @@ def _short_softmax(s, key_ok, offs, ID, qk_scale, bh, L, dropout_p, seed, BL: tl
 
 
 @triton.jit
-def _safe_max(m):
-    """Row maxima with -inf (no attendable key) replaced by 0, so that exp2(S - m) is 0, not NaN."""
+def _safe_max(m, MASK_DOT: tl.constexpr = False):
+    """Row maxima with -inf (no attendable key) replaced by 0, so that exp2(S - m) is 0, not NaN.
+    With ``MASK_DOT`` a row with no attendable key has a maximum near ``_MASK_BIAS`` instead."""
+    if MASK_DOT:
+        return tl.where(m < -1.0e29, 0.0, m)
     return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _mask_rows_operand(rows, ID, dtype: tl.constexpr):
+    """``MASK_DOT``: the query side ``(BM, 16)`` of the mask as a product of two dot operands:
+    column 0 all ones (the padding term), column 1 ``[i != ID]`` (the ID term), zeros after."""
+    col = tl.arange(0, 16)[None, :]
+    return ((col == 0) | ((col == 1) & (rows[:, None] != ID))).to(dtype)
+
+
+@triton.jit
+def _mask_keys_operand(key_ok, offs_n, ID, dtype: tl.constexpr):
+    """``MASK_DOT``: the key side ``(BN, 16)``: column 0 ``-1e30`` on keys that are padding or
+    past ``L``, column 1 ``-1e30`` on the ID key, zeros elsewhere. ``rows x keys^T`` adds
+    exactly 0 to an allowed score and at most ``-1e30`` to any other one."""
+    col = tl.arange(0, 16)[None, :]
+    hit = ((col == 0) & (key_ok[:, None] == 0)) | ((col == 1) & (offs_n[:, None] == ID))
+    return tl.where(hit, -1.0e30, 0.0).to(dtype)
 
 
 @triton.jit
@@ -506,10 +530,14 @@ def _softmax_norm(m_safe, l_sum, dropout_p, DROPOUT: tl.constexpr):
 
 
 @triton.jit
-def _short_probs(s, key_ok, offs, ID, qk_scale, lse, dtype: tl.constexpr):
+def _short_probs(s, key_ok, offs, ID, qk_scale, lse, dtype: tl.constexpr, MASK_DOT: tl.constexpr = False):
     """Backward: ``P = exp2(S - lse)`` on the allowed pairs, in the 16-bit input dtype (it is
-    a dot operand, and it halves the tile kept while dP is computed)."""
-    return tl.where(_allowed(key_ok, offs, offs, ID), tl.exp2(s * qk_scale - lse[:, None]), 0.0).to(dtype)
+    a dot operand, and it halves the tile kept while dP is computed). The mask is applied to
+    the exponent (a select before the conversion, which then packs two elements at a time);
+    with ``MASK_DOT`` it is already in ``S``."""
+    if MASK_DOT:
+        return tl.exp2(s * qk_scale - lse[:, None]).to(dtype)
+    return tl.exp2(tl.where(_allowed(key_ok, offs, offs, ID), s * qk_scale - lse[:, None], float("-inf"))).to(dtype)
 
 
 @triton.jit
@@ -523,9 +551,11 @@ def _short_dropped(p, bh, offs, L, dropout_p, seed, BL: tl.constexpr, DROPOUT: t
 
 
 @triton.jit
-def _short_ds(p, p_drop, dp, dropout_p, DROPOUT: tl.constexpr):
-    """Backward of a whole ``(BL, BL)`` tile: ``dS = P (dP~ - delta)`` (without ``scale``) in
-    ``p``'s dtype, ``dP~ = dP * keep / (1 - p)``. ``keep`` is read off ``P~`` instead of drawn
+def _short_ds(p, p_drop, dp, dropout_p, sm_scale, DROPOUT: tl.constexpr):
+    """Backward of a whole ``(BL, BL)`` tile: ``dS = scale * P (dP~ - delta)`` in ``p``'s dtype,
+    ``dP~ = dP * keep / (1 - p)``. ``scale`` (the score's) is applied here, as the FFMA
+    ``dP~ scale - delta scale``, so that ``dQ = dS K`` and ``dK = dS^T Q`` are stored as they
+    come out of the dots: no multiply on the ``(BL, D)`` results. ``keep`` is read off ``P~`` instead of drawn
     again: wherever ``P != 0``, ``P~ != 0`` exactly when the key is kept (``P / (1 - p)``
     cannot underflow), and where ``P = 0`` the element adds nothing to ``delta`` or ``dS``.
     ``delta_i = sum_d dO_id O_id = sum_j P_ij dP~_ij``: the full row is here, so O is never
@@ -534,13 +564,14 @@ def _short_ds(p, p_drop, dp, dropout_p, DROPOUT: tl.constexpr):
     if DROPOUT:
         dp = tl.where(p_drop != 0.0, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     delta = tl.sum(p32 * dp, 1)
-    return (p32 * (dp - delta[:, None])).to(p.dtype)
+    return (p32 * (dp * sm_scale - (delta * sm_scale)[:, None])).to(p.dtype)
 
 
 @triton.jit
 def _short_fwd_rows(q, rows, k, v, ok_a, offs_a, k_b, v_b, ok_b, offs_b, o_base, sol, sod, lse_base, cols, bh, L, ID,
-                    qk_scale, dropout_p, seed, HEAD_DIM: tl.constexpr, BLA: tl.constexpr, BLB: tl.constexpr,
-                    DROPOUT: tl.constexpr, PREC: tl.constexpr, SCALE_IN_EXP: tl.constexpr):
+                    qk_scale, dropout_p, seed, q_mask, k_mask_a, k_mask_b, HEAD_DIM: tl.constexpr,
+                    BLA: tl.constexpr, BLB: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                    SCALE_IN_EXP: tl.constexpr, MASK_DOT: tl.constexpr):
     """One-chunk forward of the query rows ``rows`` (their tile ``q``) of pair ``bh`` against
     its keys in one block (``k``, ``v``) or two (``BLB > 0``: ``k_b``, ``v_b`` too): scores,
     plain softmax, ``O`` and the log-sum-exp of those rows, stored.
@@ -548,22 +579,30 @@ def _short_fwd_rows(q, rows, k, v, ok_a, offs_a, k_b, v_b, ok_b, offs_b, o_base,
     ``SCALE_IN_EXP`` (a positive scale, the launcher's check): the row maxima are taken of the
     raw scores and the scale enters each exponential's FFMA, ``exp2(S c - max(S) c)``, one
     instruction an element fewer than scaling every score first (a negative scale would turn
-    the raw maximum into the scaled minimum, hence the scaled form there)."""
+    the raw maximum into the scaled minimum, hence the scaled form there).
+
+    ``MASK_DOT`` (with ``SCALE_IN_EXP``): the mask enters the scores as one more 16-wide step
+    of the score dot, ``q_mask k_mask^T`` (:func:`_mask_rows_operand`, :func:`_mask_keys_operand`),
+    instead of a select on every element."""
     s_a = tl.dot(q, tl.trans(k), input_precision=PREC)
-    if SCALE_IN_EXP:
+    if MASK_DOT:
+        s_a = tl.dot(q_mask, tl.trans(k_mask_a), acc=s_a, input_precision=PREC)
+    elif SCALE_IN_EXP:
         s_a = tl.where(_allowed(ok_a, rows, offs_a, ID), s_a, float("-inf"))
     else:
         s_a = _scaled_scores(s_a, ok_a, rows, offs_a, ID, qk_scale)
     m = tl.max(s_a, 1)
     if BLB > 0:
         s_b = tl.dot(q, tl.trans(k_b), input_precision=PREC)
-        if SCALE_IN_EXP:
+        if MASK_DOT:
+            s_b = tl.dot(q_mask, tl.trans(k_mask_b), acc=s_b, input_precision=PREC)
+        elif SCALE_IN_EXP:
             s_b = tl.where(_allowed(ok_b, rows, offs_b, ID), s_b, float("-inf"))
         else:
             s_b = _scaled_scores(s_b, ok_b, rows, offs_b, ID, qk_scale)
         m = tl.maximum(m, tl.max(s_b, 1))
     if SCALE_IN_EXP:
-        m_safe = _safe_max(m) * qk_scale
+        m_safe = _safe_max(m, MASK_DOT) * qk_scale
         s_a = s_a * qk_scale  # (folded into the exponential's FFMA below)
         if BLB > 0:
             s_b = s_b * qk_scale
@@ -598,7 +637,7 @@ def _attn_fwd_short_kernel(
     BH, H, L, ID, qk_scale, dropout_p, SEED,
     HEAD_DIM: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr, BLA: tl.constexpr, BLB: tl.constexpr,
     BQA: tl.constexpr, BQB: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
-    SCALE_IN_EXP: tl.constexpr = False,
+    SCALE_IN_EXP: tl.constexpr = False, MASK_DOT: tl.constexpr = False,
 ):
     seed = _load_seed(SEED, DROPOUT)
     first = tl.program_id(0)
@@ -612,6 +651,12 @@ def _attn_fwd_short_kernel(
         cols = tl.arange(0, BD)
         offs_a = tl.arange(0, BLA)
         rows_a = tl.arange(0, BQA)
+        q_mask_a = rows_a  # (never read without MASK_DOT)
+        q_mask_b = rows_a
+        if MASK_DOT:  # the query side of the mask: the same for every pair
+            q_mask_a = _mask_rows_operand(rows_a, ID, K.dtype.element_ty)
+            if BQB > 0:
+                q_mask_b = _mask_rows_operand(BQA + tl.arange(0, BQB), ID, K.dtype.element_ty)
         for i in range(0, tl.cdiv(BH - first, step)):
             bh = first + i * step  # a tensor in the interpreter too (a range variable is an int)
             q = _pair_tile(Q, bh, H, sqb, sqh, sql, sqd, rows_a, cols, L, HEAD_DIM)
@@ -626,16 +671,23 @@ def _attn_fwd_short_kernel(
                 ok_b = _key_ok(pad_row, offs_b, L, HAS_PAD)
             else:  # never read (BLB = 0)
                 offs_b, k_b, v_b, ok_b = offs_a, k, v, ok_a
+            k_mask_a = offs_a  # (never read without MASK_DOT)
+            k_mask_b = offs_a
+            if MASK_DOT:
+                k_mask_a = _mask_keys_operand(ok_a, offs_a, ID, K.dtype.element_ty)
+                if BLB > 0:
+                    k_mask_b = _mask_keys_operand(ok_b, offs_b, ID, K.dtype.element_ty)
             o_base = _pair_ptr(O, bh, H, sob, soh)
             lse_base = LSE + bh.to(tl.int64) * L
             _short_fwd_rows(q, rows_a, k, v, ok_a, offs_a, k_b, v_b, ok_b, offs_b, o_base, sol, sod, lse_base, cols,
-                            bh, L, ID, qk_scale, dropout_p, seed, HEAD_DIM, BLA, BLB, DROPOUT, PREC, SCALE_IN_EXP)
+                            bh, L, ID, qk_scale, dropout_p, seed, q_mask_a, k_mask_a, k_mask_b, HEAD_DIM, BLA, BLB,
+                            DROPOUT, PREC, SCALE_IN_EXP, MASK_DOT)
             if BQB > 0:
                 rows_b = BQA + tl.arange(0, BQB)
                 q_b = _pair_tile(Q, bh, H, sqb, sqh, sql, sqd, rows_b, cols, L, HEAD_DIM)
                 _short_fwd_rows(q_b, rows_b, k, v, ok_a, offs_a, k_b, v_b, ok_b, offs_b, o_base, sol, sod, lse_base,
-                                cols, bh, L, ID, qk_scale, dropout_p, seed, HEAD_DIM, BLA, BLB, DROPOUT, PREC,
-                                SCALE_IN_EXP)
+                                cols, bh, L, ID, qk_scale, dropout_p, seed, q_mask_b, k_mask_a, k_mask_b, HEAD_DIM,
+                                BLA, BLB, DROPOUT, PREC, SCALE_IN_EXP, MASK_DOT)
     else:
         # Several chunks: one pair a program (launched with one program per pair; an outer
         # loop around the chunk loops cost ~100 registers a thread and spills at D = 384),
@@ -670,6 +722,7 @@ def _attn_bwd_short_kernel(
     BH, H, L, ID, qk_scale, sm_scale, dropout_p, SEED,
     HEAD_DIM: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr,
     HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr, STORE_DS: tl.constexpr,
+    MASK_DOT: tl.constexpr = False,
 ):
     seed = _load_seed(SEED, DROPOUT)
     first = tl.program_id(0)
@@ -681,6 +734,9 @@ def _attn_bwd_short_kernel(
         # dV and dK products fell back to mma.sync and layout shuffles: no fewer instructions
         # and twice the CTA barriers in the sm_90 compile)
         cols = tl.arange(0, BD)
+        q_mask = offs  # (never read without MASK_DOT)
+        if MASK_DOT:  # the query side of the mask: the same for every pair
+            q_mask = _mask_rows_operand(offs, ID, K.dtype.element_ty)
         for i in range(0, tl.cdiv(BH - first, step)):
             bh = first + i * step  # a tensor in the interpreter too (a range variable is an int)
             q = _pair_tile(Q, bh, H, sqb, sqh, sql, sqd, offs, cols, L, HEAD_DIM)
@@ -690,17 +746,20 @@ def _attn_bwd_short_kernel(
             lse = tl.load(LSE + bh.to(tl.int64) * L + offs, mask=offs < L, other=float("inf"))
             key_ok = _key_ok(PAD + (bh // H).to(tl.int64) * spb, offs, L, HAS_PAD)
             s = tl.dot(q, tl.trans(k), input_precision=PREC)
-            p = _short_probs(s, key_ok, offs, ID, qk_scale, lse, Q.dtype.element_ty)
+            if MASK_DOT:
+                k_mask = _mask_keys_operand(key_ok, offs, ID, K.dtype.element_ty)
+                s = tl.dot(q_mask, tl.trans(k_mask), acc=s, input_precision=PREC)
+            p = _short_probs(s, key_ok, offs, ID, qk_scale, lse, Q.dtype.element_ty, MASK_DOT)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             p_drop = _short_dropped(p, bh, offs, L, dropout_p, seed, BL, DROPOUT)
-            ds = _short_ds(p, p_drop, dp, dropout_p, DROPOUT)
+            ds = _short_ds(p, p_drop, dp, dropout_p, sm_scale, DROPOUT)
             dv = tl.dot(tl.trans(p_drop), do, input_precision=PREC)
             _store_tile(_pair_ptr(DV, bh, H, sdvb, sdvh), dv.to(DV.dtype.element_ty), offs, sdvl, cols, sdvd, L,
                         HEAD_DIM)
-            dq = tl.dot(ds, k, input_precision=PREC) * sm_scale
+            dq = tl.dot(ds, k, input_precision=PREC)
             _store_tile(_pair_ptr(DQ, bh, H, sdqb, sdqh), dq.to(DQ.dtype.element_ty), offs, sdql, cols, sdqd, L,
                         HEAD_DIM)
-            dk = tl.dot(tl.trans(ds), q, input_precision=PREC) * sm_scale
+            dk = tl.dot(tl.trans(ds), q, input_precision=PREC)
             _store_tile(_pair_ptr(DK, bh, H, sdkb, sdkh), dk.to(DK.dtype.element_ty), offs, sdkl, cols, sdkd, L,
                         HEAD_DIM)
     else:
@@ -725,7 +784,7 @@ def _attn_bwd_short_kernel(
             dp += tl.dot(do, tl.trans(v), input_precision=PREC)
             dv = tl.dot(tl.trans(p_drop), do, input_precision=PREC)
             _store_tile(dv_base, dv.to(DV.dtype.element_ty), offs, sdvl, cols, sdvd, L, HEAD_DIM)
-        ds = _short_ds(p, p_drop, dp, dropout_p, DROPOUT)
+        ds = _short_ds(p, p_drop, dp, dropout_p, sm_scale, DROPOUT)
         if STORE_DS:
             # split backward: dS to the (BH, L, BL) scratch (zeros past L: P = 0 there), rows
             # whole so that the stores and _attn_bwd_dqdk_kernel's loads are vectors
@@ -733,22 +792,22 @@ def _attn_bwd_short_kernel(
         else:
             # pass 3 here: dQ = dS K, dK = dS^T Q over every chunk
             _dq_dk_chunks(ds, q_base, sql, sqd, k_base, skl, skd, _pair_ptr(DQ, bh, H, sdqb, sdqh), sdql, sdqd,
-                          _pair_ptr(DK, bh, H, sdkb, sdkh), sdkl, sdkd, offs, 0, HEAD_DIM, L, sm_scale, HEAD_DIM, BD,
+                          _pair_ptr(DK, bh, H, sdkb, sdkh), sdkl, sdkd, offs, 0, HEAD_DIM, L, HEAD_DIM, BD,
                           PREC)
 
 
 @triton.jit
 def _dq_dk_chunks(ds, q_base, sql, sqd, k_base, skl, skd, dq_base, sdql, sdqd, dk_base, sdkl, sdkd, offs, d_lo, d_hi,
-                  L, sm_scale, HEAD_DIM: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+                  L, HEAD_DIM: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
     """The backward's last pass over head-dim chunks ``[d_lo, d_hi)`` of one pair: ``dQ_c = dS
-    K_c`` and ``dK_c = dS^T Q_c`` (times ``scale``), each chunk stored at once."""
+    K_c`` and ``dK_c = dS^T Q_c`` (``dS`` carries ``scale``), each chunk stored at once."""
     for d_start in range(d_lo, d_hi, BD):
         cols = d_start + tl.arange(0, BD)
         k = _load_tile(k_base, offs, skl, cols, skd, L, HEAD_DIM)
-        dq = tl.dot(ds, k, input_precision=PREC) * sm_scale
+        dq = tl.dot(ds, k, input_precision=PREC)
         _store_tile(dq_base, dq.to(dq_base.dtype.element_ty), offs, sdql, cols, sdqd, L, HEAD_DIM)
         q = _load_tile(q_base, offs, sql, cols, sqd, L, HEAD_DIM)
-        dk = tl.dot(tl.trans(ds), q, input_precision=PREC) * sm_scale
+        dk = tl.dot(tl.trans(ds), q, input_precision=PREC)
         _store_tile(dk_base, dk.to(dk_base.dtype.element_ty), offs, sdkl, cols, sdkd, L, HEAD_DIM)
 
 
@@ -759,7 +818,7 @@ def _attn_bwd_dqdk_kernel(
     skb, skh, skl, skd,
     sdqb, sdqh, sdql, sdqd,
     sdkb, sdkh, sdkl, sdkd,
-    H, L, N_GROUP, sm_scale,
+    H, L, N_GROUP,
     HEAD_DIM: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr, GROUP_D: tl.constexpr, PREC: tl.constexpr,
 ):
     """Pass 3 of the split short backward: ``dQ = dS K`` and ``dK = dS^T Q`` over the
@@ -772,7 +831,7 @@ def _attn_bwd_dqdk_kernel(
     ds = tl.load(DS + bh.to(tl.int64) * L * BL + offs[:, None] * BL + offs[None, :], mask=offs[:, None] < L, other=0.0)
     _dq_dk_chunks(ds, _pair_ptr(Q, bh, H, sqb, sqh), sql, sqd, _pair_ptr(K, bh, H, skb, skh), skl, skd,
                   _pair_ptr(DQ, bh, H, sdqb, sdqh), sdql, sdqd, _pair_ptr(DK, bh, H, sdkb, sdkh), sdkl, sdkd, offs,
-                  d_lo, tl.minimum(d_lo + GROUP_D, HEAD_DIM), L, sm_scale, HEAD_DIM, BD, PREC)
+                  d_lo, tl.minimum(d_lo + GROUP_D, HEAD_DIM), L, HEAD_DIM, BD, PREC)
 
 
 # --------------------------------------------------------------------------------------
@@ -1036,7 +1095,7 @@ def _dqdk_configs(head_dim: int, chunk: int) -> list[tuple[int, int, int]]:
     return [(group, 8, 2), (group, 8, 1)]
 
 
-def _launch_dqdk(q, k, ds, dq, dk, length: int, head_dim: int, chunk: int, scale: float) -> None:
+def _launch_dqdk(q, k, ds, dq, dk, length: int, head_dim: int, chunk: int) -> None:
     block_len = max(16, next_power_of_2(length))
     candidates = [_OVERRIDE["dqdk"]] if "dqdk" in _OVERRIDE else _dqdk_configs(head_dim, chunk)
     last_error: Exception | None = None
@@ -1046,7 +1105,7 @@ def _launch_dqdk(q, k, ds, dq, dk, length: int, head_dim: int, chunk: int, scale
             _attn_bwd_dqdk_kernel[(ds.shape[0] * n_group,)](
                 q, k, ds, dq, dk,
                 *_strides(q), *_strides(k), *_strides(dq), *_strides(dk),
-                q.shape[1], length, n_group, scale,
+                q.shape[1], length, n_group,
                 HEAD_DIM=head_dim, BL=block_len, BD=chunk, GROUP_D=group * chunk, PREC=_precision(q.dtype),
                 num_warps=warps, num_stages=stages,
             )  # fmt: skip
@@ -1076,6 +1135,21 @@ def _pad_arg(key_padding_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[to
     # pipeline of the persistent short kernels loads the next pairs' padding rows ahead too
     pad = key_padding_mask.to(torch.int32)
     return pad, pad.stride(0), pad.stride(1)
+
+
+# The one-chunk short kernels (D <= 64) add the mask to the scores through the score dot: one
+# more 16-wide step, ``q_mask k_mask^T`` = 0 on allowed pairs and <= -1e30 elsewhere, in place
+# of a select and its predicate logic on every element of the score tile (about 3.5
+# instructions an element in the sm_90 compile: ~14% of the forward's loop and ~15% of the
+# backward's at 12 x 64; kernels/DESIGN.md). It needs an input dtype that holds -1e30 (bf16,
+# fp32; fp16 keeps the select) and a positive scale that keeps -1e30 * scale far below any
+# score. Non-finite values in a masked key then reach the scores as they would through an
+# additive mask (the select would drop them). False keeps the select everywhere.
+_MASK_DOT = True
+
+
+def _mask_in_dot(dtype: torch.dtype, scale: float) -> bool:
+    return _MASK_DOT and dtype in (torch.bfloat16, torch.float32) and scale >= 2.0**-40
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -1110,6 +1184,7 @@ def _attention_forward(
     if length <= _SHORT_MAX_FWD and head_dim >= _SHORT_FWD_MIN_HEAD_DIM:
         short_meta = {key: meta[key] for key in ("HEAD_DIM", "HAS_PAD", "DROPOUT", "PREC")}
         short_meta["SCALE_IN_EXP"] = scale > 0.0  # (the one-chunk path's raw-score maxima)
+        short_meta["MASK_DOT"] = _mask_in_dot(q.dtype, scale)
         short_args = (q, k, v, out, lse, pad, *strides, batch * heads, heads, length, id_index, scale * _LOG2E, dropout_p, seed)
         config = _launch_short("fwd_short", _attn_fwd_short_kernel, batch * heads, length, head_dim, short_args, short_meta)
         if config is not None:
@@ -1164,12 +1239,12 @@ def _attention_backward(
         )
         config = _launch_short(
             "bwd_short", _attn_bwd_short_kernel, batch * heads, length, head_dim, short_args,
-            dict(short_meta, STORE_DS=split),
+            dict(short_meta, STORE_DS=split, MASK_DOT=_mask_in_dot(q.dtype, scale)),
         )
         if config is not None:
             # with a chunk as wide as D (an override) the kernel ran its one-chunk path: all done
             if split and head_dim > config[0]:
-                _launch_dqdk(q, k, ds, dq, dk, length, head_dim, config[0], scale)
+                _launch_dqdk(q, k, ds, dq, dk, length, head_dim, config[0])
             return dq, dk, dv
     delta = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
     common = (heads, length)

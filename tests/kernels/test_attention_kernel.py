@@ -200,7 +200,7 @@ def test_split_backward(dqdk, dropout, monkeypatch):
     dropout too (the dS kernel reads the keep-mask off P~)."""
     launched = []
     real = attn._launch_dqdk
-    monkeypatch.setattr(attn, "_launch_dqdk", lambda *a: (launched.append(a[-2]), real(*a)))
+    monkeypatch.setattr(attn, "_launch_dqdk", lambda *a: (launched.append(a[-1]), real(*a)))
     monkeypatch.setattr(attn, "_OVERRIDE", {"dqdk": dqdk})
     q, k, v = _inputs(2, 2, 19, 48, torch.float32, seed=11)
     pad = _padding("suffix", 2, 19, seed=4)
@@ -304,6 +304,38 @@ def test_explicit_scale(scale, length):
     pad = torch.zeros(2, length, dtype=torch.bool, device=DEVICE)
     pad[1, length // 2 :] = True
     _assert_matches_reference(q, k, v, pad, length - 1, torch.float32, scale=scale)
+
+
+@pytest.mark.parametrize("mask_dot", [True, False])
+@pytest.mark.parametrize(("length", "id_index"), [(9, 3), (81, 0), (81, 80), (33, None)])
+def test_mask_in_the_score_dot(mask_dot, length, id_index, monkeypatch):
+    """The one-chunk kernels add the mask to the scores through the score dot (``MASK_DOT``)
+    or select it element by element (``_MASK_DOT`` off): both match the reference with the
+    ID key first, last or absent, an item whose keys are all padding and one whose only key
+    is the ID key (rows without a key: zeros, no NaN)."""
+    monkeypatch.setattr(attn, "_MASK_DOT", mask_dot)
+    launched = []
+    real = attn._launch_short
+    monkeypatch.setattr(attn, "_launch_short", lambda *a: (launched.append((a[0], a[-1]["MASK_DOT"])), real(*a))[1])
+    pad = _padding("random", 3, length, seed=length)
+    pad[0] = True
+    pad[1] = True
+    pad[1, 0 if id_index is None else id_index] = False
+    q, k, v = _inputs(3, 2, length, 16, torch.float32, seed=7)
+    with _kernel_path("short"):
+        out, _ = _assert_matches_reference(q, k, v, pad, id_index, torch.float32)
+    assert launched == [("fwd_short", mask_dot), ("bwd_short", mask_dot)]
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+
+
+def test_mask_in_dot_rule(monkeypatch):
+    """The mask goes through the dot where the dtype holds -1e30 and the scale keeps it far
+    below every score: bf16 and fp32 with a positive scale, not fp16, not a scale <= 0."""
+    assert attn._mask_in_dot(torch.bfloat16, 0.125) and attn._mask_in_dot(torch.float32, 1.0)
+    assert not attn._mask_in_dot(torch.float16, 0.125)
+    assert not any(attn._mask_in_dot(torch.float32, scale) for scale in (0.0, -0.5, 2.0**-41))
+    monkeypatch.setattr(attn, "_MASK_DOT", False)
+    assert not attn._mask_in_dot(torch.bfloat16, 0.125)
 
 
 # ------------------------------------------------------------------------------ dropout
