@@ -12,12 +12,12 @@ For one item ``b`` and head ``h`` with queries ``Q``, keys ``K``, values ``V`` o
 
 ``key_padding_mask`` ``(B, L)`` (True = padding) and ``id_index`` (``-1`` = no ID rule) are
 the only mask inputs: the rule ``A`` is evaluated in the kernel from a row of ``L`` flags and
-two integer comparisons, so no ``L x L`` tensor exists anywhere. The one-chunk short kernels
-(``D <= 64``, bf16 / fp32, positive scale: ``_MASK_DOT``) add it to the scores instead, as
+two integer comparisons, so no ``L x L`` tensor exists anywhere. The short kernels (``L <=
+128``; bf16 and a positive scale: ``_MASK_DOT``) add it to the scores instead, as
 one more 16-wide step of the score dot: ``[1, i != id] . [-1e30 (j padding), -1e30 (j = id)]``
-is 0 on allowed pairs and at most ``-1e30`` elsewhere, which the exponentials turn into 0. The ID key is attended by the
-ID query alone; the ID query attends every non-padding key. A query with no attendable key
-(all keys padded) outputs zeros and receives zero gradient.
+is 0 on allowed pairs and at most ``-1e30`` elsewhere, which the exponentials turn into 0.
+The ID key is attended by the ID query alone; the ID query attends every non-padding key. A
+query with no attendable key (all keys padded) outputs zeros and receives zero gradient.
 
 Dropout draws ``keep[i, j] = rand >= p`` from Philox (``tl.rand4x``) keyed by ``(seed,
 b*H+h)``, one draw of four numbers per row and group of four keys (counter ``i*ceil(L/4) +
@@ -474,15 +474,21 @@ def _scaled_scores(s, key_ok, offs_m, offs_n, ID, qk_scale):
 
 @triton.jit
 def _short_softmax(s, key_ok, offs, ID, qk_scale, bh, L, dropout_p, seed, BL: tl.constexpr,
-                   DROPOUT: tl.constexpr):
+                   DROPOUT: tl.constexpr, MASK_DOT: tl.constexpr = False):
     """Forward of one pair from its raw ``(BL, BL)`` scores: ``(E * keep, inv_l, lse)`` with
     ``E = exp2(S - rowmax)`` (float32, in [0, 1]) and ``inv_l = 1 / (rowsum(E) (1 - p))``, so
     that ``P * keep / (1 - p) = E * keep * inv_l``.
 
     Every key of the row is in the tile, so the softmax is a plain (not online) one in the
-    log2 domain; a row with no attendable key gets ``E = 0`` and ``lse = +inf``."""
-    s = _scaled_scores(s, key_ok, offs, offs, ID, qk_scale)
-    m_safe = _safe_max(tl.max(s, 1))
+    log2 domain; a row with no attendable key gets ``E = 0`` and ``lse = +inf``. With
+    ``MASK_DOT`` the mask is already in ``S`` (and the scale positive): the maxima are taken of
+    the raw scores and the scale enters the exponentials' FFMA, as ``SCALE_IN_EXP`` does."""
+    if MASK_DOT:
+        m_safe = _safe_max(tl.max(s, 1), MASK_DOT) * qk_scale
+        s = s * qk_scale  # (folded into the exponential's FFMA below)
+    else:
+        s = _scaled_scores(s, key_ok, offs, offs, ID, qk_scale)
+        m_safe = _safe_max(tl.max(s, 1))
     e = tl.exp2(s - m_safe[:, None])
     l_sum = tl.sum(e, 1)
     if DROPOUT:
@@ -506,6 +512,15 @@ def _mask_rows_operand(rows, ID, dtype: tl.constexpr):
     column 0 all ones (the padding term), column 1 ``[i != ID]`` (the ID term), zeros after."""
     col = tl.arange(0, 16)[None, :]
     return ((col == 0) | ((col == 1) & (rows[:, None] != ID))).to(dtype)
+
+
+@triton.jit
+def _add_mask(s, offs, key_ok, ID, dtype: tl.constexpr, PREC: tl.constexpr):
+    """``MASK_DOT`` on a whole ``(BL, BL)`` tile of one pair (the several-chunk kernels):
+    ``S + q_mask k_mask^T``."""
+    q_mask = _mask_rows_operand(offs, ID, dtype)
+    k_mask = _mask_keys_operand(key_ok, offs, ID, dtype)
+    return tl.dot(q_mask, tl.trans(k_mask), acc=s, input_precision=PREC)
 
 
 @triton.jit
@@ -696,7 +711,9 @@ def _attn_fwd_short_kernel(
         s = _full_scores(_pair_ptr(Q, bh, H, sqb, sqh), sql, sqd, _pair_ptr(K, bh, H, skb, skh), skl, skd,
                          offs, L, HEAD_DIM, BL, BD, PREC)
         key_ok = _key_ok(PAD + (bh // H).to(tl.int64) * spb, offs, L, HAS_PAD)
-        e, inv_l, lse = _short_softmax(s, key_ok, offs, ID, qk_scale, bh, L, dropout_p, seed, BL, DROPOUT)
+        if MASK_DOT:
+            s = _add_mask(s, offs, key_ok, ID, K.dtype.element_ty, PREC)
+        e, inv_l, lse = _short_softmax(s, key_ok, offs, ID, qk_scale, bh, L, dropout_p, seed, BL, DROPOUT, MASK_DOT)
         p = (e * inv_l[:, None]).to(V.dtype.element_ty)  # once here, not once per output chunk
         v_base = _pair_ptr(V, bh, H, svb, svh)
         o_base = _pair_ptr(O, bh, H, sob, soh)
@@ -773,8 +790,10 @@ def _attn_bwd_short_kernel(
         dv_base = _pair_ptr(DV, bh, H, sdvb, sdvh)
         s = _full_scores(q_base, sql, sqd, k_base, skl, skd, offs, L, HEAD_DIM, BL, BD, PREC)
         key_ok = _key_ok(PAD + (bh // H).to(tl.int64) * spb, offs, L, HAS_PAD)
+        if MASK_DOT:
+            s = _add_mask(s, offs, key_ok, ID, K.dtype.element_ty, PREC)
         lse = tl.load(LSE + bh.to(tl.int64) * L + offs, mask=offs < L, other=float("inf"))
-        p = _short_probs(s, key_ok, offs, ID, qk_scale, lse, Q.dtype.element_ty)
+        p = _short_probs(s, key_ok, offs, ID, qk_scale, lse, Q.dtype.element_ty, MASK_DOT)
         p_drop = _short_dropped(p, bh, offs, L, dropout_p, seed, BL, DROPOUT)
         dp = tl.zeros([BL, BL], dtype=tl.float32)
         for d_start in range(0, HEAD_DIM, BD):
@@ -1010,7 +1029,13 @@ def _num_sms(device: torch.device) -> int:
     persistent loop walks several pairs a program in the tests)."""
     if device.type != "cuda":
         return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _device_sms(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _device_sms(index: int) -> int:
+    """Once a device: the property query is a few microseconds of host time on every launch."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _key_blocks(length: int, block_len: int) -> tuple[int, int]:
@@ -1137,19 +1162,25 @@ def _pad_arg(key_padding_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[to
     return pad, pad.stride(0), pad.stride(1)
 
 
-# The one-chunk short kernels (D <= 64) add the mask to the scores through the score dot: one
-# more 16-wide step, ``q_mask k_mask^T`` = 0 on allowed pairs and <= -1e30 elsewhere, in place
-# of a select and its predicate logic on every element of the score tile (about 3.5
-# instructions an element in the sm_90 compile: ~14% of the forward's loop and ~15% of the
-# backward's at 12 x 64; kernels/DESIGN.md). It needs an input dtype that holds -1e30 (bf16,
-# fp32; fp16 keeps the select) and a positive scale that keeps -1e30 * scale far below any
+# The short kernels (L <= 128) add the mask to the scores through the score dot: one more
+# 16-wide step, ``q_mask k_mask^T`` = 0 on allowed pairs and <= -1e30 elsewhere, in place of
+# a select and its predicate logic on every element of the score tile (about 3.5
+# instructions an element in the sm_90 compile: a fifth of the forward's instructions a pair
+# and a quarter of the backward's at 12 x 64, with the two changes beside it; a sixth and a
+# tenth at 2 x 384; kernels/DESIGN.md). It needs an input dtype that holds -1e30 and a dot on
+# the tensor cores: bf16 (fp16 tops out at 65,504; fp32's exact dot runs on the FMA units,
+# where a 16-wide step costs more than the select -- the interpreter takes it in fp32, so the
+# CPU tests cover the form), and a positive scale that keeps -1e30 * scale far below any
 # score. Non-finite values in a masked key then reach the scores as they would through an
 # additive mask (the select would drop them). False keeps the select everywhere.
 _MASK_DOT = True
 
 
-def _mask_in_dot(dtype: torch.dtype, scale: float) -> bool:
-    return _MASK_DOT and dtype in (torch.bfloat16, torch.float32) and scale >= 2.0**-40
+def _mask_in_dot(dtype: torch.dtype, scale: float, on_gpu: bool) -> bool:
+    """Whether the short kernels take the mask through the score dot (see ``_MASK_DOT``)."""
+    if not _MASK_DOT or scale < 2.0**-40:
+        return False
+    return dtype == torch.bfloat16 or (dtype == torch.float32 and not on_gpu)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -1184,7 +1215,7 @@ def _attention_forward(
     if length <= _SHORT_MAX_FWD and head_dim >= _SHORT_FWD_MIN_HEAD_DIM:
         short_meta = {key: meta[key] for key in ("HEAD_DIM", "HAS_PAD", "DROPOUT", "PREC")}
         short_meta["SCALE_IN_EXP"] = scale > 0.0  # (the one-chunk path's raw-score maxima)
-        short_meta["MASK_DOT"] = _mask_in_dot(q.dtype, scale)
+        short_meta["MASK_DOT"] = _mask_in_dot(q.dtype, scale, q.is_cuda)
         short_args = (q, k, v, out, lse, pad, *strides, batch * heads, heads, length, id_index, scale * _LOG2E, dropout_p, seed)
         config = _launch_short("fwd_short", _attn_fwd_short_kernel, batch * heads, length, head_dim, short_args, short_meta)
         if config is not None:
@@ -1239,7 +1270,7 @@ def _attention_backward(
         )
         config = _launch_short(
             "bwd_short", _attn_bwd_short_kernel, batch * heads, length, head_dim, short_args,
-            dict(short_meta, STORE_DS=split, MASK_DOT=_mask_in_dot(q.dtype, scale)),
+            dict(short_meta, STORE_DS=split, MASK_DOT=_mask_in_dot(q.dtype, scale, q.is_cuda)),
         )
         if config is not None:
             # with a chunk as wide as D (an override) the kernel ran its one-chunk path: all done

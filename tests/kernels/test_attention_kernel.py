@@ -307,12 +307,15 @@ def test_explicit_scale(scale, length):
 
 
 @pytest.mark.parametrize("mask_dot", [True, False])
-@pytest.mark.parametrize(("length", "id_index"), [(9, 3), (81, 0), (81, 80), (33, None)])
-def test_mask_in_the_score_dot(mask_dot, length, id_index, monkeypatch):
-    """The one-chunk kernels add the mask to the scores through the score dot (``MASK_DOT``)
-    or select it element by element (``_MASK_DOT`` off): both match the reference with the
-    ID key first, last or absent, an item whose keys are all padding and one whose only key
-    is the ID key (rows without a key: zeros, no NaN)."""
+@pytest.mark.parametrize(
+    ("length", "id_index", "dim"), [(9, 3, 16), (81, 0, 16), (81, 80, 16), (33, None, 16), (17, 5, 48)]
+)
+def test_mask_in_the_score_dot(mask_dot, length, id_index, dim, monkeypatch):
+    """The short kernels add the mask to the scores through the score dot (``MASK_DOT``) or
+    select it element by element (``_MASK_DOT`` off), with one head-dim chunk or several
+    (``dim = 48``, backward unsplit): both match the reference with the ID key first, last or
+    absent, an item whose keys are all padding and one whose only key is the ID key (rows
+    without a key: zeros, no NaN)."""
     monkeypatch.setattr(attn, "_MASK_DOT", mask_dot)
     launched = []
     real = attn._launch_short
@@ -321,21 +324,24 @@ def test_mask_in_the_score_dot(mask_dot, length, id_index, monkeypatch):
     pad[0] = True
     pad[1] = True
     pad[1, 0 if id_index is None else id_index] = False
-    q, k, v = _inputs(3, 2, length, 16, torch.float32, seed=7)
-    with _kernel_path("short"):
+    q, k, v = _inputs(3, 2, length, dim, torch.float32, seed=7)
+    with _kernel_path("fused"):
         out, _ = _assert_matches_reference(q, k, v, pad, id_index, torch.float32)
-    assert launched == [("fwd_short", mask_dot), ("bwd_short", mask_dot)]
+    taken = mask_dot and DEVICE == "cpu"  # (fp32 on a GPU keeps the select)
+    assert launched == [("fwd_short", taken), ("bwd_short", taken)]
     assert torch.equal(out[0], torch.zeros_like(out[0]))
 
 
 def test_mask_in_dot_rule(monkeypatch):
-    """The mask goes through the dot where the dtype holds -1e30 and the scale keeps it far
-    below every score: bf16 and fp32 with a positive scale, not fp16, not a scale <= 0."""
-    assert attn._mask_in_dot(torch.bfloat16, 0.125) and attn._mask_in_dot(torch.float32, 1.0)
-    assert not attn._mask_in_dot(torch.float16, 0.125)
-    assert not any(attn._mask_in_dot(torch.float32, scale) for scale in (0.0, -0.5, 2.0**-41))
+    """The mask goes through the dot where the dtype holds -1e30 and the dot runs on the tensor
+    cores (bf16; fp32 only in the interpreter, whose tests cover the form), and the scale keeps
+    it far below every score: not fp16, not fp32 on a GPU, not a scale <= 0."""
+    assert attn._mask_in_dot(torch.bfloat16, 0.125, True) and attn._mask_in_dot(torch.bfloat16, 0.125, False)
+    assert attn._mask_in_dot(torch.float32, 1.0, False) and not attn._mask_in_dot(torch.float32, 1.0, True)
+    assert not attn._mask_in_dot(torch.float16, 0.125, True)
+    assert not any(attn._mask_in_dot(torch.float32, scale, False) for scale in (0.0, -0.5, 2.0**-41))
     monkeypatch.setattr(attn, "_MASK_DOT", False)
-    assert not attn._mask_in_dot(torch.bfloat16, 0.125)
+    assert not attn._mask_in_dot(torch.bfloat16, 0.125, True)
 
 
 # ------------------------------------------------------------------------------ dropout
