@@ -150,6 +150,13 @@ def _store_tile(base, value, rows, row_stride, cols, col_stride, L, HEAD_DIM: tl
 
 
 @triton.jit
+def _store_tile_t(base, value_t, rows, row_stride, cols, col_stride, L, HEAD_DIM: tl.constexpr):
+    """Store the ``(cols, rows)`` tile ``value_t`` as the ``(rows, cols)`` tile it transposes."""
+    mask = (cols[:, None] < HEAD_DIM) & (rows[None, :] < L)
+    tl.store(base + cols[:, None] * col_stride + rows[None, :] * row_stride, value_t, mask=mask)
+
+
+@triton.jit
 def _key_ok(pad_row, offs_n, L, HAS_PAD: tl.constexpr):
     """``(BN,)`` bool: key exists (``< L``) and is not padding."""
     ok = offs_n < L
@@ -516,20 +523,21 @@ def _mask_rows_operand(rows, ID, dtype: tl.constexpr):
 
 @triton.jit
 def _add_mask(s, offs, key_ok, ID, dtype: tl.constexpr, PREC: tl.constexpr):
-    """``MASK_DOT`` on a whole ``(BL, BL)`` tile of one pair (the several-chunk kernels):
-    ``S + q_mask k_mask^T``."""
+    """``MASK_DOT`` on a whole ``(BL, BL)`` score tile of one pair: ``S + q_mask @ k_mask``."""
     q_mask = _mask_rows_operand(offs, ID, dtype)
     k_mask = _mask_keys_operand(key_ok, offs, ID, dtype)
-    return tl.dot(q_mask, tl.trans(k_mask), acc=s, input_precision=PREC)
+    return tl.dot(q_mask, k_mask, acc=s, input_precision=PREC)
 
 
 @triton.jit
 def _mask_keys_operand(key_ok, offs_n, ID, dtype: tl.constexpr):
-    """``MASK_DOT``: the key side ``(BN, 16)``: column 0 ``-1e30`` on keys that are padding or
-    past ``L``, column 1 ``-1e30`` on the ID key, zeros elsewhere. ``rows x keys^T`` adds
-    exactly 0 to an allowed score and at most ``-1e30`` to any other one."""
-    col = tl.arange(0, 16)[None, :]
-    hit = ((col == 0) & (key_ok[:, None] == 0)) | ((col == 1) & (offs_n[:, None] == ID))
+    """``MASK_DOT``: the key side, built transposed ``(16, BN)`` (keys along the thread's
+    contiguous elements: vector stores to shared memory, where a ``(BN, 16)`` tile took a
+    16-bit store an element): row 0 ``-1e30`` on keys that are padding or past ``L``, row 1
+    ``-1e30`` on the ID key, zeros elsewhere. ``q_mask @ k_mask`` adds exactly 0 to an
+    allowed score and at most ``-1e30`` to any other one."""
+    row = tl.arange(0, 16)[:, None]
+    hit = ((row == 0) & (key_ok[None, :] == 0)) | ((row == 1) & (offs_n[None, :] == ID))
     return tl.where(hit, -1.0e30, 0.0).to(dtype)
 
 
@@ -597,11 +605,11 @@ def _short_fwd_rows(q, rows, k, v, ok_a, offs_a, k_b, v_b, ok_b, offs_b, o_base,
     the raw maximum into the scaled minimum, hence the scaled form there).
 
     ``MASK_DOT`` (with ``SCALE_IN_EXP``): the mask enters the scores as one more 16-wide step
-    of the score dot, ``q_mask k_mask^T`` (:func:`_mask_rows_operand`, :func:`_mask_keys_operand`),
+    of the score dot, ``q_mask @ k_mask`` (:func:`_mask_rows_operand`, :func:`_mask_keys_operand`),
     instead of a select on every element."""
     s_a = tl.dot(q, tl.trans(k), input_precision=PREC)
     if MASK_DOT:
-        s_a = tl.dot(q_mask, tl.trans(k_mask_a), acc=s_a, input_precision=PREC)
+        s_a = tl.dot(q_mask, k_mask_a, acc=s_a, input_precision=PREC)
     elif SCALE_IN_EXP:
         s_a = tl.where(_allowed(ok_a, rows, offs_a, ID), s_a, float("-inf"))
     else:
@@ -610,7 +618,7 @@ def _short_fwd_rows(q, rows, k, v, ok_a, offs_a, k_b, v_b, ok_b, offs_b, o_base,
     if BLB > 0:
         s_b = tl.dot(q, tl.trans(k_b), input_precision=PREC)
         if MASK_DOT:
-            s_b = tl.dot(q_mask, tl.trans(k_mask_b), acc=s_b, input_precision=PREC)
+            s_b = tl.dot(q_mask, k_mask_b, acc=s_b, input_precision=PREC)
         elif SCALE_IN_EXP:
             s_b = tl.where(_allowed(ok_b, rows, offs_b, ID), s_b, float("-inf"))
         else:
@@ -751,9 +759,6 @@ def _attn_bwd_short_kernel(
         # dV and dK products fell back to mma.sync and layout shuffles: no fewer instructions
         # and twice the CTA barriers in the sm_90 compile)
         cols = tl.arange(0, BD)
-        q_mask = offs  # (never read without MASK_DOT)
-        if MASK_DOT:  # the query side of the mask: the same for every pair
-            q_mask = _mask_rows_operand(offs, ID, K.dtype.element_ty)
         for i in range(0, tl.cdiv(BH - first, step)):
             bh = first + i * step  # a tensor in the interpreter too (a range variable is an int)
             q = _pair_tile(Q, bh, H, sqb, sqh, sql, sqd, offs, cols, L, HEAD_DIM)
@@ -764,8 +769,10 @@ def _attn_bwd_short_kernel(
             key_ok = _key_ok(PAD + (bh // H).to(tl.int64) * spb, offs, L, HAS_PAD)
             s = tl.dot(q, tl.trans(k), input_precision=PREC)
             if MASK_DOT:
-                k_mask = _mask_keys_operand(key_ok, offs, ID, K.dtype.element_ty)
-                s = tl.dot(q_mask, tl.trans(k_mask), acc=s, input_precision=PREC)
+                # (bh >> 31 is 0: it keeps the query side inside the loop, whose shared memory
+                # then follows P's; hoisted, its 4 KB took the three-stage pipeline past the
+                # H100's 227 KB a block and the launch would fall back to two stages)
+                s = _add_mask(s, offs, key_ok, ID + (bh >> 31), K.dtype.element_ty, PREC)
             p = _short_probs(s, key_ok, offs, ID, qk_scale, lse, Q.dtype.element_ty, MASK_DOT)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             p_drop = _short_dropped(p, bh, offs, L, dropout_p, seed, BL, DROPOUT)
@@ -801,8 +808,8 @@ def _attn_bwd_short_kernel(
             do = _load_tile(do_base, offs, sdol, cols, sdod, L, HEAD_DIM)
             v = _load_tile(v_base, offs, svl, cols, svd, L, HEAD_DIM)
             dp += tl.dot(do, tl.trans(v), input_precision=PREC)
-            dv = tl.dot(tl.trans(p_drop), do, input_precision=PREC)
-            _store_tile(dv_base, dv.to(DV.dtype.element_ty), offs, sdvl, cols, sdvd, L, HEAD_DIM)
+            dvt = tl.dot(tl.trans(do), p_drop, input_precision=PREC)  # (transposed: see _dq_dk_chunks)
+            _store_tile_t(dv_base, dvt.to(DV.dtype.element_ty), offs, sdvl, cols, sdvd, L, HEAD_DIM)
         ds = _short_ds(p, p_drop, dp, dropout_p, sm_scale, DROPOUT)
         if STORE_DS:
             # split backward: dS to the (BH, L, BL) scratch (zeros past L: P = 0 there), rows
@@ -819,15 +826,18 @@ def _attn_bwd_short_kernel(
 def _dq_dk_chunks(ds, q_base, sql, sqd, k_base, skl, skd, dq_base, sdql, sdqd, dk_base, sdkl, sdkd, offs, d_lo, d_hi,
                   L, HEAD_DIM: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
     """The backward's last pass over head-dim chunks ``[d_lo, d_hi)`` of one pair: ``dQ_c = dS
-    K_c`` and ``dK_c = dS^T Q_c`` (``dS`` carries ``scale``), each chunk stored at once."""
+    K_c`` and ``dK_c = dS^T Q_c`` (``dS`` carries ``scale``), each chunk stored at once. Formed
+    transposed, ``K_c^T dS^T`` and ``Q_c^T dS``: the chunk tiles are the A operands, already in
+    shared memory, and ``dS`` a B operand there, instead of ``dS`` and ``dS^T`` held in
+    registers across the loop (sm_90 compile at 2 x 384: no spills instead of 32 B)."""
     for d_start in range(d_lo, d_hi, BD):
         cols = d_start + tl.arange(0, BD)
         k = _load_tile(k_base, offs, skl, cols, skd, L, HEAD_DIM)
-        dq = tl.dot(ds, k, input_precision=PREC)
-        _store_tile(dq_base, dq.to(dq_base.dtype.element_ty), offs, sdql, cols, sdqd, L, HEAD_DIM)
+        dqt = tl.dot(tl.trans(k), tl.trans(ds), input_precision=PREC)
+        _store_tile_t(dq_base, dqt.to(dq_base.dtype.element_ty), offs, sdql, cols, sdqd, L, HEAD_DIM)
         q = _load_tile(q_base, offs, sql, cols, sqd, L, HEAD_DIM)
-        dk = tl.dot(tl.trans(ds), q, input_precision=PREC)
-        _store_tile(dk_base, dk.to(dk_base.dtype.element_ty), offs, sdkl, cols, sdkd, L, HEAD_DIM)
+        dkt = tl.dot(tl.trans(q), ds, input_precision=PREC)
+        _store_tile_t(dk_base, dkt.to(dk_base.dtype.element_ty), offs, sdkl, cols, sdkd, L, HEAD_DIM)
 
 
 @triton.jit
@@ -1163,11 +1173,11 @@ def _pad_arg(key_padding_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[to
 
 
 # The short kernels (L <= 128) add the mask to the scores through the score dot: one more
-# 16-wide step, ``q_mask k_mask^T`` = 0 on allowed pairs and <= -1e30 elsewhere, in place of
+# 16-wide step, ``q_mask @ k_mask`` = 0 on allowed pairs and <= -1e30 elsewhere, in place of
 # a select and its predicate logic on every element of the score tile (about 3.5
-# instructions an element in the sm_90 compile: a fifth of the forward's instructions a pair
-# and a quarter of the backward's at 12 x 64, with the two changes beside it; a sixth and a
-# tenth at 2 x 384; kernels/DESIGN.md). It needs an input dtype that holds -1e30 and a dot on
+# instructions an element in the sm_90 compile: with the changes beside it, a quarter of the
+# forward's and of the backward's instructions a pair at 12 x 64, a fifth at 2 x 384;
+# kernels/DESIGN.md). It needs an input dtype that holds -1e30 and a dot on
 # the tensor cores: bf16 (fp16 tops out at 65,504; fp32's exact dot runs on the FMA units,
 # where a 16-wide step costs more than the select -- the interpreter takes it in fp32, so the
 # CPU tests cover the form), and a positive scale that keeps -1e30 * scale far below any

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,14 @@ def test_attention_kernels_compile_for_sm90(tmp_path):
     assert len(lines) == 21, run.stdout[-3000:]
     failed = [line for line in lines if "ERROR" in line]
     assert not failed, failed
+    # Each kernel's first configuration must fit an H100 (227 KB of shared memory a block; the
+    # one-chunk forward runs two programs an SM): past it, the launch would silently take the
+    # next configuration (fewer pipeline stages), which Runs 5-7 timed slower.
+    two_an_sm = 233472 // 2 - 1024
+    budget = {"d64_fwd_short": two_an_sm, "d64_drop_fwd_short": two_an_sm}
+    for line in lines:
+        name, smem = line.split()[0], int(re.search(r"smem=(\d+)", line).group(1))
+        assert smem <= budget.get(name, 232448), line
 
 
 # One process of benchmarks/precompile.py's chain (capture, parallel compile, timed run) on
