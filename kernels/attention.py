@@ -1086,7 +1086,10 @@ def _launch_short(
     """Launch a short kernel with the first configuration that fits and return it; None if
     none does."""
     block_len = max(16, next_power_of_2(length))
-    cache_key = (kind, block_len, head_dim, args[0].dtype, meta["DROPOUT"], kind == "fwd_short" and _SPLIT_QUERIES)
+    cache_key = (
+        kind, block_len, head_dim, args[0].dtype, meta["DROPOUT"], meta.get("MASK_DOT", False),
+        kind == "fwd_short" and _SPLIT_QUERIES,
+    )  # fmt: skip
     if kind in _OVERRIDE:
         candidates = [_OVERRIDE[kind]]
     elif cache_key in _CHOSEN:
