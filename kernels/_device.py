@@ -10,6 +10,7 @@ first tensor argument.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -19,6 +20,18 @@ def on_device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """``tensor``'s CUDA device made current for the block (restored after it); nothing for
     a CPU tensor (the interpreter)."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def device_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of the CUDA ``device`` (its index, else the current device's),
+    queried once a device: the property query costs microseconds of host time, and the launch
+    rules ask on every launch."""
+    return _sms_of_index(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _sms_of_index(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 # Parameters are plain tensors to the dispatcher; every other subclass (FakeTensor, DTensor,

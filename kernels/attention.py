@@ -114,7 +114,6 @@ tests check that both routes give the same bits). CPU tensors work under
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -123,7 +122,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 from triton.runtime.errors import OutOfResources
 
-from ._device import direct_eager_call, on_device_of
+from ._device import device_sms, direct_eager_call, on_device_of
 from ._host import cdiv, next_power_of_2
 
 __all__ = ["dropout_keep_mask", "id_masked_attention"]
@@ -507,7 +506,7 @@ def _short_softmax(s, key_ok, offs, ID, qk_scale, bh, L, dropout_p, seed, BL: tl
 @triton.jit
 def _safe_max(m, MASK_DOT: tl.constexpr = False):
     """Row maxima with -inf (no attendable key) replaced by 0, so that exp2(S - m) is 0, not NaN.
-    With ``MASK_DOT`` a row with no attendable key has a maximum near ``_MASK_BIAS`` instead."""
+    With ``MASK_DOT`` a row with no attendable key has a maximum near the mask's -1e30 instead."""
     if MASK_DOT:
         return tl.where(m < -1.0e29, 0.0, m)
     return tl.where(m == float("-inf"), 0.0, m)
@@ -522,14 +521,6 @@ def _mask_rows_operand(rows, ID, dtype: tl.constexpr):
 
 
 @triton.jit
-def _add_mask(s, offs, key_ok, ID, dtype: tl.constexpr, PREC: tl.constexpr):
-    """``MASK_DOT`` on a whole ``(BL, BL)`` score tile of one pair: ``S + q_mask @ k_mask``."""
-    q_mask = _mask_rows_operand(offs, ID, dtype)
-    k_mask = _mask_keys_operand(key_ok, offs, ID, dtype)
-    return tl.dot(q_mask, k_mask, acc=s, input_precision=PREC)
-
-
-@triton.jit
 def _mask_keys_operand(key_ok, offs_n, ID, dtype: tl.constexpr):
     """``MASK_DOT``: the key side, built transposed ``(16, BN)`` (keys along the thread's
     contiguous elements: vector stores to shared memory, where a ``(BN, 16)`` tile took a
@@ -539,6 +530,14 @@ def _mask_keys_operand(key_ok, offs_n, ID, dtype: tl.constexpr):
     row = tl.arange(0, 16)[:, None]
     hit = ((row == 0) & (key_ok[None, :] == 0)) | ((row == 1) & (offs_n[None, :] == ID))
     return tl.where(hit, -1.0e30, 0.0).to(dtype)
+
+
+@triton.jit
+def _add_mask(s, offs, key_ok, ID, dtype: tl.constexpr, PREC: tl.constexpr):
+    """``MASK_DOT`` on a whole ``(BL, BL)`` score tile of one pair: ``S + q_mask @ k_mask``."""
+    q_mask = _mask_rows_operand(offs, ID, dtype)
+    k_mask = _mask_keys_operand(key_ok, offs, ID, dtype)
+    return tl.dot(q_mask, k_mask, acc=s, input_precision=PREC)
 
 
 @triton.jit
@@ -591,6 +590,19 @@ def _short_ds(p, p_drop, dp, dropout_p, sm_scale, DROPOUT: tl.constexpr):
 
 
 @triton.jit
+def _block_scores(q, k, q_mask, k_mask, key_ok, rows, offs, ID, qk_scale, PREC: tl.constexpr,
+                  SCALE_IN_EXP: tl.constexpr, MASK_DOT: tl.constexpr):
+    """The masked scores of query rows ``rows`` against one key block: raw (``SCALE_IN_EXP``)
+    or scaled, the mask through the dot (``MASK_DOT``) or selected (-inf)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    if MASK_DOT:
+        return tl.dot(q_mask, k_mask, acc=s, input_precision=PREC)
+    if SCALE_IN_EXP:
+        return tl.where(_allowed(key_ok, rows, offs, ID), s, float("-inf"))
+    return _scaled_scores(s, key_ok, rows, offs, ID, qk_scale)
+
+
+@triton.jit
 def _short_fwd_rows(q, rows, k, v, ok_a, offs_a, k_b, v_b, ok_b, offs_b, o_base, sol, sod, lse_base, cols, bh, L, ID,
                     qk_scale, dropout_p, seed, q_mask, k_mask_a, k_mask_b, HEAD_DIM: tl.constexpr,
                     BLA: tl.constexpr, BLB: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
@@ -607,22 +619,10 @@ def _short_fwd_rows(q, rows, k, v, ok_a, offs_a, k_b, v_b, ok_b, offs_b, o_base,
     ``MASK_DOT`` (with ``SCALE_IN_EXP``): the mask enters the scores as one more 16-wide step
     of the score dot, ``q_mask @ k_mask`` (:func:`_mask_rows_operand`, :func:`_mask_keys_operand`),
     instead of a select on every element."""
-    s_a = tl.dot(q, tl.trans(k), input_precision=PREC)
-    if MASK_DOT:
-        s_a = tl.dot(q_mask, k_mask_a, acc=s_a, input_precision=PREC)
-    elif SCALE_IN_EXP:
-        s_a = tl.where(_allowed(ok_a, rows, offs_a, ID), s_a, float("-inf"))
-    else:
-        s_a = _scaled_scores(s_a, ok_a, rows, offs_a, ID, qk_scale)
+    s_a = _block_scores(q, k, q_mask, k_mask_a, ok_a, rows, offs_a, ID, qk_scale, PREC, SCALE_IN_EXP, MASK_DOT)
     m = tl.max(s_a, 1)
     if BLB > 0:
-        s_b = tl.dot(q, tl.trans(k_b), input_precision=PREC)
-        if MASK_DOT:
-            s_b = tl.dot(q_mask, k_mask_b, acc=s_b, input_precision=PREC)
-        elif SCALE_IN_EXP:
-            s_b = tl.where(_allowed(ok_b, rows, offs_b, ID), s_b, float("-inf"))
-        else:
-            s_b = _scaled_scores(s_b, ok_b, rows, offs_b, ID, qk_scale)
+        s_b = _block_scores(q, k_b, q_mask, k_mask_b, ok_b, rows, offs_b, ID, qk_scale, PREC, SCALE_IN_EXP, MASK_DOT)
         m = tl.maximum(m, tl.max(s_b, 1))
     if SCALE_IN_EXP:
         m_safe = _safe_max(m, MASK_DOT) * qk_scale
@@ -1033,19 +1033,12 @@ def _short_configs(kind: str, length: int, head_dim: int) -> list[tuple[int, int
     return out
 
 
-@functools.cache
 def _num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (a nominal 2 on the CPU interpreter, so that the
     persistent loop walks several pairs a program in the tests)."""
     if device.type != "cuda":
         return 2
-    return _device_sms(torch.cuda.current_device() if device.index is None else device.index)
-
-
-@functools.cache
-def _device_sms(index: int) -> int:
-    """Once a device: the property query is a few microseconds of host time on every launch."""
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return device_sms(device)
 
 
 def _key_blocks(length: int, block_len: int) -> tuple[int, int]:
@@ -1062,7 +1055,8 @@ def _key_blocks(length: int, block_len: int) -> tuple[int, int]:
 # 81, 96 x 96 scores a pair instead of 128 x 96. sm_90 compile (Triton 3.6), per pair: 328K
 # thread-instructions (4 warps, 254 registers, no spills; 10.4K exponentials) against the
 # default's 436K (8 warps at 128 registers, 48 B of spills; 13.6K), with dropout 524K against
-# 815K. Off until a GPU run times it (the benchmark times both forms: ``rows2_`` keys).
+# 815K -- counts from before the mask moved into the score dot, which narrowed the gap
+# (kernels/DESIGN.md). Off until a GPU run times it (the benchmark times both: ``rows2_`` keys).
 _SPLIT_QUERIES = False
 
 

@@ -132,7 +132,6 @@ the custom ops. The host's share matters here: at the paper's batch a call's ker
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -143,7 +142,7 @@ from torch.autograd.function import once_differentiable
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
-from ._device import direct_eager_call, on_device_of
+from ._device import device_sms, direct_eager_call, on_device_of
 from ._host import cdiv, next_power_of_2
 from .reference import DistillationLosses
 
@@ -2324,18 +2323,13 @@ def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
-def _device_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _num_sms(t: torch.Tensor) -> int:
     """SMs the forward's column split plans for (2 under the interpreter, so tests split)."""
     if _SM_OVERRIDE is not None:
         return _SM_OVERRIDE
     if _interpreting(t):
         return 2
-    return _device_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return device_sms(t.device)
 
 
 def _config(kind: str, rows: int, cols: int, d: int, interpret: bool) -> dict:
@@ -3075,6 +3069,14 @@ def _ce_op(
         return loss, lse
 
 
+def _fwd_plan(R: int, N: int, c: dict, n_sm: int) -> tuple[int, int, int]:
+    """``(row_tiles, n_split, per)`` of a forward launch at tile config ``c``: its row tiles,
+    the splits of its column walk (:func:`_fwd_split`) and the column tiles each split walks."""
+    row_tiles, col_tiles = cdiv(R, c["BLOCK_T"]), cdiv(N, c["BLOCK_W"])
+    per = _fwd_split(row_tiles, col_tiles, n_sm)
+    return row_tiles, cdiv(col_tiles, per), per
+
+
 def _ce_operands(queries: torch.Tensor, candidates: torch.Tensor, p: dict) -> tuple:
     """The single-branch kernels' leading arguments: queries and candidates with their strides,
     the rows' targets and excluded ids, the column bias."""
@@ -3093,9 +3095,7 @@ def _ce_forward(queries, candidates, target, candidate_ids, exclude_ids, log_q, 
     p2d = max(16, next_power_of_2(D))
 
     def make(c):
-        row_tiles, col_tiles = cdiv(R, c["BLOCK_T"]), cdiv(N, c["BLOCK_W"])
-        per = _fwd_split(row_tiles, col_tiles, n_sm)
-        n_split = cdiv(col_tiles, per)
+        row_tiles, n_split, per = _fwd_plan(R, N, c, n_sm)
         part = torch.empty(3, n_split, R, device=queries.device, dtype=torch.float32)
         # the starts first: with the tile lists in the same launch (_row_lists)
         starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])
@@ -3435,11 +3435,9 @@ def _odmt_forward(
     head = _branch_args((q_id, q_text, q_image), (c_id, c_text, c_image))
 
     def make(c):
-        row_tiles, col_tiles = cdiv(R, c["BLOCK_T"]), cdiv(N, c["BLOCK_W"])
-        per = _fwd_split(row_tiles, col_tiles, n_sm)
-        n_split = cdiv(col_tiles, per)
+        row_tiles, n_split, per = _fwd_plan(R, N, c, n_sm)
         part = torch.empty(_N_SPLIT_STATS, n_split, R, device=q_id.device, dtype=torch.float32)
-        starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])  # first: see _ce_op
+        starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])  # first: see _ce_forward
         fl, lists = _row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])
         args = (*head, *p["rows"], *p["lq"], p["fit"], fl, lists, starts, part, R, N, D, p["S"], pad_id)
         args += (float(temperature), per * c["BLOCK_W"])
