@@ -208,7 +208,7 @@ SHORT_FWD_MIN_HEAD_DIM = attention._SHORT_FWD_MIN_HEAD_DIM
 SPLIT_BWD = attention._SPLIT_BWD
 # the one-chunk short forward's query rows in two blocks (64 + 32 at L = 81) or one
 SPLIT_QUERIES = attention._SPLIT_QUERIES
-# the one-chunk short kernels' mask: through the score dot (bf16, positive scale) or selected
+# the short kernels' mask: through the score dot (bf16, positive scale) or selected
 MASK_DOT = attention._MASK_DOT
 
 
@@ -402,7 +402,7 @@ def sweep(tag: str, dim: int, fwd, fwd_bwd, outputs=None, grads: tuple = ()) -> 
 
 
 def _other_mask() -> str:
-    """Key prefix of the one-chunk kernels' other mask form."""
+    """Key prefix of the short kernels' other mask form (timed at one head-dim chunk)."""
     return "select_" if MASK_DOT else "maskdot_"
 
 
@@ -555,19 +555,18 @@ def case(heads: int, dim: int, tag: str) -> None:
                 record(f"{tag}_ours_fwdbwd_via_op", fwd_bwd, rep=100, grads=(q, k, v))
         if name == "ours":
             # (in CAPTURE mode too: its compile requests are recorded for the precompile)
-            if dim <= attention._head_chunk(dim):  # the other form of the short forward's query rows
-                set_paths(*SHORT_MAX, split_queries=not SPLIT_QUERIES)
-                try:
-                    record(f"{tag}_{_other_rows()}fwd", fwd, rep=rep)
-                    record(f"{tag}_{_other_rows()}fwdbwd", fwd_bwd, rep=100, grads=(q, k, v))
-                finally:
-                    set_paths(*SHORT_MAX)
-                set_paths(*SHORT_MAX, mask_dot=not MASK_DOT)  # and the other form of the mask
-                try:
-                    record(f"{tag}_{_other_mask()}fwd", fwd, rep=rep)
-                    record(f"{tag}_{_other_mask()}fwdbwd", fwd_bwd, rep=100, grads=(q, k, v))
-                finally:
-                    set_paths(*SHORT_MAX)
+            if dim <= attention._head_chunk(dim):  # the other form of the query rows, of the mask
+                others = (
+                    (_other_rows(), dict(split_queries=not SPLIT_QUERIES)),
+                    (_other_mask(), dict(mask_dot=not MASK_DOT)),
+                )
+                for prefix, switch in others:
+                    set_paths(*SHORT_MAX, **switch)
+                    try:
+                        record(f"{tag}_{prefix}fwd", fwd, rep=rep)
+                        record(f"{tag}_{prefix}fwdbwd", fwd_bwd, rep=100, grads=(q, k, v))
+                    finally:
+                        set_paths(*SHORT_MAX)
             q.grad = k.grad = v.grad = None
         if name != "flex_compiled":
             graphs.append((f"{tag}_{name}_fwdbwd_graphed", fwd_bwd))
