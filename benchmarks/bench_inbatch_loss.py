@@ -161,6 +161,23 @@ def peak_mb(fn, grads=()) -> float:
     return extra / 1e6
 
 
+def switched(fn, **switches):
+    """``fn`` run with module switches of ``inbatch_loss`` set (restored after each call; a
+    CUDA graph captures the launches the switched call makes)."""
+
+    def run():
+        saved = {k: getattr(K, k) for k in switches}
+        for k, v in switches.items():
+            setattr(K, k, v)
+        try:
+            return fn()
+        finally:
+            for k, v in saved.items():
+                setattr(K, k, v)
+
+    return run
+
+
 def measure(key: str, fn, grads, rep: int = 40) -> None:
     try:
         RES[f"{key}_ms"] = bench(fn, grads, rep)
@@ -384,23 +401,36 @@ def correctness() -> bool:
         errs[f"{tag}_loss"] = abs(loss.item() - ref.item()) / max(abs(ref.item()), 1e-30)
         errs.update({f"{tag}_grad_{n}": rel_err(a, b) for n, a, b in zip(("q", "c"), grads, ref_grads, strict=True)})
     # three branches, gradients through the teachers too (every backward path), the forward
-    # with the drop lists once
-    for detach, least in ((True, default), (False, default), (True, 0)):
-        K._DL_MIN_PAIRS = least
-        try:
+    # with the drop lists once; d walked in chunks as past 256 (the paper's 768), the scores
+    # from cuBLAS's float32 slabs (the default there) and from the kernels' own dots
+    cases3 = [
+        ("odmt_detach", True, {}),
+        ("odmt_through_teacher", False, {}),
+        ("odmt_detach_lists", True, {"_DL_MIN_PAIRS": 0}),
+        ("odmt_through_teacher_score_slabs", False, {"_FULL_D_MAX": 0}),
+        ("odmt_detach_chunked_dots", True, {"_FULL_D_MAX": 0, "_SCORE_GEMM": False}),
+    ]
+    for tag, detach, switches in cases3:
+
+        def call(detach=detach):
             out = K.mutual_distillation_loss(
                 *Hs, *Ds, target, cand, hist, log_pop, T, detach, "kl", PAD, IGNORE, "mean"
-            )
-            grads = torch.autograd.grad(out.ce + out.kl, Hs + Ds)
-        finally:
-            K._DL_MIN_PAIRS = default
+            )  # fmt: skip
+            return out, torch.autograd.grad(out.ce + out.kl, Hs + Ds)
+
+        try:
+            out, grads = switched(call, **switches)()
+        except Exception as exc:  # a failing path must not end the run: the others still get timed
+            ok = False
+            RES[f"check_{tag}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(f"MISMATCH {tag}: raised {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            continue
         q64 = {m: h.detach().double().requires_grad_(True) for m, h in zip(BRANCHES, Hs, strict=True)}
         c64 = {m: c.detach().double().requires_grad_(True) for m, c in zip(BRANCHES, Ds, strict=True)}
         ref = mutual_distillation_reference(
             q64, c64, target, cand, hist, log_pop.double(), temperature=T, detach_teacher=detach, pad_id=PAD
         )
         ref_grads = torch.autograd.grad(ref.ce + ref.kl, [*q64.values(), *c64.values()])
-        tag = ("odmt_detach" if detach else "odmt_through_teacher") + ("_lists" if least == 0 else "")
         for name, a, b in zip(out._fields, out, ref, strict=True):
             errs[f"{tag}_{name}"] = abs(a.item() - b.item()) / max(abs(b.item()), 1e-3)
         names = [f"q_{m}" for m in BRANCHES] + [f"c_{m}" for m in BRANCHES]
@@ -497,6 +527,12 @@ def loss_case(R: int, N: int, d: int, tag: str, odmt: bool, seq_users: int = 0) 
                 graphs.append((f"{tag}_{name}_ours_graphed", lambda f=ours: f().backward()))
                 with custom_op_route(K):  # the dispatcher's route, as torch.compile takes it
                     measure(f"{tag}_{name}_ours_via_op", lambda f=ours: f().backward(), grads, rep=100)
+                if name == "odmt3":  # A/B: the scores by the kernels' own dots, not cuBLAS's slabs
+                    dots = switched(lambda f=ours: f().backward(), _SCORE_GEMM=False)
+                    measure(f"{tag}_{name}_ours_dots", dots, grads, rep=100)
+                    if not UNTIMED:
+                        record_breakdown(RES, f"{tag}_{name}_ours_dots", dots, grads)
+                    graphs.append((f"{tag}_{name}_ours_dots_graphed", dots))
             for part, fn in parts.items():
                 measure(f"{tag}_{name}_ours_{part}", fn, (), rep=40)
         need = 14 * R * N * (3 if name == "odmt3" else 1)
@@ -745,6 +781,7 @@ AOT_TILES = [
 # Without this divisibility the compile has no 16-byte async copies (no software pipeline).
 ALIGNED_INTS = {"sq_r", "sc_n", "sdq_r", "sdc_n", "ex_sr", "R", "N", "D", "walk_per_split", "out_split_stride"}
 ALIGNED_INTS |= {"n_begin", "n_end", "sdz_r", "sdz_b"}  # slab bounds and widths: multiples of the column tile
+ALIGNED_INTS |= {"ssl_r", "ssl_b", "slab_lo", "n_per_split"}  # score slabs (and the forward's split width): the same
 ALIGNED_INTS |= {f"{p}_{b}" for p in ("sq", "sc") for b in "itv"}
 
 
@@ -761,6 +798,7 @@ def _aot_compile(label: str, kernel, cfg: dict, meta: dict, cuobjdump: str) -> d
     ptr.update({k: "*i32" for k in ("pos_ptr", "gstart_ptr")})
     ptr.update({k: "*i64" for k in ("vals_ptr", "order_ptr")})
     fp32 = {"lq_ptr", "cb_ptr", "part_ptr", "loss_ptr", "lse_ptr", "stats_ptr", "g_ptr", "gmax_ptr", "acc_ptr"}
+    fp32.add("sl_ptr")  # the three-branch kernels' score slabs
     if meta.get("SPLIT"):  # a split walk writes float32 partials
         fp32 |= {"dq_ptr", "dc_ptr"}
     consts = {k: v for k, v in meta.items() if k in kernel.arg_names}
@@ -826,12 +864,15 @@ def aot_report() -> int:
         # the dQ kernels forming and storing dz only (``_DQ_GEMM``), at the forward's tiles
         ("ce_dz", K._ce_dq_kernel, "dz"),
         ("odmt_dz", K._odmt_dq_kernel, "dz3"),
+        # d past the full width (the paper scale): scores read from cuBLAS's slabs (_SCORE_GEMM)
+        ("odmt_fwd_scores", K._odmt_fwd_kernel, "fwd3s"),
+        ("odmt_dz_scores", K._odmt_dq_kernel, "dz3s"),
     ]
     cases = [("paper", 1536, 1664, 768), ("big", 16384, 16384, 256), ("huge", 65536, 65536, 128)]
     sweep = bool(os.environ.get("AOT_TILES"))
     for tag, R, N, d in cases:
         for name, kernel, kind in kernels:
-            if tag == "huge" and kind.endswith("3"):
+            if tag == "huge" and "3" in kind or kind.endswith("s") and d <= K._FULL_D_MAX:
                 continue
             rows, cols = (N, R) if kind.startswith("dc") else (R, N)
             base = K._config(kind, rows, cols, d, interpret=False)
@@ -856,6 +897,7 @@ def aot_report() -> int:
                 meta["D_PAD"] = max(16, triton.next_power_of_2(d)) if cfg["FULL_D"] else cfg["BLOCK_D"]
                 meta["TRANS_S"] = cfg.get("TRANS_S", False)
                 meta["SPLIT"] = cfg.get("SPLIT", False)
+                meta["SCORES_IN"] = kind.endswith("s")
                 if cfg.get("SLAB"):
                     meta.update(STORE_DZ=True, DZ_TRUE=True, DQ_OFF=cfg.get("DQ_OFF", False))
                     if "LATER_SLAB" in kernel.arg_names:
@@ -959,6 +1001,9 @@ def main() -> int:
                 line += f", {ours / t:.2f}x faster than the same call launched from Python"
             if isinstance(comp, float):
                 line += f", {comp / t:.2f}x faster than torch.compile (launched from Python)"
+            dots = RES.get(f"paper_{name}_ours_dots_graphed_ms")
+            if isinstance(dots, float):
+                line += f"; with the kernels' own score dots (no cuBLAS score slabs) {dots:.3f} ms"
             print(line)
     dump()
     if not ok:

@@ -20,8 +20,10 @@ its Triton launches. Absolute times depend on the CPU (the lent GPU machines' is
 than the CI's); compare routes and commits on one machine.
 
 Sizes: R = N = 256, d = 64 for the losses (two dz slabs, as at the paper's 1,536 x 1,664;
-the launch count depends on the tile configuration, not on the sizes), 16 items x 4 heads x
-81 tokens x 64 for the attention (the 4 x 64 configuration, the most host-bound one).
+the launch count depends on the tile configuration, not on the sizes), and the three-branch
+loss once more past the full width (R = N = 128, d = 272: the paper's d = 768 path, score
+slabs from cuBLAS, two a direction as there), 16 items x 4 heads x 81 tokens x 64 for the
+attention (the 4 x 64 configuration, the most host-bound one).
 
 Run: ``python benchmarks/host_time.py`` (the first run compiles the kernels for sm_90: a few
 minutes on two cores). ``OUT=dir`` also writes ``dir/host_time.json``. Runs with Triton 3.6
@@ -82,6 +84,8 @@ def stand_in_gpu(launches: collections.Counter):
     run, mm, bmm = triton_jit.JITFunction.run, torch.mm, torch.bmm
     patches = [
         (K, "_interpreting", lambda t: False),
+        # the three-branch score slabs: cuBLAS's products, skipped like the others
+        (K, "_score_slab", lambda q3, c3, lo, hi: q3.new_empty(3, q3.shape[1], hi - lo, dtype=torch.float32)),
         (K, "_SM_OVERRIDE", H100_SMS),
         (A, "_num_sms", lambda device: H100_SMS),
         (A, "_check_device", lambda q: None),
@@ -93,7 +97,7 @@ def stand_in_gpu(launches: collections.Counter):
         return run(self, *args, grid=grid, warmup=True, **kwargs)
 
     def product(fn):
-        return lambda a, b, out=None: out if out is not None else fn(a, b)
+        return lambda a, b, out=None, **kw: out if out is not None else fn(a, b, **kw)
 
     previous_driver = driver._active  # None until a launch asked for one (none on a CPU machine)
     driver.set_active(StandInDriver())
@@ -182,6 +186,9 @@ def main() -> dict:
         calls = {
             "CE (R = N = 256, d = 64)": ce,
             "ODMT 3 branches (same)": odmt,
+            # past the full width, as the paper's d = 768 (score slabs, two a direction, as
+            # there); small R and N keep the CPU's share of the copies small
+            "ODMT 3 branches, R = N = 128, d = 272": loss_calls(R=128, N=128, d=272)[1],
             "attention 16 x 4 x 81 x 64": attention_call(),
         }
         for label, fn in calls.items():

@@ -72,6 +72,15 @@ statistics. Each split writes its partial statistics (running max, exp-sums, tar
 weighted sums); a small combine kernel merges the splits and stores the losses and the
 statistics the backward needs (lse's, ``wbar``).
 
+Three branches past the full width (``_SCORE_GEMM``; the paper's d = 768, 16-bit inputs):
+the score tiles are not dots of the kernel but loads from float32 slabs ``S = Q C^T`` that
+one batched cuBLAS GEMM forms for the three branches, a column slab at a time (whole forward
+splits; at most half the columns and ``_DZ_BUDGET`` bytes: never an ``R x N`` tensor). Per
+score tile the chunked walk took 3 x 12 dependent 64-wide steps of 32 x 32 ``mma.sync`` dots,
+reloading the row tile's queries each time, where the slab costs 12 bytes an element of
+reads; the forward takes one launch a slab, its splits numbered among all of the call's, and
+the backward's dz-only kernel reads its slab's scores the same way.
+
 Backward, deterministic, no atomics: a row-wise kernel (``_ce_dq_kernel``,
 ``_odmt_dq_kernel``) recomputes the score tiles, forms ``dz`` and accumulates ``dQ += dz @
 C[cols]``. ``dC = dz^T Q`` then comes one of two ways. By default (``_DC_GEMM``) the dQ
@@ -175,6 +184,13 @@ _DL_END = tl.constexpr(2**31 - 1)
 # 16k 9.36 / 9.37. None: 2**30 on a GPU, 0 under the interpreter (the kernel tests set 0 on a
 # GPU too, and one sets it high for the id test).
 _DL_MIN_PAIRS: int | None = None
+# True: where d is past the full-width limit (the paper's d = 768) and the inputs are 16-bit,
+# the three-branch forward and dz-only kernels read their scores from float32 slabs that
+# cuBLAS forms (``S = Q C^T`` for the three branches, one batched GEMM a column slab:
+# :func:`_score_slab`), instead of walking d in 64-wide steps of small dots per score tile
+# (fp32 inputs keep the kernels' exact dots: cuBLAS may take TF32 where a user allows it).
+# The slabs hold at most half the columns and ``_DZ_BUDGET`` bytes.
+_SCORE_GEMM = True
 # Per-kind overrides of the launch heuristic (keys of ``_config``'s dict); the benchmark's
 # tile sweep and the tests set it, nothing else does.
 _CONFIG_OVERRIDE: dict[str, dict] = {}
@@ -1528,6 +1544,20 @@ def _odmt_scores(
 
 
 @triton.jit
+def _slab_tiles(sl_ptr, ssl_b, ssl_r, rows, row_ok, slab_cols, col_ok, lq):
+    """The three score tiles read from a float32 score slab ``(3, R, width)`` that cuBLAS
+    formed (``SCORES_IN``; ``slab_cols``: the tile's columns counted from the slab's first),
+    minus log Q: the same values as the kernels' own dots (float32 sums of the same
+    products), 0 on rows or columns outside."""
+    ptr = sl_ptr + rows.to(tl.int64)[:, None] * ssl_r + slab_cols[None, :]
+    ok = row_ok[:, None] & col_ok[None, :]
+    s_i = tl.load(ptr, mask=ok, other=0.0) - lq[None, :]
+    s_t = tl.load(ptr + ssl_b, mask=ok, other=0.0) - lq[None, :]
+    s_v = tl.load(ptr + 2 * ssl_b, mask=ok, other=0.0) - lq[None, :]
+    return s_i, s_t, s_v
+
+
+@triton.jit
 def _odmt_fwd_kernel(
     qi_ptr,
     qt_ptr,
@@ -1564,6 +1594,12 @@ def _odmt_fwd_kernel(
     pad_id,
     temperature,
     n_per_split,
+    split_base,
+    n_splits,
+    sl_ptr,
+    ssl_b,
+    ssl_r,
+    slab_lo,
     HAS_LQ: tl.constexpr,
     FORM_KL: tl.constexpr,
     S_PAD: tl.constexpr,
@@ -1577,16 +1613,18 @@ def _odmt_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PREC: tl.constexpr,
+    SCORES_IN: tl.constexpr = False,
 ):
+    # ``SCORES_IN``: one launch a score slab (columns from ``slab_lo``), its splits numbered
+    # from ``split_base`` among all ``n_splits`` of the call
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
+    split = split_base + tl.program_id(1)
     n_lo = split * n_per_split
     n_hi = tl.minimum(N, n_lo + n_per_split)
     row_in, valid, tgt, tid = _row_setup(tgt_ptr, tid_ptr, rows, R)
     fit = tl.load(fit_ptr)
     ids = _hoist_ids(ex_ptr, ex_sr, ex_ss, rows, valid, S, pad_id, S_PAD, HOIST)
-    if FULL_D:
+    if FULL_D and not SCORES_IN:
         qi = _full_tile(qi_ptr, sq_i, sq_d, rows, row_in, D, D_PAD)
         qt = _full_tile(qt_ptr, sq_t, sq_d, rows, row_in, D, D_PAD)
         qv = _full_tile(qv_ptr, sq_v, sq_d, rows, row_in, D, D_PAD)
@@ -1620,7 +1658,9 @@ def _odmt_fwd_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         flag = tl.load(fl_row + n0 // BLOCK_N)
         col_ok, cid, lq = _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ)
-        if FULL_D:
+        if SCORES_IN:
+            s_i, s_t, s_v = _slab_tiles(sl_ptr, ssl_b, ssl_r, rows, row_in, cols - slab_lo, col_ok, lq)
+        elif FULL_D:
             c = _full_tile(ci_ptr, sc_i, sc_d, cols, col_ok, D, D_PAD)
             s_i = tl.dot(qi, tl.trans(c), input_precision=PREC) - lq[None, :]
             c = _full_tile(ct_ptr, sc_t, sc_d, cols, col_ok, D, D_PAD)
@@ -1956,6 +1996,9 @@ def _odmt_dq_kernel(
     sdz_b,
     n_begin,
     n_end,
+    sl_ptr,
+    ssl_b,
+    ssl_r,
     HAS_LQ: tl.constexpr,
     FORM_KL: tl.constexpr,
     DETACH: tl.constexpr,
@@ -1974,8 +2017,12 @@ def _odmt_dq_kernel(
     STORE_DZ: tl.constexpr = False,
     DZ_TRUE: tl.constexpr = False,
     DQ_OFF: tl.constexpr = False,
+    SCORES_IN: tl.constexpr = False,
 ):
-    # ``DQ_OFF``: dz only (stored), no dQ dots: the caller's GEMMs form dQ too
+    # ``DQ_OFF``: dz only (stored), no dQ dots: the caller's GEMMs form dQ too. ``SCORES_IN``
+    # (with ``DQ_OFF``): the scores read from the slab's float32 score slab (columns from
+    # ``n_begin``), not recomputed
+    tl.static_assert(DQ_OFF or not SCORES_IN, "a score slab feeds the dz-only kernel")
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     o_ok = offs_o < D
@@ -1988,7 +2035,7 @@ def _odmt_dq_kernel(
     (lse_i, lse_t, lse_v, lt_i, lt_t, lt_v, lt_e, wb_it, wb_iv, wb_ei, gc_i, gc_t, gc_v, g_it, g_iv, g_ei) = (
         _odmt_row_stats(stats_ptr, g_ptr, gmax, rows, valid, R, temperature)
     )
-    if FULL_D:  # loaded by ``valid``: an ignored row's values (NaN, inf) must not reach its dz
+    if FULL_D and not SCORES_IN:  # loaded by ``valid``: an ignored row's values (NaN, inf) must not reach its dz
         qi = _full_tile(qi_ptr, sq_i, sq_d, rows, valid, D, BLOCK_DO)
         qt = _full_tile(qt_ptr, sq_t, sq_d, rows, valid, D, BLOCK_DO)
         qv = _full_tile(qv_ptr, sq_v, sq_d, rows, valid, D, BLOCK_DO)
@@ -2003,7 +2050,9 @@ def _odmt_dq_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         flag = tl.load(fl_row + n0 // BLOCK_N)
         col_ok, cid, lq = _load_cols(cid_ptr, s_cid, lq_ptr, s_lq, cols, N, pad_id, HAS_LQ)
-        if FULL_D:
+        if SCORES_IN:  # the caller zeroed the ignored rows' queries of the slab's GEMM
+            s_i, s_t, s_v = _slab_tiles(sl_ptr, ssl_b, ssl_r, rows, valid, cols - n_begin, col_ok, lq)
+        elif FULL_D:
             c_i = _full_tile(ci_ptr, sc_i, sc_d, cols, col_ok, D, BLOCK_DO)
             c_t = _full_tile(ct_ptr, sc_t, sc_d, cols, col_ok, D, BLOCK_DO)
             c_v = _full_tile(cv_ptr, sc_v, sc_d, cols, col_ok, D, BLOCK_DO)
@@ -2354,7 +2403,9 @@ def _config(kind: str, rows: int, cols: int, d: int, interpret: bool) -> dict:
     128 (single branch; dQ walks 32 columns a step, dC 64 rows) or 256 (three branches,
     fewer score recomputations). ``_CONFIG_OVERRIDE`` replaces keys per kind.
     """
-    if kind in ("dz", "dz3"):  # the dQ kernels without their dQ dot (``_DQ_GEMM``): forward tiles
+    if kind in ("fwd3s", "dz3s"):  # three branches reading score slabs (``_SCORE_GEMM``)
+        cfg = _slab_config(interpret)
+    elif kind in ("dz", "dz3"):  # the dQ kernels without their dQ dot (``_DQ_GEMM``): forward tiles
         cfg = {**_base_config(kind.replace("dz", "fwd"), rows, d, interpret), "TRANS_S": False}
     else:
         cfg = _base_config(kind, rows, d, interpret)
@@ -2430,6 +2481,17 @@ def _base_config(kind: str, rows: int, d: int, interpret: bool) -> dict:
         num_warps=8,
         num_stages=2,
     )
+
+
+def _slab_config(interpret: bool) -> dict:
+    """Tiles of the three-branch kernels that read score slabs: no dot, so the full-width
+    forward's 64 x 32 tile and one warpgroup (its row reductions stay in the warpgroup;
+    225-235 registers at that tile with the dots, sm_90); 16-wide under the interpreter."""
+    tile_r, tile_n, warps = (16, 16, 4) if interpret else (64, 32, 4)
+    return dict(
+        BLOCK_T=tile_r, BLOCK_W=tile_n, BLOCK_D=16, BLOCK_DO=16, FULL_D=False, num_warps=warps, num_stages=2,
+        TRANS_S=False,
+    )  # fmt: skip
 
 
 def _fallbacks(cfg: dict, with_do: bool) -> list[dict]:
@@ -2525,19 +2587,28 @@ _DZ_BUDGET = 512 << 20
 _DQ_GEMM = True
 
 
-def _backward_plan(three: bool, R: int, N: int, D: int, itemsize: int, with_dc: bool, interp: bool):
-    """``(dQ launch config, dz slab width or None, dz only)`` of a backward call: the GEMM dC
-    path where ``with_dc`` and :func:`_dz_slab_width` allow it, with the dz-only kernel at its
-    own tiles (``_DQ_GEMM``) where those still give two slabs."""
+def _backward_plan(
+    three: bool, R: int, N: int, D: int, itemsize: int, with_dc: bool, interp: bool, scores: bool = False
+):  # fmt: skip
+    """``(dQ launch config, dz slab width or None, dz only, score slabs)`` of a backward call:
+    the GEMM dC path where ``with_dc`` and :func:`_dz_slab_width` allow it, with the dz-only
+    kernel at its own tiles (``_DQ_GEMM``) where those still give two slabs; with ``scores``
+    (:func:`_score_gemm_on`) that kernel reads each slab's float32 scores, the budget
+    counting them beside dz."""
     branches, suffix = (3, "3") if three else (1, "")
     cfg = _config("dq" + suffix, R, N, D, interp)
     width = _dz_slab_width(R, N, branches, itemsize, cfg["BLOCK_W"]) if with_dc else None
     if width is not None and _DQ_GEMM:
+        if scores:
+            cfg_dz = _config("dz3s", R, N, D, interp)
+            width_dz = _dz_slab_width(R, N, branches, itemsize + 4, cfg_dz["BLOCK_W"])
+            if width_dz is not None:
+                return cfg_dz, width_dz, True, True
         cfg_dz = _config("dz" + suffix, R, N, D, interp)
         width_dz = _dz_slab_width(R, N, branches, itemsize, cfg_dz["BLOCK_W"])
         if width_dz is not None:
-            return cfg_dz, width_dz, True
-    return cfg, width, False
+            return cfg_dz, width_dz, True, False
+    return cfg, width, False, False
 
 
 def _slab_products(dz, lo: int, hi: int, cs, zeroed, dc, share, gmax, dq_too: bool, scaled: bool) -> None:
@@ -3077,6 +3148,43 @@ def _fwd_plan(R: int, N: int, c: dict, n_sm: int) -> tuple[int, int, int]:
     return row_tiles, cdiv(col_tiles, per), per
 
 
+def _score_gemm_on(q: torch.Tensor, N: int, D: int, interp: bool) -> bool:
+    """Whether a three-branch call's forward and dz-only kernels read score slabs
+    (``_SCORE_GEMM``): d past the full-width limit, more than one column tile, and 16-bit
+    inputs on a GPU -- any dtype on the CPU, where the interpreter runs the kernels (and the
+    tests check the path in float32 and float16)."""
+    if not _SCORE_GEMM or max(16, next_power_of_2(D)) <= _FULL_D_MAX:
+        return False
+    if N <= _slab_config(interp)["BLOCK_W"]:
+        return False
+    return q.device.type != "cuda" or q.dtype != torch.float32
+
+
+def _slab_plan(R: int, N: int, c: dict, n_sm: int) -> tuple[int, int, int]:
+    """``(n_split, per, per_slab)`` of a forward reading score slabs: the column splits of
+    :func:`_fwd_plan` (``per`` column tiles each), at least two of them and each within the
+    slab budget, and ``per_slab`` consecutive splits a slab: at most half the splits (no
+    slab holds every column) and ``_DZ_BUDGET`` bytes of float32 scores (three branches, every
+    row)."""
+    _, n_split, per = _fwd_plan(R, N, c, n_sm)
+    col_tiles, block_w = cdiv(N, c["BLOCK_W"]), c["BLOCK_W"]
+    per_cap = max(1, _DZ_BUDGET // (3 * max(R, 1) * 4 * block_w))
+    per = max(1, min(per, per_cap, cdiv(col_tiles, 2)))
+    n_split = cdiv(col_tiles, per)
+    return n_split, per, max(1, min(per_cap // per, n_split // 2))
+
+
+def _score_slab(q3: torch.Tensor, c3: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """``S = Q C^T`` of the columns ``[lo, hi)`` of the three branches ``q3 (3, R, d)``,
+    ``c3 (3, N, d)``: float32 ``(3, R, hi - lo)``, one batched cuBLAS GEMM (16-bit inputs
+    multiplied exactly and summed in float32, as the kernels' dots do). On the CPU (the
+    interpreter's runs) the product of the float32 copies: the same values."""
+    cols = c3.narrow(1, lo, hi - lo).transpose(1, 2)
+    if q3.device.type == "cuda" and q3.dtype != torch.float32:
+        return torch.bmm(q3, cols, out_dtype=torch.float32)
+    return torch.bmm(q3.float(), cols.float())
+
+
 def _ce_operands(queries: torch.Tensor, candidates: torch.Tensor, p: dict) -> tuple:
     """The single-branch kernels' leading arguments: queries and candidates with their strides,
     the rows' targets and excluded ids, the column bias."""
@@ -3168,7 +3276,7 @@ def _ce_backward_impl(
     interp = _interpreting(queries)
     head = (*_ce_operands(queries, candidates, p), p["fit"])
     prec = _prec(queries.dtype)
-    cfg_dq, width, dq_off = _backward_plan(False, R, N, D, queries.element_size(), "dc" in parts, interp)
+    cfg_dq, width, dq_off, _ = _backward_plan(False, R, N, D, queries.element_size(), "dc" in parts, interp)
     dz_true = queries.dtype != torch.float16
 
     def launch_dq(cfg, n_begin, n_end, out, dz=None, starts=None):
@@ -3429,32 +3537,57 @@ def _odmt_forward(
     R, D = q_id.shape
     N = c_id.shape[0]
     p = _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
-    cfg = _config("fwd3", R, N, D, _interpreting(q_id))
+    interp = _interpreting(q_id)
+    slabbed = _score_gemm_on(q_id, N, D, interp)
+    cfg = _config("fwd3s" if slabbed else "fwd3", R, N, D, interp)
     n_sm = _num_sms(q_id)
     p2d = max(16, next_power_of_2(D))
-    head = _branch_args((q_id, q_text, q_image), (c_id, c_text, c_image))
+    qs, cs = (q_id, q_text, q_image), (c_id, c_text, c_image)
+    head = _branch_args(qs, cs)
+    # with score slabs the column partition is fixed once (a refused tile only changes rows)
+    slab_plan = _slab_plan(R, N, cfg, n_sm) if slabbed else None
+    part_of = {}  # the partial statistics of every split of the call, shared by the slabs
 
-    def make(c):
-        row_tiles, n_split, per = _fwd_plan(R, N, c, n_sm)
-        part = torch.empty(_N_SPLIT_STATS, n_split, R, device=q_id.device, dtype=torch.float32)
-        starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])  # first: see _ce_forward
-        fl, lists = _row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])
-        args = (*head, *p["rows"], *p["lq"], p["fit"], fl, lists, starts, part, R, N, D, p["S"], pad_id)
-        args += (float(temperature), per * c["BLOCK_W"])
-        meta = dict(
-            **p["flags"],
-            **p["hoist"],
-            DL_K=p["dl_k"],
-            **_tile_meta(c, True, False),
-            HAS_LQ=p["has_lq"],
-            FORM_KL=bool(form_kl),
-            PREC=_prec(q_id.dtype),
-            D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
-        )
-        return (row_tiles, n_split), args, meta
+    def make_at(split_base: int, n_here: int, scores: torch.Tensor | None, slab_lo: int):
+        def make(c):
+            if slab_plan is None:
+                row_tiles, n_split, per = _fwd_plan(R, N, c, n_sm)
+            else:
+                row_tiles, (n_split, per, _) = cdiv(R, c["BLOCK_T"]), slab_plan
+            if part_of.get("n_split") != n_split:
+                part_of.update(n_split=n_split, part=torch.empty(_N_SPLIT_STATS, n_split, R, device=q_id.device, dtype=torch.float32))  # fmt: skip
+            starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])  # first: see _ce_forward
+            fl, lists = _row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])
+            args = (*head, *p["rows"], *p["lq"], p["fit"], fl, lists, starts, part_of["part"], R, N, D, p["S"], pad_id)
+            args += (float(temperature), per * c["BLOCK_W"], split_base, n_split)
+            args += (p["rows"][0], 0, 0, 0) if scores is None else (scores, scores.stride(0), scores.stride(1), slab_lo)
+            meta = dict(
+                **p["flags"],
+                **p["hoist"],
+                DL_K=p["dl_k"],
+                **_tile_meta(c, True, False),
+                HAS_LQ=p["has_lq"],
+                FORM_KL=bool(form_kl),
+                PREC=_prec(q_id.dtype),
+                D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
+                SCORES_IN=scores is not None,
+            )
+            return (row_tiles, n_here or n_split), args, meta
 
-    _, args = _launch("odmt_fwd", _odmt_fwd_kernel, cfg, make, with_do=False)
-    part = args[-8]
+        return make
+
+    if slab_plan is None:
+        _launch("odmt_fwd", _odmt_fwd_kernel, cfg, make_at(0, 0, None, 0), with_do=False)
+    else:
+        n_split, per, per_slab = slab_plan
+        width = per_slab * per * cfg["BLOCK_W"]
+        q3, c3 = torch.stack(qs), torch.stack(cs)
+        for base in range(0, n_split, per_slab):
+            lo = base // per_slab * width
+            scores = _score_slab(q3, c3, lo, min(N, lo + width))
+            make = make_at(base, min(per_slab, n_split - base), scores, lo)
+            cfg = _launch("odmt_fwd", _odmt_fwd_kernel, cfg, make, with_do=False)[0]
+    part = part_of["part"]
     loss = torch.empty(_N_PARTS, R, device=q_id.device, dtype=torch.float32)
     stats = torch.empty(_N_STATS, R, device=q_id.device, dtype=torch.float32)
     grid = (cdiv(R, _COMBINE_BLOCK),)
@@ -3535,10 +3668,11 @@ def _odmt_backward_impl(
     n_sm = _num_sms(q_id)
     used = {}  # the output buffer of the launch that ran (partials when split)
 
-    def launch_dq(cfg, n_begin, n_end, target_out, dz=None, dq_off=False):
+    def launch_dq(cfg, n_begin, n_end, target_out, dz=None, dq_off=False, scores=None):
         """One dQ launch: the share of the columns ``[n_begin, n_end)`` in ``target_out``;
         ``dz``: store the slab's dz there ``(3, R, width)``; ``dq_off``: only that (no dQ
-        dots, nothing in ``target_out``). Reads no drop lists: its walk may split whenever
+        dots, nothing in ``target_out``); ``scores``: the slab's float32 scores, read instead
+        of recomputed (with ``dq_off``). Reads no drop lists: its walk may split whenever
         its grid is small."""
         holder = p["rows"][0]  # never read where a flag says so
 
@@ -3550,8 +3684,10 @@ def _odmt_backward_impl(
             args = (*head, _tile_flags(p, c["BLOCK_T"], c["BLOCK_W"]), stats, g, gmax, out, *tail, per, split_stride)
             args += (holder, 0, 0) if dz is None else (dz, dz.stride(1), dz.stride(0))
             args += (n_begin, n_end)
+            args += (holder, 0, 0) if scores is None else (scores, scores.stride(0), scores.stride(1))
             meta = dict(**flags, **p["hoist"], **_tile_meta(c, True, True), TRANS_S=c.get("TRANS_S", False))
             meta.update(STORE_DZ=dz is not None, DZ_TRUE=q_id.dtype != torch.float16, DQ_OFF=dq_off)
+            meta["SCORES_IN"] = scores is not None
             return (*grid, n_split), args, dict(meta, SPLIT=n_split > 1)
 
         used_cfg = _launch("odmt_dq", _odmt_dq_kernel, cfg, make_dq, with_do=True)[0]
@@ -3566,7 +3702,10 @@ def _odmt_backward_impl(
         meta = dict(**flags, LISTS=p["lists_on"], **_tile_meta(c, False, True), SPLIT=n_split > 1)
         return (*grid, n_split), args, meta
 
-    cfg_dq, width, dq_off = _backward_plan(True, R, N, D, q_id.element_size(), "dc" in parts, interp)
+    slabbed = _score_gemm_on(q_id, N, D, interp)
+    cfg_dq, width, dq_off, slabbed = _backward_plan(
+        True, R, N, D, q_id.element_size(), "dc" in parts, interp, slabbed
+    )  # fmt: skip
     valid = p["rows"][0] >= 0
     if width is not None:
         # dz slab by slab; dQ: the slabs' shares summed in float32, in slab order; dC = dz^T Q
@@ -3582,7 +3721,8 @@ def _odmt_backward_impl(
         scaled = q_id.dtype == torch.float16
         for k in range(n_slab):
             lo, hi = k * width, min(N, (k + 1) * width)
-            cfg_dq = launch_dq(cfg_dq, lo, hi, share if k or dq_off else acc, dz, dq_off)
+            scores = _score_slab(zeroed, cs3, lo, hi) if slabbed else None
+            cfg_dq = launch_dq(cfg_dq, lo, hi, share if k or dq_off else acc, dz, dq_off, scores)
             _slab_products(dz, lo, hi, cs3, zeroed, dc, share, gmax, dq_off, scaled)
             if k:
                 acc.add_(share)

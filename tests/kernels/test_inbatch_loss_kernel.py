@@ -617,8 +617,12 @@ def test_launch_falls_back_deterministically_when_the_gpu_refuses_the_tiles():
 
 @pytest.fixture(params=["full_d", "chunked_d"])
 def d_path(request, monkeypatch):
+    """The whole row tile in one dot, or d walked in chunks by the kernels' own dots (the
+    three-branch score slabs of cuBLAS, the default past the full width, have their own
+    tests: ``test_score_slabs_*``)."""
     if request.param == "chunked_d":
         monkeypatch.setattr(K, "_FULL_D_MAX", 0)
+        monkeypatch.setattr(K, "_SCORE_GEMM", False)
     return request.param
 
 
@@ -1483,3 +1487,105 @@ def test_dz_only_kernel_needs_two_slabs_of_its_own_tiles(monkeypatch, branches):
         _check_odmt(qs, cs, target, cand, exclude, log_q, 0.5, False, "kl", "mean", torch.float32)
     backward_tiles = [cfg["BLOCK_W"] for cfg in launched if "FULL_D" in cfg][-2:]  # two slabs' dQ
     assert backward_tiles == [16, 16], launched
+
+
+# --------------------------------------------------------------------------------------
+# Three branches past the full width: scores from cuBLAS's float32 slabs (``_SCORE_GEMM``)
+# --------------------------------------------------------------------------------------
+
+
+def _spy_score_slabs(monkeypatch) -> list[tuple[int, int]]:
+    """Records the column range of every score slab a call forms."""
+    slabs = []
+    score_slab = K._score_slab
+    monkeypatch.setattr(K, "_score_slab", lambda q3, c3, lo, hi: slabs.append((lo, hi)) or score_slab(q3, c3, lo, hi))
+    return slabs
+
+
+@pytest.mark.parametrize(
+    "dtype,S,detach,form,lists",
+    [
+        (torch.float32, 5, False, "kl", True),
+        (torch.float16, 20, True, "ce", True),
+        (torch.float32, 3, False, "ce", False),
+    ],
+)
+def test_score_slabs_match_reference(monkeypatch, split_path, dtype, S, detach, form, lists):
+    """d past the full width (lowered to 0 here): the forward and the dz-only kernel read
+    the scores from float32 slabs of at most half the columns, formed by one batched GEMM
+    each; values and every gradient are the reference's, through the teachers too, with and
+    without drop lists, one forward split or many."""
+    monkeypatch.setattr(K, "_FULL_D_MAX", 0)
+    monkeypatch.setattr(K, "_DL_MIN_PAIRS", 0 if lists else 1 << 40)
+    slabs = _spy_score_slabs(monkeypatch)
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        13 + S, 34, 57, 33, 25, pad_frac=0.1, ignore_frac=0.2, excl="full", S=S, lq="extreme",
+        all_but_target_rows=1, dtype=dtype, branches=3,
+    )  # fmt: skip
+    _check_odmt(qs, cs, target, cand, exclude, log_q, 0.7, detach, form, "sum", dtype)
+    if DEVICE == "cuda" and dtype == torch.float32:  # exact dots on a GPU: no slabs
+        assert slabs == []
+        return
+    # forward and backward each cover every column, in slabs of at most half of them
+    assert len(slabs) >= 4, slabs
+    for lo, hi in slabs:
+        assert 0 < hi - lo <= -(-57 // 2) + 15, slabs
+    starts = [lo for lo, _ in slabs]
+    assert starts.count(0) == 2 and all(hi == 57 or hi in starts for _, hi in slabs), slabs
+
+
+def test_score_slabs_keep_ignored_rows_out(monkeypatch):
+    """Ignored rows holding NaN / inf reach the forward's GEMM (its statistics of them are
+    discarded) but not the backward's (it multiplies the queries with those rows zeroed):
+    loss and gradients are those of the batch with the rows zeroed."""
+    monkeypatch.setattr(K, "_FULL_D_MAX", 0)
+    slabs = _spy_score_slabs(monkeypatch)
+    qs, cs, target, cand, exclude, log_q = _make_batch(
+        41, 30, 40, 20, 25, pad_frac=0.1, ignore_frac=0.3, excl="full", S=4, lq="normal",
+        all_but_target_rows=0, dtype=torch.float16, branches=3,
+    )  # fmt: skip
+    ignored = target == IGNORE
+    poisoned = [torch.where(ignored[:, None], math.nan if i else math.inf, q) for i, q in enumerate(qs)]
+    zeroed = [torch.where(ignored[:, None], 0.0, q) for q in qs]
+
+    def loss_and_grads(queries):
+        q_leaves, c_leaves = [_leaf(q) for q in queries], [_leaf(c) for c in cs]
+        out = K.mutual_distillation_loss(
+            *q_leaves, *c_leaves, target, cand, exclude, log_q, 0.5, False, "kl", PAD, IGNORE, "sum"
+        )
+        return out.ce + out.kl, torch.autograd.grad(out.ce + out.kl, q_leaves + c_leaves)
+
+    got_loss, got_grads = loss_and_grads(poisoned)
+    want_loss, want_grads = loss_and_grads(zeroed)
+    assert slabs, "the score slabs were not used"
+    torch.testing.assert_close(got_loss, want_loss)
+    for got, want in zip(got_grads, want_grads, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "R,N,sms", [(1536, 1664, 132), (16384, 20000, 132), (40_000_000, 100, 132), (64, 33, 0), (8, 70, 1)]
+)
+def test_score_slab_plan_covers_every_column_within_the_budget(R, N, sms):
+    """The forward's slabs: whole splits, at least two slabs, each within ``_DZ_BUDGET``
+    bytes of float32 scores (three branches, every row) unless one split is already more."""
+    cfg = K._config("fwd3s", R, N, 768, interpret=False)
+    n_split, per, per_slab = K._slab_plan(R, N, cfg, sms)
+    split_cols, col_tiles = per * cfg["BLOCK_W"], -(-N // cfg["BLOCK_W"])
+    assert n_split >= 2 and (n_split - 1) * per < col_tiles <= n_split * per  # no empty split
+    n_slab = -(-n_split // per_slab)
+    assert n_slab >= 2
+    assert 3 * R * per_slab * split_cols * 4 <= K._DZ_BUDGET or per == per_slab == 1
+
+
+def test_score_slabs_only_past_the_full_width_and_for_16_bit_inputs_on_a_gpu(monkeypatch):
+    cpu = torch.empty(2, 2)
+    assert not K._score_gemm_on(cpu, 1000, K._FULL_D_MAX, interp=True)  # the full-width dot
+    assert K._score_gemm_on(cpu, 1000, K._FULL_D_MAX + 1, interp=True)
+    assert not K._score_gemm_on(cpu, 16, 768, interp=True)  # one column tile
+    if torch.cuda.is_available():
+        assert not K._score_gemm_on(torch.empty(2, 2, device="cuda"), 1000, 768, interp=False)
+        assert K._score_gemm_on(torch.empty(2, 2, device="cuda", dtype=torch.bfloat16), 1000, 768, interp=False)
+    monkeypatch.setattr(K, "_SCORE_GEMM", False)
+    assert not K._score_gemm_on(cpu, 1000, 768, interp=True)
