@@ -1589,3 +1589,28 @@ def test_score_slabs_only_past_the_full_width_and_for_16_bit_inputs_on_a_gpu(mon
         assert K._score_gemm_on(torch.empty(2, 2, device="cuda", dtype=torch.bfloat16), 1000, 768, interp=False)
     monkeypatch.setattr(K, "_SCORE_GEMM", False)
     assert not K._score_gemm_on(cpu, 1000, 768, interp=True)
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    R=st.integers(1, 40),
+    N=st.integers(1, 40),
+    d=st.integers(1, 48),
+    n_items=st.integers(1, 10),
+    ignore_frac=st.sampled_from([0.0, 0.3]),
+    S=st.integers(0, 4),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    T=st.floats(0.1, 2.0),
+    detach=st.booleans(),
+    form=st.sampled_from(["kl", "ce"]),
+)
+def test_score_slabs_match_reference_over_shapes(seed, R, N, d, n_items, ignore_frac, S, dtype, T, detach, form):
+    """Any shape past the full width (lowered to 0): score slabs where the candidates span
+    two column tiles or more, the kernels' dots below that."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(K, "_FULL_D_MAX", 0)
+        qs, cs, target, cand, exclude, log_q = _make_batch(
+            seed, R, N, d, n_items, pad_frac=0.1, ignore_frac=ignore_frac, excl="full", S=S, lq="normal",
+            all_but_target_rows=1, dtype=dtype, branches=3,
+        )  # fmt: skip
+        _check_odmt(qs, cs, target, cand, exclude, log_q, T, detach, form, "mean", dtype, seed)
