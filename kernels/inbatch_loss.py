@@ -3155,7 +3155,7 @@ def _score_gemm_on(q: torch.Tensor, N: int, D: int, interp: bool) -> bool:
     tests check the path in float32 and float16)."""
     if not _SCORE_GEMM or max(16, next_power_of_2(D)) <= _FULL_D_MAX:
         return False
-    if N <= _slab_config(interp)["BLOCK_W"]:
+    if N <= _config("fwd3s", 0, N, D, interp)["BLOCK_W"]:  # one column tile: nothing to split
         return False
     return q.device.type != "cuda" or q.dtype != torch.float32
 
