@@ -72,14 +72,14 @@ statistics. Each split writes its partial statistics (running max, exp-sums, tar
 weighted sums); a small combine kernel merges the splits and stores the losses and the
 statistics the backward needs (lse's, ``wbar``).
 
-Three branches past the full width (``_SCORE_GEMM``; the paper's d = 768, 16-bit inputs):
-the score tiles are not dots of the kernel but loads from float32 slabs ``S = Q C^T`` that
-one batched cuBLAS GEMM forms for the three branches, a column slab at a time (whole forward
+Past the full width (``_SCORE_GEMM``; the paper's d = 768, 16-bit inputs), both ops: the
+score tiles are not dots of the kernel but loads from float32 slabs ``S = Q C^T`` that one
+(batched, for the three branches) cuBLAS GEMM forms a column slab at a time (whole forward
 splits; at most half the columns and ``_DZ_BUDGET`` bytes: never an ``R x N`` tensor). Per
-score tile the chunked walk took 3 x 12 dependent 64-wide steps of 32 x 32 ``mma.sync`` dots,
-reloading the row tile's queries each time, where the slab costs 12 bytes an element of
-reads; the forward takes one launch a slab, its splits numbered among all of the call's, and
-the backward's dz-only kernel reads its slab's scores the same way.
+score tile the chunked walk took 12 dependent 64-wide steps of small dots a branch,
+reloading the row tile's queries each time, where the slab costs 4 bytes an element and
+branch of reads; the forward takes one launch a slab, its splits numbered among all of the
+call's, and the backward's dz-only kernel reads its slab's scores the same way.
 
 Backward, deterministic, no atomics: a row-wise kernel (``_ce_dq_kernel``,
 ``_odmt_dq_kernel``) recomputes the score tiles, forms ``dz`` and accumulates ``dQ += dz @
@@ -185,8 +185,8 @@ _DL_END = tl.constexpr(2**31 - 1)
 # GPU too, and one sets it high for the id test).
 _DL_MIN_PAIRS: int | None = None
 # True: where d is past the full-width limit (the paper's d = 768) and the inputs are 16-bit,
-# the three-branch forward and dz-only kernels read their scores from float32 slabs that
-# cuBLAS forms (``S = Q C^T`` for the three branches, one batched GEMM a column slab:
+# the forward and dz-only kernels of both ops read their scores from float32 slabs that
+# cuBLAS forms (``S = Q C^T``, one GEMM -- batched over the three branches -- a column slab:
 # :func:`_score_slab`), instead of walking d in 64-wide steps of small dots per score tile
 # (fp32 inputs keep the kernels' exact dots: cuBLAS may take TF32 where a user allows it).
 # The slabs hold at most half the columns and ``_DZ_BUDGET`` bytes.
@@ -838,6 +838,16 @@ def _score_tile(
 
 
 @triton.jit
+def _slab_tile(sl_ptr, ssl_r, rows, row_ok, slab_cols, col_ok):
+    """One score tile read from a float32 score slab ``(R, width)`` that cuBLAS formed
+    (``SCORES_IN``; ``slab_cols``: the tile's columns counted from the slab's first): the
+    same values as the kernels' own dots (float32 sums of the same products), 0 on rows or
+    columns outside."""
+    ptr = sl_ptr + rows.to(tl.int64)[:, None] * ssl_r + slab_cols[None, :]
+    return tl.load(ptr, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _full_tile(ptr, s_r, s_d, idx, ok, D, D_PAD: tl.constexpr):
     """The ``(len(idx), D_PAD)`` tile of rows ``idx`` (d tail and rows outside masked)."""
     offs_d = tl.arange(0, D_PAD)
@@ -917,6 +927,11 @@ def _ce_fwd_kernel(
     S,
     pad_id,
     n_per_split,
+    split_base,
+    n_splits,
+    sl_ptr,
+    ssl_r,
+    slab_lo,
     S_PAD: tl.constexpr,
     EX_ONE: tl.constexpr,
     IDS32: tl.constexpr,
@@ -928,16 +943,18 @@ def _ce_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PREC: tl.constexpr,
+    SCORES_IN: tl.constexpr = False,
 ):
+    # ``SCORES_IN``: one launch a score slab (columns from ``slab_lo``), its splits numbered
+    # from ``split_base`` among all ``n_splits`` of the call (as in ``_odmt_fwd_kernel``)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
+    split = split_base + tl.program_id(1)
     n_lo = split * n_per_split
     n_hi = tl.minimum(N, n_lo + n_per_split)
     row_in, valid, tgt, tid = _row_setup(tgt_ptr, tid_ptr, rows, R)
     fit = tl.load(fit_ptr)
     ids = _hoist_ids(ex_ptr, ex_sr, ex_ss, rows, valid, S, pad_id, S_PAD, HOIST)
-    if FULL_D:
+    if FULL_D and not SCORES_IN:
         q = _full_tile(q_ptr, sq_r, sq_d, rows, row_in, D, D_PAD)
         c_ptrs, d_ok = _tile_ptrs(c_ptr, sc_n, sc_d, n_lo + tl.arange(0, BLOCK_N), D, D_PAD)
     m = tl.full((BLOCK_R,), -1.0e30, tl.float32)
@@ -959,7 +976,9 @@ def _ce_fwd_kernel(
         col_ok = cols < N
         bias = _load_bias(cb_ptr, cols, N)
         c32 = _load_cid32(c32_ptr, cols, N, pad_id, IDS32)
-        if FULL_D:
+        if SCORES_IN:
+            s = _slab_tile(sl_ptr, ssl_r, rows, row_in, cols - slab_lo, col_ok)
+        elif FULL_D:
             c = tl.load(c_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             c_ptrs += BLOCK_N * sc_n
             s = tl.dot(q, tl.trans(c), input_precision=PREC)
@@ -1236,6 +1255,8 @@ def _ce_dq_kernel(
     pad_id,
     n_begin,
     n_end,
+    sl_ptr,
+    ssl_r,
     S_PAD: tl.constexpr,
     EX_ONE: tl.constexpr,
     IDS32: tl.constexpr,
@@ -1252,12 +1273,15 @@ def _ce_dq_kernel(
     DZ_TRUE: tl.constexpr = False,
     LATER_SLAB: tl.constexpr = False,
     DQ_OFF: tl.constexpr = False,
+    SCORES_IN: tl.constexpr = False,
 ):
     # ``[n_begin, n_end)``: the columns walked, all of them or one slab of the GEMM dC path
     # (``STORE_DZ``: its dz is stored; ``LATER_SLAB``: a slab after the first, whose drop-list
     # walks start at ``dl_start_ptr``). A slab's dq is its columns' share only: the caller
     # adds the slabs' (a running sum loaded into the accumulator here spilled ~360 B a thread
-    # at 16k, sm_90 compile). ``DQ_OFF``: dz only, no dQ dot (the caller's GEMMs form dQ too)
+    # at 16k, sm_90 compile). ``DQ_OFF``: dz only, no dQ dot (the caller's GEMMs form dQ too);
+    # ``SCORES_IN`` (with it): the scores read from the slab's float32 score slab
+    tl.static_assert(DQ_OFF or not SCORES_IN, "a score slab feeds the dz-only kernel")
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     o_ok = offs_o < D
@@ -1269,7 +1293,7 @@ def _ce_dq_kernel(
     lse = tl.where(valid, tl.load(lse_ptr + rows, mask=valid, other=0.0), float("inf"))
     g = tl.load(g_ptr + rows, mask=valid, other=0.0) / gmax
     # queries loaded by ``valid``: an ignored row's values (NaN, inf) must not reach its dz
-    if FULL_D:  # BLOCK_DO is the padded width, one output chunk
+    if FULL_D and not SCORES_IN:  # BLOCK_DO is the padded width, one output chunk
         q = _full_tile(q_ptr, sq_r, sq_d, rows, valid, D, BLOCK_DO)
         c_ptrs, d_ok = _tile_ptrs(c_ptr, sc_n, sc_d, n_begin + tl.arange(0, BLOCK_N), D, BLOCK_DO)
     acc = tl.zeros((BLOCK_R, BLOCK_DO), tl.float32)
@@ -1284,7 +1308,9 @@ def _ce_dq_kernel(
         flag = tl.load(fl_row + n0 // BLOCK_N)
         col_ok = cols < N
         bias = _load_bias(cb_ptr, cols, N)
-        if FULL_D:
+        if SCORES_IN:  # the caller zeroed the ignored rows' queries of the slab's GEMM
+            s = _slab_tile(sl_ptr, ssl_r, rows, valid, cols - n_begin, col_ok)
+        elif FULL_D:
             c = tl.load(c_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             c_ptrs += BLOCK_N * sc_n
             if TRANS_S:  # the resident query tile as the B operand (shared memory, not registers)
@@ -1545,10 +1571,8 @@ def _odmt_scores(
 
 @triton.jit
 def _slab_tiles(sl_ptr, ssl_b, ssl_r, rows, row_ok, slab_cols, col_ok, lq):
-    """The three score tiles read from a float32 score slab ``(3, R, width)`` that cuBLAS
-    formed (``SCORES_IN``; ``slab_cols``: the tile's columns counted from the slab's first),
-    minus log Q: the same values as the kernels' own dots (float32 sums of the same
-    products), 0 on rows or columns outside."""
+    """The three branches' score tiles from their slab ``(3, R, width)``, minus log Q (one
+    pointer tile for the three: three of them took 72 B of stack at 64 x 32, sm_90)."""
     ptr = sl_ptr + rows.to(tl.int64)[:, None] * ssl_r + slab_cols[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
     s_i = tl.load(ptr, mask=ok, other=0.0) - lq[None, :]
@@ -2403,7 +2427,7 @@ def _config(kind: str, rows: int, cols: int, d: int, interpret: bool) -> dict:
     128 (single branch; dQ walks 32 columns a step, dC 64 rows) or 256 (three branches,
     fewer score recomputations). ``_CONFIG_OVERRIDE`` replaces keys per kind.
     """
-    if kind in ("fwd3s", "dz3s"):  # three branches reading score slabs (``_SCORE_GEMM``)
+    if kind in ("fwds", "dzs", "fwd3s", "dz3s"):  # kernels reading score slabs (``_SCORE_GEMM``)
         cfg = _slab_config(interpret)
     elif kind in ("dz", "dz3"):  # the dQ kernels without their dQ dot (``_DQ_GEMM``): forward tiles
         cfg = {**_base_config(kind.replace("dz", "fwd"), rows, d, interpret), "TRANS_S": False}
@@ -2484,12 +2508,13 @@ def _base_config(kind: str, rows: int, d: int, interpret: bool) -> dict:
 
 
 def _slab_config(interpret: bool) -> dict:
-    """Tiles of the three-branch kernels that read score slabs: no dot, so the full-width
-    forward's 64 x 32 tile and one warpgroup (its row reductions stay in the warpgroup;
-    225-235 registers at that tile with the dots, sm_90); 16-wide under the interpreter."""
-    tile_r, tile_n, warps = (16, 16, 4) if interpret else (64, 32, 4)
+    """Tiles of the kernels that read score slabs: no dot, 64 x 32 and one warpgroup, both
+    ops (sm_90 compile, Triton 3.6, paper scale: the three-branch forward 255 registers and
+    dz-only 198, the single-branch ones 189 and 126, none spilling -- two programs an SM; the
+    single-branch forward at 64 x 64 spilled 560 B a thread); 16-wide under the interpreter."""
+    tile_r, tile_n = (16, 16) if interpret else (64, 32)
     return dict(
-        BLOCK_T=tile_r, BLOCK_W=tile_n, BLOCK_D=16, BLOCK_DO=16, FULL_D=False, num_warps=warps, num_stages=2,
+        BLOCK_T=tile_r, BLOCK_W=tile_n, BLOCK_D=16, BLOCK_DO=16, FULL_D=False, num_warps=4, num_stages=2,
         TRANS_S=False,
     )  # fmt: skip
 
@@ -2600,7 +2625,7 @@ def _backward_plan(
     width = _dz_slab_width(R, N, branches, itemsize, cfg["BLOCK_W"]) if with_dc else None
     if width is not None and _DQ_GEMM:
         if scores:
-            cfg_dz = _config("dz3s", R, N, D, interp)
+            cfg_dz = _config(f"dz{suffix}s", R, N, D, interp)
             width_dz = _dz_slab_width(R, N, branches, itemsize + 4, cfg_dz["BLOCK_W"])
             if width_dz is not None:
                 return cfg_dz, width_dz, True, True
@@ -3148,35 +3173,35 @@ def _fwd_plan(R: int, N: int, c: dict, n_sm: int) -> tuple[int, int, int]:
     return row_tiles, cdiv(col_tiles, per), per
 
 
-def _score_gemm_on(q: torch.Tensor, N: int, D: int, interp: bool) -> bool:
-    """Whether a three-branch call's forward and dz-only kernels read score slabs
-    (``_SCORE_GEMM``): d past the full-width limit, more than one column tile, and 16-bit
-    inputs on a GPU -- any dtype on the CPU, where the interpreter runs the kernels (and the
-    tests check the path in float32 and float16)."""
+def _score_gemm_on(q: torch.Tensor, N: int, D: int, interp: bool, three: bool) -> bool:
+    """Whether a call's forward and dz-only kernels read score slabs (``_SCORE_GEMM``): d
+    past the full-width limit, more than one column tile, and 16-bit inputs on a GPU -- any
+    dtype on the CPU, where the interpreter runs the kernels (and the tests check the path in
+    float32 and float16)."""
     if not _SCORE_GEMM or max(16, next_power_of_2(D)) <= _FULL_D_MAX:
         return False
-    if N <= _config("fwd3s", 0, N, D, interp)["BLOCK_W"]:  # one column tile: nothing to split
+    if N <= _config("fwd3s" if three else "fwds", 0, N, D, interp)["BLOCK_W"]:  # one column tile
         return False
     return q.device.type != "cuda" or q.dtype != torch.float32
 
 
-def _slab_plan(R: int, N: int, c: dict, n_sm: int) -> tuple[int, int, int]:
+def _slab_plan(R: int, N: int, c: dict, n_sm: int, branches: int) -> tuple[int, int, int]:
     """``(n_split, per, per_slab)`` of a forward reading score slabs: the column splits of
     :func:`_fwd_plan` (``per`` column tiles each), at least two of them and each within the
     slab budget, and ``per_slab`` consecutive splits a slab: at most half the splits (no
-    slab holds every column) and ``_DZ_BUDGET`` bytes of float32 scores (three branches, every
+    slab holds every column) and ``_DZ_BUDGET`` bytes of float32 scores (every branch and
     row)."""
     _, n_split, per = _fwd_plan(R, N, c, n_sm)
     col_tiles, block_w = cdiv(N, c["BLOCK_W"]), c["BLOCK_W"]
-    per_cap = max(1, _DZ_BUDGET // (3 * max(R, 1) * 4 * block_w))
+    per_cap = max(1, _DZ_BUDGET // (branches * max(R, 1) * 4 * block_w))
     per = max(1, min(per, per_cap, cdiv(col_tiles, 2)))
     n_split = cdiv(col_tiles, per)
     return n_split, per, max(1, min(per_cap // per, n_split // 2))
 
 
 def _score_slab(q3: torch.Tensor, c3: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """``S = Q C^T`` of the columns ``[lo, hi)`` of the three branches ``q3 (3, R, d)``,
-    ``c3 (3, N, d)``: float32 ``(3, R, hi - lo)``, one batched cuBLAS GEMM (16-bit inputs
+    """``S = Q C^T`` of the columns ``[lo, hi)`` of the ``B`` branches ``q3 (B, R, d)``,
+    ``c3 (B, N, d)``: float32 ``(B, R, hi - lo)``, one batched cuBLAS GEMM (16-bit inputs
     multiplied exactly and summed in float32, as the kernels' dots do). On the CPU (the
     interpreter's runs) the product of the float32 copies: the same values."""
     cols = c3.narrow(1, lo, hi - lo).transpose(1, 2)
@@ -3198,41 +3223,65 @@ def _ce_forward(queries, candidates, target, candidate_ids, exclude_ids, log_q, 
     R, D = queries.shape
     N = candidates.shape[0]
     p = _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
-    cfg = _config("fwd", R, N, D, _interpreting(queries))
+    interp = _interpreting(queries)
+    slabbed = _score_gemm_on(queries, N, D, interp, False)
+    cfg = _config("fwds" if slabbed else "fwd", R, N, D, interp)
     n_sm = _num_sms(queries)
     p2d = max(16, next_power_of_2(D))
+    slab_plan = _slab_plan(R, N, cfg, n_sm, 1) if slabbed else None  # as in _odmt_forward
+    part_of = {}
 
-    def make(c):
-        row_tiles, n_split, per = _fwd_plan(R, N, c, n_sm)
-        part = torch.empty(3, n_split, R, device=queries.device, dtype=torch.float32)
-        # the starts first: with the tile lists in the same launch (_row_lists)
-        starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])
-        args = (
-            *_ce_operands(queries, candidates, p),
-            _cid32_tensor(p),
-            p["fit"],
-            *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"]),
-            starts,
-            part,
-            R,
-            N,
-            D,
-            p["S"],
-            pad_id,
-            per * c["BLOCK_W"],
-        )
-        meta = dict(
-            **p["flags"],
-            **p["hoist"],
-            DL_K=p["dl_k"],
-            **_tile_meta(c, True, False),
-            PREC=_prec(queries.dtype),
-            D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
-        )
-        return (row_tiles, n_split), args, meta
+    def make_at(split_base: int, n_here: int, scores: torch.Tensor | None, slab_lo: int):
+        def make(c):
+            if slab_plan is None:
+                row_tiles, n_split, per = _fwd_plan(R, N, c, n_sm)
+            else:
+                row_tiles, (n_split, per, _) = cdiv(R, c["BLOCK_T"]), slab_plan
+            if part_of.get("n_split") != n_split:
+                part_of.update(n_split=n_split, part=torch.empty(3, n_split, R, device=queries.device, dtype=torch.float32))  # fmt: skip
+            # the starts first: with the tile lists in the same launch (_row_lists)
+            starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])
+            args = (
+                *_ce_operands(queries, candidates, p),
+                _cid32_tensor(p),
+                p["fit"],
+                *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"]),
+                starts,
+                part_of["part"],
+                R,
+                N,
+                D,
+                p["S"],
+                pad_id,
+                per * c["BLOCK_W"],
+                split_base,
+                n_split,
+            )
+            args += (p["rows"][0], 0, 0) if scores is None else (scores, scores.stride(1), slab_lo)
+            meta = dict(
+                **p["flags"],
+                **p["hoist"],
+                DL_K=p["dl_k"],
+                **_tile_meta(c, True, False),
+                PREC=_prec(queries.dtype),
+                D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
+                SCORES_IN=scores is not None,
+            )
+            return (row_tiles, n_here or n_split), args, meta
 
-    _, args = _launch("ce_fwd", _ce_fwd_kernel, cfg, make, with_do=False)
-    part = args[-7]
+        return make
+
+    if slab_plan is None:
+        _launch("ce_fwd", _ce_fwd_kernel, cfg, make_at(0, 0, None, 0), with_do=False)
+    else:
+        n_split, per, per_slab = slab_plan
+        width = per_slab * per * cfg["BLOCK_W"]
+        for base in range(0, n_split, per_slab):
+            lo = base // per_slab * width
+            scores = _score_slab(queries[None], candidates[None], lo, min(N, lo + width))
+            make = make_at(base, min(per_slab, n_split - base), scores, lo)
+            cfg = _launch("ce_fwd", _ce_fwd_kernel, cfg, make, with_do=False)[0]
+    part = part_of["part"]
     loss = torch.empty(R, device=queries.device, dtype=torch.float32)
     lse = torch.empty(R, device=queries.device, dtype=torch.float32)
     grid = (cdiv(R, _COMBINE_BLOCK),)
@@ -3276,12 +3325,16 @@ def _ce_backward_impl(
     interp = _interpreting(queries)
     head = (*_ce_operands(queries, candidates, p), p["fit"])
     prec = _prec(queries.dtype)
-    cfg_dq, width, dq_off, _ = _backward_plan(False, R, N, D, queries.element_size(), "dc" in parts, interp)
+    slabbed = _score_gemm_on(queries, N, D, interp, False)
+    cfg_dq, width, dq_off, slabbed = _backward_plan(
+        False, R, N, D, queries.element_size(), "dc" in parts, interp, slabbed
+    )  # fmt: skip
     dz_true = queries.dtype != torch.float16
 
-    def launch_dq(cfg, n_begin, n_end, out, dz=None, starts=None):
+    def launch_dq(cfg, n_begin, n_end, out, dz=None, starts=None, scores=None):
         """One dQ launch: the share of the columns ``[n_begin, n_end)`` in ``out``; ``dz``:
-        store the slab's dz there; ``starts``: a later slab's drop-list starts."""
+        store the slab's dz there; ``starts``: a later slab's drop-list starts; ``scores``:
+        the slab's float32 scores ``(1, R, width)``, read instead of recomputed (dz only)."""
         holder = p["rows"][0]  # never read where a flag says so
         return _launch(
             "ce_dq",
@@ -3292,7 +3345,8 @@ def _ce_backward_impl(
                 (*head, *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"]), holder if starts is None else starts)
                 + (lse, g, gmax, out, out.stride(0), out.stride(1))
                 + (holder if dz is None else dz, 0 if dz is None else dz.stride(0))
-                + (R, N, D, p["S"], pad_id, n_begin, n_end),
+                + (R, N, D, p["S"], pad_id, n_begin, n_end)
+                + ((holder, 0) if scores is None else (scores, scores.stride(1))),
                 dict(
                     **p["flags"],
                     **p["hoist"],
@@ -3304,6 +3358,7 @@ def _ce_backward_impl(
                     DZ_TRUE=dz_true,
                     LATER_SLAB=starts is not None,
                     DQ_OFF=dq_off,
+                    SCORES_IN=scores is not None,
                 ),
             ),
             with_do=True,
@@ -3322,7 +3377,8 @@ def _ce_backward_impl(
         for k in range(n_slab):
             lo, hi = k * width, min(N, (k + 1) * width)
             later = starts[k] if k and p["lists_on"] else None  # (the first slab's start at 0)
-            cfg_dq = launch_dq(cfg_dq, lo, hi, share if k or dq_off else acc, dz[0], later)
+            scores = _score_slab(zeroed, batched[0], lo, hi) if slabbed else None
+            cfg_dq = launch_dq(cfg_dq, lo, hi, share if k or dq_off else acc, dz[0], later, scores)
             _slab_products(dz, lo, hi, *batched, gmax, dq_off, not dz_true)
             if k:
                 acc.add_(share)
@@ -3538,14 +3594,14 @@ def _odmt_forward(
     N = c_id.shape[0]
     p = _prep(target, candidate_ids, exclude_ids, log_q, pad_id, ignore_index)
     interp = _interpreting(q_id)
-    slabbed = _score_gemm_on(q_id, N, D, interp)
+    slabbed = _score_gemm_on(q_id, N, D, interp, True)
     cfg = _config("fwd3s" if slabbed else "fwd3", R, N, D, interp)
     n_sm = _num_sms(q_id)
     p2d = max(16, next_power_of_2(D))
     qs, cs = (q_id, q_text, q_image), (c_id, c_text, c_image)
     head = _branch_args(qs, cs)
     # with score slabs the column partition is fixed once (a refused tile only changes rows)
-    slab_plan = _slab_plan(R, N, cfg, n_sm) if slabbed else None
+    slab_plan = _slab_plan(R, N, cfg, n_sm, 3) if slabbed else None
     part_of = {}  # the partial statistics of every split of the call, shared by the slabs
 
     def make_at(split_base: int, n_here: int, scores: torch.Tensor | None, slab_lo: int):
@@ -3702,7 +3758,7 @@ def _odmt_backward_impl(
         meta = dict(**flags, LISTS=p["lists_on"], **_tile_meta(c, False, True), SPLIT=n_split > 1)
         return (*grid, n_split), args, meta
 
-    slabbed = _score_gemm_on(q_id, N, D, interp)
+    slabbed = _score_gemm_on(q_id, N, D, interp, True)
     cfg_dq, width, dq_off, slabbed = _backward_plan(
         True, R, N, D, q_id.element_size(), "dc" in parts, interp, slabbed
     )  # fmt: skip

@@ -355,7 +355,7 @@ def _check_odmt(qs, cs, target, cand, exclude, log_q, T, detach, form, reduction
 
 # the tiny problems the hypothesis tests draw (16-wide tiles under the interpreter: R, N <=
 # 40 and d <= 48 cross several tile borders and the d tail); few items: duplicates everywhere
-THREE_BRANCH_SHAPES = dict(
+SMALL_SHAPES = dict(
     seed=st.integers(0, 2**16),
     R=st.integers(1, 40),
     N=st.integers(1, 40),
@@ -365,7 +365,7 @@ THREE_BRANCH_SHAPES = dict(
 
 
 @given(
-    **THREE_BRANCH_SHAPES,
+    **SMALL_SHAPES,
     pad_frac=st.sampled_from([0.0, 0.2]),
     ignore_frac=st.sampled_from([0.0, 0.3]),
     excl=st.sampled_from(["none", "full", "expanded"]),
@@ -625,8 +625,8 @@ def test_launch_falls_back_deterministically_when_the_gpu_refuses_the_tiles():
 @pytest.fixture(params=["full_d", "chunked_d"])
 def d_path(request, monkeypatch):
     """The whole row tile in one dot, or d walked in chunks by the kernels' own dots (the
-    three-branch score slabs of cuBLAS, the default past the full width, have their own
-    tests: ``test_score_slabs_*``)."""
+    score slabs of cuBLAS, the default past the full width, have their own tests:
+    ``test_score_slabs_*``)."""
     if request.param == "chunked_d":
         monkeypatch.setattr(K, "_FULL_D_MAX", 0)
         monkeypatch.setattr(K, "_SCORE_GEMM", False)
@@ -1497,7 +1497,7 @@ def test_dz_only_kernel_needs_two_slabs_of_its_own_tiles(monkeypatch, branches):
 
 
 # --------------------------------------------------------------------------------------
-# Three branches past the full width: scores from cuBLAS's float32 slabs (``_SCORE_GEMM``)
+# Past the full width: scores from cuBLAS's float32 slabs (``_SCORE_GEMM``)
 # --------------------------------------------------------------------------------------
 
 
@@ -1510,26 +1510,32 @@ def _spy_score_slabs(monkeypatch) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize(
-    "dtype,S,detach,form,lists",
+    "branches,dtype,S,detach,form,lists",
     [
-        (torch.float32, 5, False, "kl", True),
-        (torch.float16, 20, True, "ce", True),
-        (torch.float32, 3, False, "ce", False),
+        (3, torch.float32, 5, False, "kl", True),
+        (3, torch.float16, 20, True, "ce", True),
+        (3, torch.float32, 3, False, "ce", False),
+        (1, torch.float32, 5, None, None, True),
+        (1, torch.float16, 20, None, None, True),
+        (1, torch.float32, 3, None, None, False),
     ],
 )
-def test_score_slabs_match_reference(monkeypatch, split_path, dtype, S, detach, form, lists):
+def test_score_slabs_match_reference(monkeypatch, split_path, branches, dtype, S, detach, form, lists):
     """d past the full width (lowered to 0 here): the forward and the dz-only kernel read
     the scores from float32 slabs of at most half the columns, formed by one batched GEMM
-    each; values and every gradient are the reference's, through the teachers too, with and
-    without drop lists, one forward split or many."""
+    each; values and every gradient are the reference's (three branches: through the
+    teachers too), with and without drop lists, one forward split or many."""
     monkeypatch.setattr(K, "_FULL_D_MAX", 0)
     monkeypatch.setattr(K, "_DL_MIN_PAIRS", 0 if lists else 1 << 40)
     slabs = _spy_score_slabs(monkeypatch)
     qs, cs, target, cand, exclude, log_q = _make_batch(
         13 + S, 34, 57, 33, 25, pad_frac=0.1, ignore_frac=0.2, excl="full", S=S, lq="extreme",
-        all_but_target_rows=1, dtype=dtype, branches=3,
+        all_but_target_rows=1, dtype=dtype, branches=branches,
     )  # fmt: skip
-    _check_odmt(qs, cs, target, cand, exclude, log_q, 0.7, detach, form, "sum", dtype)
+    if branches == 1:
+        _check_ce(qs, cs, target, cand, exclude, log_q, "sum", dtype)
+    else:
+        _check_odmt(qs, cs, target, cand, exclude, log_q, 0.7, detach, form, "sum", dtype)
     if DEVICE == "cuda" and dtype == torch.float32:  # exact dots on a GPU: no slabs
         assert slabs == []
         return
@@ -1541,7 +1547,8 @@ def test_score_slabs_match_reference(monkeypatch, split_path, dtype, S, detach, 
     assert starts.count(0) == 2 and all(hi == 57 or hi in starts for _, hi in slabs), slabs
 
 
-def test_score_slabs_keep_ignored_rows_out(monkeypatch):
+@pytest.mark.parametrize("branches", [1, 3])
+def test_score_slabs_keep_ignored_rows_out(monkeypatch, branches):
     """Ignored rows holding NaN / inf reach the forward's GEMM (its statistics of them are
     discarded) but not the backward's (it multiplies the queries with those rows zeroed):
     loss and gradients are those of the batch with the rows zeroed."""
@@ -1549,7 +1556,7 @@ def test_score_slabs_keep_ignored_rows_out(monkeypatch):
     slabs = _spy_score_slabs(monkeypatch)
     qs, cs, target, cand, exclude, log_q = _make_batch(
         41, 30, 40, 20, 25, pad_frac=0.1, ignore_frac=0.3, excl="full", S=4, lq="normal",
-        all_but_target_rows=0, dtype=torch.float16, branches=3,
+        all_but_target_rows=0, dtype=torch.float16, branches=branches,
     )  # fmt: skip
     ignored = target == IGNORE
     poisoned = [torch.where(ignored[:, None], math.nan if i else math.inf, q) for i, q in enumerate(qs)]
@@ -1557,10 +1564,16 @@ def test_score_slabs_keep_ignored_rows_out(monkeypatch):
 
     def loss_and_grads(queries):
         q_leaves, c_leaves = [_leaf(q) for q in queries], [_leaf(c) for c in cs]
-        out = K.mutual_distillation_loss(
-            *q_leaves, *c_leaves, target, cand, exclude, log_q, 0.5, False, "kl", PAD, IGNORE, "sum"
-        )
-        return out.ce + out.kl, torch.autograd.grad(out.ce + out.kl, q_leaves + c_leaves)
+        if branches == 1:
+            loss = K.debiased_inbatch_cross_entropy(
+                q_leaves[0], c_leaves[0], target, cand, exclude, log_q, PAD, IGNORE, "sum"
+            )
+        else:
+            out = K.mutual_distillation_loss(
+                *q_leaves, *c_leaves, target, cand, exclude, log_q, 0.5, False, "kl", PAD, IGNORE, "sum"
+            )
+            loss = out.ce + out.kl
+        return loss, torch.autograd.grad(loss, q_leaves + c_leaves)
 
     got_loss, got_grads = loss_and_grads(poisoned)
     want_loss, want_grads = loss_and_grads(zeroed)
@@ -1571,49 +1584,57 @@ def test_score_slabs_keep_ignored_rows_out(monkeypatch):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("branches", [1, 3])
 @pytest.mark.parametrize(
-    "R,N,sms", [(1536, 1664, 132), (16384, 20000, 132), (40_000_000, 100, 132), (64, 33, 0), (8, 70, 1)]
+    "R,N,sms", [(1536, 1664, 132), (16384, 20000, 132), (40_000_000, 130, 132), (64, 100, 0), (8, 70, 1)]
 )
-def test_score_slab_plan_covers_every_column_within_the_budget(R, N, sms):
+def test_score_slab_plan_covers_every_column_within_the_budget(R, N, sms, branches):
     """The forward's slabs: whole splits, at least two slabs, each within ``_DZ_BUDGET``
-    bytes of float32 scores (three branches, every row) unless one split is already more."""
-    cfg = K._config("fwd3s", R, N, 768, interpret=False)
-    n_split, per, per_slab = K._slab_plan(R, N, cfg, sms)
+    bytes of float32 scores (every branch and row) unless one split is already more."""
+    cfg = K._config("fwd3s" if branches == 3 else "fwds", R, N, 768, interpret=False)
+    n_split, per, per_slab = K._slab_plan(R, N, cfg, sms, branches)
     split_cols, col_tiles = per * cfg["BLOCK_W"], -(-N // cfg["BLOCK_W"])
     assert n_split >= 2 and (n_split - 1) * per < col_tiles <= n_split * per  # no empty split
     n_slab = -(-n_split // per_slab)
     assert n_slab >= 2
-    assert 3 * R * per_slab * split_cols * 4 <= K._DZ_BUDGET or per == per_slab == 1
+    assert branches * R * per_slab * split_cols * 4 <= K._DZ_BUDGET or per == per_slab == 1
 
 
-def test_score_slabs_only_past_the_full_width_and_for_16_bit_inputs_on_a_gpu(monkeypatch):
+@pytest.mark.parametrize("three", [False, True])
+def test_score_slabs_only_past_the_full_width_and_for_16_bit_inputs_on_a_gpu(monkeypatch, three):
     cpu = torch.empty(2, 2)
-    assert not K._score_gemm_on(cpu, 1000, K._FULL_D_MAX, interp=True)  # the full-width dot
-    assert K._score_gemm_on(cpu, 1000, K._FULL_D_MAX + 1, interp=True)
-    assert not K._score_gemm_on(cpu, 16, 768, interp=True)  # one column tile
+    assert not K._score_gemm_on(cpu, 1000, K._FULL_D_MAX, True, three)  # the full-width dot
+    assert K._score_gemm_on(cpu, 1000, K._FULL_D_MAX + 1, True, three)
+    assert not K._score_gemm_on(cpu, 16, 768, True, three)  # one column tile
     if torch.cuda.is_available():
-        assert not K._score_gemm_on(torch.empty(2, 2, device="cuda"), 1000, 768, interp=False)
-        assert K._score_gemm_on(torch.empty(2, 2, device="cuda", dtype=torch.bfloat16), 1000, 768, interp=False)
+        assert not K._score_gemm_on(torch.empty(2, 2, device="cuda"), 1000, 768, False, three)
+        assert K._score_gemm_on(torch.empty(2, 2, device="cuda", dtype=torch.bfloat16), 1000, 768, False, three)
     monkeypatch.setattr(K, "_SCORE_GEMM", False)
-    assert not K._score_gemm_on(cpu, 1000, 768, interp=True)
+    assert not K._score_gemm_on(cpu, 1000, 768, True, three)
 
 
 @given(
-    **THREE_BRANCH_SHAPES,
+    **SMALL_SHAPES,
     ignore_frac=st.sampled_from([0.0, 0.3]),
     S=st.integers(0, 4),
     dtype=st.sampled_from([torch.float32, torch.float16]),
     T=st.floats(0.1, 2.0),
     detach=st.booleans(),
     form=st.sampled_from(["kl", "ce"]),
+    branches=st.sampled_from([1, 3]),
 )
-def test_score_slabs_match_reference_over_shapes(seed, R, N, d, n_items, ignore_frac, S, dtype, T, detach, form):
-    """Any shape past the full width (lowered to 0): score slabs where the candidates span
-    two column tiles or more, the kernels' dots below that."""
+def test_score_slabs_match_reference_over_shapes(
+    seed, R, N, d, n_items, ignore_frac, S, dtype, T, detach, form, branches
+):  # fmt: skip
+    """Any shape past the full width (lowered to 0), either op: score slabs where the
+    candidates span two column tiles or more, the kernels' dots below that."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(K, "_FULL_D_MAX", 0)
         qs, cs, target, cand, exclude, log_q = _make_batch(
             seed, R, N, d, n_items, pad_frac=0.1, ignore_frac=ignore_frac, excl="full", S=S, lq="normal",
-            all_but_target_rows=1, dtype=dtype, branches=3,
+            all_but_target_rows=1, dtype=dtype, branches=branches,
         )  # fmt: skip
-        _check_odmt(qs, cs, target, cand, exclude, log_q, T, detach, form, "mean", dtype, seed)
+        if branches == 1:
+            _check_ce(qs, cs, target, cand, exclude, log_q, "mean", dtype, seed)
+        else:
+            _check_odmt(qs, cs, target, cand, exclude, log_q, T, detach, form, "mean", dtype, seed)
