@@ -376,6 +376,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
+def checked_call(tag: str, fn, switches: dict):
+    """``fn()`` with the module switches set, or None (reported as a mismatch) where it
+    raises: a failing path must not end the run, the others still get timed."""
+    try:
+        return switched(fn, **switches)()
+    except Exception as exc:
+        RES[f"check_{tag}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        print(f"MISMATCH {tag}: raised {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        return None
+
+
 def correctness() -> bool:
     R, N, d = (20, 22, 24) if DRY else (768, 832, 256)
     Hs, Ds, target, cand, hist, log_pop = make_data(R, N, d, seed=2)
@@ -398,13 +409,11 @@ def correctness() -> bool:
             loss = K.debiased_inbatch_cross_entropy(Hs[0], Ds[0], target, cand, hist, log_pop, PAD, IGNORE, "mean")
             return loss, torch.autograd.grad(loss, [Hs[0], Ds[0]])
 
-        try:
-            loss, grads = switched(call_ce, **switches)()
-        except Exception as exc:  # a failing path must not end the run: the others still get timed
+        result = checked_call(tag, call_ce, switches)
+        if result is None:
             ok = False
-            RES[f"check_{tag}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            print(f"MISMATCH {tag}: raised {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             continue
+        loss, grads = result
         errs[f"{tag}_loss"] = abs(loss.item() - ref.item()) / max(abs(ref.item()), 1e-30)
         errs.update({f"{tag}_grad_{n}": rel_err(a, b) for n, a, b in zip(("q", "c"), grads, ref_grads, strict=True)})
     # three branches, gradients through the teachers too (every backward path), the forward
@@ -425,13 +434,11 @@ def correctness() -> bool:
             )  # fmt: skip
             return out, torch.autograd.grad(out.ce + out.kl, Hs + Ds)
 
-        try:
-            out, grads = switched(call, **switches)()
-        except Exception as exc:  # a failing path must not end the run: the others still get timed
+        result = checked_call(tag, call, switches)
+        if result is None:
             ok = False
-            RES[f"check_{tag}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            print(f"MISMATCH {tag}: raised {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             continue
+        out, grads = result
         q64 = {m: h.detach().double().requires_grad_(True) for m, h in zip(BRANCHES, Hs, strict=True)}
         c64 = {m: c.detach().double().requires_grad_(True) for m, c in zip(BRANCHES, Ds, strict=True)}
         ref = mutual_distillation_reference(

@@ -3210,6 +3210,44 @@ def _score_slab(q3: torch.Tensor, c3: torch.Tensor, lo: int, hi: int) -> torch.T
     return torch.bmm(q3.float(), cols.float())
 
 
+def _forward_launches(name: str, kernel, cfg: dict, queries: torch.Tensor, N: int, n_stats: int, make_args, slabs):
+    """A forward's split launches: one over every column split, or (``slabs``: the ``(B, R,
+    d)`` queries and ``(B, N, d)`` candidates of the score GEMMs) one a score slab of
+    :func:`_slab_plan`, its splits numbered from ``split_base`` among the call's. Returns
+    the float32 partial statistics ``(n_stats, n_split, R)`` of every split, on the device of
+    ``queries`` (``(R, d)``). ``make_args(c, n_split, per, part, split_base, scores, slab_lo)
+    -> (args, meta)``."""
+    R, n_sm = queries.shape[0], _num_sms(queries)
+    # with score slabs the column partition is fixed once (a refused tile only changes rows)
+    slab_plan = None if slabs is None else _slab_plan(R, N, cfg, n_sm, slabs[0].shape[0])
+    part_of = {}  # shared by the slabs' launches
+
+    def make_at(split_base: int, n_here: int, scores: torch.Tensor | None, slab_lo: int):
+        def make(c):
+            if slab_plan is None:
+                row_tiles, n_split, per = _fwd_plan(R, N, c, n_sm)
+            else:
+                row_tiles, (n_split, per, _) = cdiv(R, c["BLOCK_T"]), slab_plan
+            if part_of.get("n_split") != n_split:
+                part = torch.empty(n_stats, n_split, R, device=queries.device, dtype=torch.float32)
+                part_of.update(n_split=n_split, part=part)
+            args, meta = make_args(c, n_split, per, part_of["part"], split_base, scores, slab_lo)
+            return (row_tiles, n_here or n_split), args, dict(meta, SCORES_IN=scores is not None)
+
+        return make
+
+    if slab_plan is None:
+        _launch(name, kernel, cfg, make_at(0, 0, None, 0), with_do=False)
+    else:
+        n_split, per, per_slab = slab_plan
+        width = per_slab * per * cfg["BLOCK_W"]
+        for base in range(0, n_split, per_slab):
+            lo = base // per_slab * width
+            scores = _score_slab(*slabs, lo, min(N, lo + width))
+            cfg = _launch(name, kernel, cfg, make_at(base, min(per_slab, n_split - base), scores, lo), with_do=False)[0]
+    return part_of["part"]
+
+
 def _ce_operands(queries: torch.Tensor, candidates: torch.Tensor, p: dict) -> tuple:
     """The single-branch kernels' leading arguments: queries and candidates with their strides,
     the rows' targets and excluded ids, the column bias."""
@@ -3226,62 +3264,40 @@ def _ce_forward(queries, candidates, target, candidate_ids, exclude_ids, log_q, 
     interp = _interpreting(queries)
     slabbed = _score_gemm_on(queries, N, D, interp, False)
     cfg = _config("fwds" if slabbed else "fwd", R, N, D, interp)
-    n_sm = _num_sms(queries)
     p2d = max(16, next_power_of_2(D))
-    slab_plan = _slab_plan(R, N, cfg, n_sm, 1) if slabbed else None  # as in _odmt_forward
-    part_of = {}
 
-    def make_at(split_base: int, n_here: int, scores: torch.Tensor | None, slab_lo: int):
-        def make(c):
-            if slab_plan is None:
-                row_tiles, n_split, per = _fwd_plan(R, N, c, n_sm)
-            else:
-                row_tiles, (n_split, per, _) = cdiv(R, c["BLOCK_T"]), slab_plan
-            if part_of.get("n_split") != n_split:
-                part_of.update(n_split=n_split, part=torch.empty(3, n_split, R, device=queries.device, dtype=torch.float32))  # fmt: skip
-            # the starts first: with the tile lists in the same launch (_row_lists)
-            starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])
-            args = (
-                *_ce_operands(queries, candidates, p),
-                _cid32_tensor(p),
-                p["fit"],
-                *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"]),
-                starts,
-                part_of["part"],
-                R,
-                N,
-                D,
-                p["S"],
-                pad_id,
-                per * c["BLOCK_W"],
-                split_base,
-                n_split,
-            )
-            args += (p["rows"][0], 0, 0) if scores is None else (scores, scores.stride(1), slab_lo)
-            meta = dict(
-                **p["flags"],
-                **p["hoist"],
-                DL_K=p["dl_k"],
-                **_tile_meta(c, True, False),
-                PREC=_prec(queries.dtype),
-                D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
-                SCORES_IN=scores is not None,
-            )
-            return (row_tiles, n_here or n_split), args, meta
+    def make_args(c, n_split, per, part, split_base, scores, slab_lo):
+        # the starts first: with the tile lists in the same launch (_row_lists)
+        starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])
+        args = (
+            *_ce_operands(queries, candidates, p),
+            _cid32_tensor(p),
+            p["fit"],
+            *_row_list_args(p, c["BLOCK_T"], c["BLOCK_W"]),
+            starts,
+            part,
+            R,
+            N,
+            D,
+            p["S"],
+            pad_id,
+            per * c["BLOCK_W"],
+            split_base,
+            n_split,
+        )
+        args += (p["rows"][0], 0, 0) if scores is None else (scores, scores.stride(1), slab_lo)
+        meta = dict(
+            **p["flags"],
+            **p["hoist"],
+            DL_K=p["dl_k"],
+            **_tile_meta(c, True, False),
+            PREC=_prec(queries.dtype),
+            D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
+        )
+        return args, meta
 
-        return make
-
-    if slab_plan is None:
-        _launch("ce_fwd", _ce_fwd_kernel, cfg, make_at(0, 0, None, 0), with_do=False)
-    else:
-        n_split, per, per_slab = slab_plan
-        width = per_slab * per * cfg["BLOCK_W"]
-        for base in range(0, n_split, per_slab):
-            lo = base // per_slab * width
-            scores = _score_slab(queries[None], candidates[None], lo, min(N, lo + width))
-            make = make_at(base, min(per_slab, n_split - base), scores, lo)
-            cfg = _launch("ce_fwd", _ce_fwd_kernel, cfg, make, with_do=False)[0]
-    part = part_of["part"]
+    slab_operands = (queries[None], candidates[None]) if slabbed else None  # views, no copies
+    part = _forward_launches("ce_fwd", _ce_fwd_kernel, cfg, queries, N, 3, make_args, slab_operands)
     loss = torch.empty(R, device=queries.device, dtype=torch.float32)
     lse = torch.empty(R, device=queries.device, dtype=torch.float32)
     grid = (cdiv(R, _COMBINE_BLOCK),)
@@ -3596,54 +3612,30 @@ def _odmt_forward(
     interp = _interpreting(q_id)
     slabbed = _score_gemm_on(q_id, N, D, interp, True)
     cfg = _config("fwd3s" if slabbed else "fwd3", R, N, D, interp)
-    n_sm = _num_sms(q_id)
     p2d = max(16, next_power_of_2(D))
     qs, cs = (q_id, q_text, q_image), (c_id, c_text, c_image)
     head = _branch_args(qs, cs)
-    # with score slabs the column partition is fixed once (a refused tile only changes rows)
-    slab_plan = _slab_plan(R, N, cfg, n_sm, 3) if slabbed else None
-    part_of = {}  # the partial statistics of every split of the call, shared by the slabs
 
-    def make_at(split_base: int, n_here: int, scores: torch.Tensor | None, slab_lo: int):
-        def make(c):
-            if slab_plan is None:
-                row_tiles, n_split, per = _fwd_plan(R, N, c, n_sm)
-            else:
-                row_tiles, (n_split, per, _) = cdiv(R, c["BLOCK_T"]), slab_plan
-            if part_of.get("n_split") != n_split:
-                part_of.update(n_split=n_split, part=torch.empty(_N_SPLIT_STATS, n_split, R, device=q_id.device, dtype=torch.float32))  # fmt: skip
-            starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])  # first: see _ce_forward
-            fl, lists = _row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])
-            args = (*head, *p["rows"], *p["lq"], p["fit"], fl, lists, starts, part_of["part"], R, N, D, p["S"], pad_id)
-            args += (float(temperature), per * c["BLOCK_W"], split_base, n_split)
-            args += (p["rows"][0], 0, 0, 0) if scores is None else (scores, scores.stride(0), scores.stride(1), slab_lo)
-            meta = dict(
-                **p["flags"],
-                **p["hoist"],
-                DL_K=p["dl_k"],
-                **_tile_meta(c, True, False),
-                HAS_LQ=p["has_lq"],
-                FORM_KL=bool(form_kl),
-                PREC=_prec(q_id.dtype),
-                D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
-                SCORES_IN=scores is not None,
-            )
-            return (row_tiles, n_here or n_split), args, meta
+    def make_args(c, n_split, per, part, split_base, scores, slab_lo):
+        starts = _split_starts(p, c["BLOCK_W"], n_split, per * c["BLOCK_W"])  # first: see _ce_forward
+        fl, lists = _row_list_args(p, c["BLOCK_T"], c["BLOCK_W"])
+        args = (*head, *p["rows"], *p["lq"], p["fit"], fl, lists, starts, part, R, N, D, p["S"], pad_id)
+        args += (float(temperature), per * c["BLOCK_W"], split_base, n_split)
+        args += (p["rows"][0], 0, 0, 0) if scores is None else (scores, scores.stride(0), scores.stride(1), slab_lo)
+        meta = dict(
+            **p["flags"],
+            **p["hoist"],
+            DL_K=p["dl_k"],
+            **_tile_meta(c, True, False),
+            HAS_LQ=p["has_lq"],
+            FORM_KL=bool(form_kl),
+            PREC=_prec(q_id.dtype),
+            D_PAD=p2d if c["FULL_D"] else c["BLOCK_D"],
+        )
+        return args, meta
 
-        return make
-
-    if slab_plan is None:
-        _launch("odmt_fwd", _odmt_fwd_kernel, cfg, make_at(0, 0, None, 0), with_do=False)
-    else:
-        n_split, per, per_slab = slab_plan
-        width = per_slab * per * cfg["BLOCK_W"]
-        q3, c3 = torch.stack(qs), torch.stack(cs)
-        for base in range(0, n_split, per_slab):
-            lo = base // per_slab * width
-            scores = _score_slab(q3, c3, lo, min(N, lo + width))
-            make = make_at(base, min(per_slab, n_split - base), scores, lo)
-            cfg = _launch("odmt_fwd", _odmt_fwd_kernel, cfg, make, with_do=False)[0]
-    part = part_of["part"]
+    slab_operands = (torch.stack(qs), torch.stack(cs)) if slabbed else None
+    part = _forward_launches("odmt_fwd", _odmt_fwd_kernel, cfg, q_id, N, _N_SPLIT_STATS, make_args, slab_operands)
     loss = torch.empty(_N_PARTS, R, device=q_id.device, dtype=torch.float32)
     stats = torch.empty(_N_STATS, R, device=q_id.device, dtype=torch.float32)
     grid = (cdiv(R, _COMBINE_BLOCK),)

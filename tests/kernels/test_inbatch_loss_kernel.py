@@ -698,9 +698,15 @@ def test_ignored_rows_holding_nan_or_inf_reach_no_gradient(d_path, split_path, d
     NaN, inf): loss and every gradient are those of the same batch with such rows zeroed, on
     both backward kernels (the row-wise one masks its loads, the column-wise one reads zeroed
     copies), at full width and in d chunks, with and without split walks."""
+    _check_ignored_rows_reach_nothing(branches, N=33, d=40, dtype=torch.float32, detach=True)
+
+
+def _check_ignored_rows_reach_nothing(branches: int, *, N: int, d: int, dtype: torch.dtype, detach: bool):
+    """Loss and gradients of a batch whose ignored rows hold NaN / inf are those of the
+    batch with those rows zeroed, finite, and 0 on those rows' queries."""
     qs, cs, target, cand, exclude, log_q = _make_batch(
-        41, 30, 33, 40, 25, pad_frac=0.1, ignore_frac=0.3, excl="full", S=4, lq="normal",
-        all_but_target_rows=0, dtype=torch.float32, branches=branches,
+        41, 30, N, d, 25, pad_frac=0.1, ignore_frac=0.3, excl="full", S=4, lq="normal",
+        all_but_target_rows=0, dtype=dtype, branches=branches,
     )  # fmt: skip
     ignored = target == IGNORE
     assert 0 < int(ignored.sum()) < len(target)
@@ -718,7 +724,7 @@ def test_ignored_rows_holding_nan_or_inf_reach_no_gradient(d_path, split_path, d
             )
         else:
             out = K.mutual_distillation_loss(
-                *q_leaves, *c_leaves, target, cand, exclude, log_q, 0.5, True, "kl", PAD, IGNORE, "sum"
+                *q_leaves, *c_leaves, target, cand, exclude, log_q, 0.5, detach, "kl", PAD, IGNORE, "sum"
             )
             loss = out.ce + out.kl
         return loss, torch.autograd.grad(loss, q_leaves + c_leaves)
@@ -1554,34 +1560,8 @@ def test_score_slabs_keep_ignored_rows_out(monkeypatch, branches):
     loss and gradients are those of the batch with the rows zeroed."""
     monkeypatch.setattr(K, "_FULL_D_MAX", 0)
     slabs = _spy_score_slabs(monkeypatch)
-    qs, cs, target, cand, exclude, log_q = _make_batch(
-        41, 30, 40, 20, 25, pad_frac=0.1, ignore_frac=0.3, excl="full", S=4, lq="normal",
-        all_but_target_rows=0, dtype=torch.float16, branches=branches,
-    )  # fmt: skip
-    ignored = target == IGNORE
-    poisoned = [torch.where(ignored[:, None], math.nan if i else math.inf, q) for i, q in enumerate(qs)]
-    zeroed = [torch.where(ignored[:, None], 0.0, q) for q in qs]
-
-    def loss_and_grads(queries):
-        q_leaves, c_leaves = [_leaf(q) for q in queries], [_leaf(c) for c in cs]
-        if branches == 1:
-            loss = K.debiased_inbatch_cross_entropy(
-                q_leaves[0], c_leaves[0], target, cand, exclude, log_q, PAD, IGNORE, "sum"
-            )
-        else:
-            out = K.mutual_distillation_loss(
-                *q_leaves, *c_leaves, target, cand, exclude, log_q, 0.5, False, "kl", PAD, IGNORE, "sum"
-            )
-            loss = out.ce + out.kl
-        return loss, torch.autograd.grad(loss, q_leaves + c_leaves)
-
-    got_loss, got_grads = loss_and_grads(poisoned)
-    want_loss, want_grads = loss_and_grads(zeroed)
+    _check_ignored_rows_reach_nothing(branches, N=40, d=20, dtype=torch.float16, detach=False)
     assert slabs, "the score slabs were not used"
-    torch.testing.assert_close(got_loss, want_loss)
-    for got, want in zip(got_grads, want_grads, strict=True):
-        assert torch.isfinite(got).all()
-        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("branches", [1, 3])
