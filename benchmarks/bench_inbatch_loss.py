@@ -57,6 +57,7 @@ Run: ``python benchmarks/bench_inbatch_loss.py`` (GPU) or ``DRY=1 python benchma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -161,19 +162,26 @@ def peak_mb(fn, grads=()) -> float:
     return extra / 1e6
 
 
+@contextlib.contextmanager
+def module_switches(**switches):
+    """Module switches of ``inbatch_loss`` set inside the block, restored after it."""
+    saved = {k: getattr(K, k) for k in switches}
+    for k, v in switches.items():
+        setattr(K, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(K, k, v)
+
+
 def switched(fn, **switches):
-    """``fn`` run with module switches of ``inbatch_loss`` set (restored after each call; a
-    CUDA graph captures the launches the switched call makes)."""
+    """``fn`` run with :func:`module_switches` (set for each call: a CUDA graph captures the
+    launches the switched call makes)."""
 
     def run():
-        saved = {k: getattr(K, k) for k in switches}
-        for k, v in switches.items():
-            setattr(K, k, v)
-        try:
+        with module_switches(**switches):
             return fn()
-        finally:
-            for k, v in saved.items():
-                setattr(K, k, v)
 
     return run
 
@@ -713,12 +721,10 @@ def _sweep_shape(prefix: str, R: int, N: int, d: int, entries) -> bool:
         key += f"_{kind}" if kind.startswith("dz") else ""  # tiles of the dz-only kernel
         K._CONFIG_OVERRIDE.clear()
         K._CONFIG_OVERRIDE[kind] = {k: v for k, v in over.items() if not k.startswith("_")}
-        saved = {k: getattr(K, k) for k in over if k.startswith("_")}
-        for k in saved:
-            setattr(K, k, over[k])
         K.KERNEL_STATS.clear()
         try:
-            ms = bench(parts[variant][part], (), rep=40)
+            with module_switches(**{k: v for k, v in over.items() if k.startswith("_")}):
+                ms = bench(parts[variant][part], (), rep=40)
             name = {"fwd": "fwd", "dq": "dq", "dc": "dc"}[part]
             st = K.KERNEL_STATS.get(f"{'ce' if variant == 'ce' else 'odmt'}_{name}", {})
             RES[key] = dict(ms=ms, n_regs=st.get("n_regs"), n_spills=st.get("n_spills"))
@@ -728,8 +734,6 @@ def _sweep_shape(prefix: str, R: int, N: int, d: int, entries) -> bool:
             print(f"{key:60s} ERROR {type(exc).__name__}: {str(exc)[:200]}", flush=True)
         finally:
             K._CONFIG_OVERRIDE.clear()
-            for k, v in saved.items():
-                setattr(K, k, v)
     return True
 
 

@@ -2612,14 +2612,14 @@ _DZ_BUDGET = 512 << 20
 _DQ_GEMM = True
 
 
-def _backward_plan(
-    three: bool, R: int, N: int, D: int, itemsize: int, with_dc: bool, interp: bool, scores: bool = False
-):  # fmt: skip
-    """``(dQ launch config, dz slab width or None, dz only, score slabs)`` of a backward call:
-    the GEMM dC path where ``with_dc`` and :func:`_dz_slab_width` allow it, with the dz-only
-    kernel at its own tiles (``_DQ_GEMM``) where those still give two slabs; with ``scores``
-    (:func:`_score_gemm_on`) that kernel reads each slab's float32 scores, the budget
-    counting them beside dz."""
+def _backward_plan(three: bool, queries: torch.Tensor, N: int, with_dc: bool, interp: bool):
+    """``(dQ launch config, dz slab width or None, dz only, score slabs)`` of a backward call
+    (``queries``: ``(R, d)``, one branch's): the GEMM dC path where ``with_dc`` and
+    :func:`_dz_slab_width` allow it, with the dz-only kernel at its own tiles (``_DQ_GEMM``)
+    where those still give two slabs; where :func:`_score_gemm_on` says so that kernel reads
+    each slab's float32 scores, the budget counting them beside dz."""
+    (R, D), itemsize = queries.shape, queries.element_size()
+    scores = _score_gemm_on(queries, N, D, interp, three)
     branches, suffix = (3, "3") if three else (1, "")
     cfg = _config("dq" + suffix, R, N, D, interp)
     width = _dz_slab_width(R, N, branches, itemsize, cfg["BLOCK_W"]) if with_dc else None
@@ -3341,10 +3341,7 @@ def _ce_backward_impl(
     interp = _interpreting(queries)
     head = (*_ce_operands(queries, candidates, p), p["fit"])
     prec = _prec(queries.dtype)
-    slabbed = _score_gemm_on(queries, N, D, interp, False)
-    cfg_dq, width, dq_off, slabbed = _backward_plan(
-        False, R, N, D, queries.element_size(), "dc" in parts, interp, slabbed
-    )  # fmt: skip
+    cfg_dq, width, dq_off, slabbed = _backward_plan(False, queries, N, "dc" in parts, interp)
     dz_true = queries.dtype != torch.float16
 
     def launch_dq(cfg, n_begin, n_end, out, dz=None, starts=None, scores=None):
@@ -3750,10 +3747,7 @@ def _odmt_backward_impl(
         meta = dict(**flags, LISTS=p["lists_on"], **_tile_meta(c, False, True), SPLIT=n_split > 1)
         return (*grid, n_split), args, meta
 
-    slabbed = _score_gemm_on(q_id, N, D, interp, True)
-    cfg_dq, width, dq_off, slabbed = _backward_plan(
-        True, R, N, D, q_id.element_size(), "dc" in parts, interp, slabbed
-    )  # fmt: skip
+    cfg_dq, width, dq_off, slabbed = _backward_plan(True, q_id, N, "dc" in parts, interp)
     valid = p["rows"][0] >= 0
     if width is not None:
         # dz slab by slab; dQ: the slabs' shares summed in float32, in slab order; dC = dz^T Q
