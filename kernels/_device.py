@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -57,3 +58,45 @@ def direct_eager_call(*tensors: torch.Tensor | None) -> bool:
     if _get_current_dispatch_mode() is not None:
         return False
     return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
+
+
+def _release(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a version string such as ``"3.6.0"`` or ``"2.4.0rc1"``."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is None:
+        raise ValueError(f"not a version: {version!r}")
+    return int(found.group(1)), int(found.group(2))
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter (``TRITON_INTERPRET=1``) of ``triton_version`` cannot run these
+    kernels with NumPy ``numpy_version``, or None when it can.
+
+    Before Triton 3.7 the interpreter turns a loop bound held in a tensor (``range(0, n)`` with a
+    runtime ``n``: every kernel here has one) into an int by ``int()`` of a one-element array,
+    which NumPy 2.4 refuses; every launch then fails with a ``TypeError`` about 0-dimensional
+    arrays (triton-lang/triton#9171, fixed in 3.7). Compiled launches on a GPU are not
+    affected."""
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (
+            f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run these kernels with "
+            f"NumPy {numpy_version}: it converts loop bounds with int() of one-element arrays, which NumPy "
+            "2.4 refuses (triton-lang/triton#9171, fixed in Triton 3.7). Install numpy<2.4 or triton>=3.7."
+        )
+    return None
+
+
+@functools.cache
+def _installed_interpreter_problem() -> str | None:
+    import numpy
+    import triton
+
+    return interpreter_problem(triton.__version__, numpy.__version__)
+
+
+def check_interpreter() -> None:
+    """Raise a ``RuntimeError`` saying why before a launch on CPU tensors (the interpreter) that
+    the installed Triton and NumPy cannot run (:func:`interpreter_problem`)."""
+    problem = _installed_interpreter_problem()
+    if problem is not None:
+        raise RuntimeError(problem)

@@ -122,7 +122,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 from triton.runtime.errors import OutOfResources
 
-from ._device import device_sms, direct_eager_call, on_device_of
+from ._device import check_interpreter, device_sms, direct_eager_call, on_device_of
 from ._host import cdiv, next_power_of_2
 
 __all__ = ["dropout_keep_mask", "id_masked_attention"]
@@ -1149,11 +1149,14 @@ def _launch_dqdk(q, k, ds, dq, dk, length: int, head_dim: int, chunk: int) -> No
 
 
 def _check_device(q: torch.Tensor) -> None:
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if q.device.type == "cuda":
+        return
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise RuntimeError(
             "the Triton attention kernel needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
             f"set before triton is imported; got a tensor on {q.device}"
         )
+    check_interpreter()
 
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:

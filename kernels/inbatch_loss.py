@@ -151,7 +151,7 @@ from torch.autograd.function import once_differentiable
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
-from ._device import device_sms, direct_eager_call, on_device_of
+from ._device import check_interpreter, device_sms, direct_eager_call, on_device_of
 from ._host import cdiv, next_power_of_2
 from .reference import DistillationLosses
 
@@ -2799,6 +2799,8 @@ _ROW_BLOCK = 256
 def _prep(target, candidate_ids, exclude_ids, log_q, pad_id: int, ignore_index: int) -> dict:
     """Everything the kernels share about the batch: per-row targets, excluded ids, log Q,
     and the candidate ids sorted once (values, original columns) for :func:`_tile_flags`."""
+    if candidate_ids.device.type != "cuda":
+        check_interpreter()
     vals, order = torch.sort(candidate_ids.to(torch.int64), stable=True)
     tgt, tid, fit = _row_targets(target, candidate_ids, vals, ignore_index)
     ex_args, S, xflags = _excl_flags(exclude_ids, candidate_ids, pad_id)
