@@ -60,24 +60,26 @@ def direct_eager_call(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
 
 
-def _release(version: str) -> tuple[int, int]:
-    """``(major, minor)`` of a version string such as ``"3.6.0"`` or ``"2.4.0rc1"``."""
+def _release(version: str) -> tuple[int, int] | None:
+    """``(major, minor)`` of a version string such as ``"3.6.0"`` or ``"2.4.0rc1"``; None when it
+    does not start with two numbers (a local build's own scheme)."""
     found = re.match(r"(\d+)\.(\d+)", version)
-    if found is None:
-        raise ValueError(f"not a version: {version!r}")
-    return int(found.group(1)), int(found.group(2))
+    return None if found is None else (int(found.group(1)), int(found.group(2)))
 
 
 def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
     """Why Triton's interpreter (``TRITON_INTERPRET=1``) of ``triton_version`` cannot run these
-    kernels with NumPy ``numpy_version``, or None when it can.
+    kernels with NumPy ``numpy_version``, or None when it can (or a version cannot be read).
 
     Before Triton 3.7 the interpreter turns a loop bound held in a tensor (``range(0, n)`` with a
     runtime ``n``: every kernel here has one) into an int by ``int()`` of a one-element array,
     which NumPy 2.4 refuses; every launch then fails with a ``TypeError`` about 0-dimensional
     arrays (triton-lang/triton#9171, fixed in 3.7). Compiled launches on a GPU are not
     affected."""
-    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+    triton_release, numpy_release = _release(triton_version), _release(numpy_version)
+    if triton_release is None or numpy_release is None:
+        return None
+    if triton_release < (3, 7) and numpy_release >= (2, 4):
         return (
             f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run these kernels with "
             f"NumPy {numpy_version}: it converts loop bounds with int() of one-element arrays, which NumPy "

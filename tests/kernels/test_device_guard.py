@@ -55,6 +55,7 @@ def test_interpreter_problem_names_triton_before_3_7_with_numpy_2_4():
     for triton_version, numpy_version in (("3.6.0", "2.3.5"), ("3.7.1", "2.4.1"), ("3.9.0", "2.4.6"), ("4.0.0", "3.0")):
         assert _device.interpreter_problem(triton_version, numpy_version) is None
     assert _device.interpreter_problem("3.6.0+git1a2b", "2.4.0rc1") is not None
+    assert _device.interpreter_problem("main", "2.4.1") is None  # unreadable: no verdict, no error
 
 
 def test_every_op_on_cpu_tensors_raises_the_interpreter_problem_before_launching(monkeypatch):
