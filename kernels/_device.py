@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 
 import torch
@@ -90,6 +91,11 @@ def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
 
 @functools.cache
 def _installed_interpreter_problem() -> str | None:
+    """:func:`interpreter_problem` of the installed Triton and NumPy when the interpreter is on
+    (``TRITON_INTERPRET``, which Triton too reads once, when it decorates the kernels), else
+    None; decided once, so that a compiled launch pays one cached call."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return None
     import numpy
     import triton
 
@@ -97,8 +103,8 @@ def _installed_interpreter_problem() -> str | None:
 
 
 def check_interpreter() -> None:
-    """Raise a ``RuntimeError`` saying why before a launch on CPU tensors (the interpreter) that
-    the installed Triton and NumPy cannot run (:func:`interpreter_problem`)."""
+    """Raise a ``RuntimeError`` saying why, before a launch, where the interpreter is on and the
+    installed Triton and NumPy cannot run the kernels (:func:`interpreter_problem`)."""
     problem = _installed_interpreter_problem()
     if problem is not None:
         raise RuntimeError(problem)

@@ -1149,9 +1149,7 @@ def _launch_dqdk(q, k, ds, dq, dk, length: int, head_dim: int, chunk: int) -> No
 
 
 def _check_device(q: torch.Tensor) -> None:
-    if q.device.type == "cuda":
-        return
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise RuntimeError(
             "the Triton attention kernel needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
             f"set before triton is imported; got a tensor on {q.device}"

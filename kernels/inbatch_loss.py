@@ -2799,8 +2799,7 @@ _ROW_BLOCK = 256
 def _prep(target, candidate_ids, exclude_ids, log_q, pad_id: int, ignore_index: int) -> dict:
     """Everything the kernels share about the batch: per-row targets, excluded ids, log Q,
     and the candidate ids sorted once (values, original columns) for :func:`_tile_flags`."""
-    if candidate_ids.device.type != "cuda":
-        check_interpreter()
+    check_interpreter()
     vals, order = torch.sort(candidate_ids.to(torch.int64), stable=True)
     tgt, tid, fit = _row_targets(target, candidate_ids, vals, ignore_index)
     ex_args, S, xflags = _excl_flags(exclude_ids, candidate_ids, pad_id)
